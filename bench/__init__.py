@@ -1,0 +1,1 @@
+"""Throughput benchmarks: each arrow of bytes -> pixels -> views -> weights, measured alone."""

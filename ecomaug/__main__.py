@@ -1,0 +1,3 @@
+from ecomaug.cli import main
+
+main()

@@ -1,0 +1,80 @@
+"""The ``ecomaug`` console script: one click group, one module per subcommand.
+
+Subcommands are imported only when they run, so ``ecomaug shard`` does not pay for importing
+timm or DALI. Library code raises; this module turns those errors into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import click
+
+# name -> "module:attribute" of a click.Command. A subcommand appears once its module exists.
+COMMANDS: dict[str, str] = {
+    "shard": "ecomaug.commands.shard:shard",
+    "dewatermark": "ecomaug.commands.dewatermark:dewatermark",
+    "preview": "ecomaug.commands.preview:preview",
+    "train": "ecomaug.commands.train:train",
+    "export": "ecomaug.commands.export:export",
+    "bench": "ecomaug.commands.bench:bench",
+    "embed": "ecomaug.commands.embed:embed",
+    "eval": "ecomaug.commands.evaluate:evaluate",
+}
+
+# Errors that mean "the user asked for something that cannot be done": one line, exit 2.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               IsADirectoryError, PermissionError, ImportError)
+
+
+class CommandError(click.ClickException):
+    """A user-facing failure: printed as ``Error: <message>`` with exit code 2."""
+
+    exit_code = 2
+
+
+class LazyGroup(click.Group):
+    """A click group that imports each subcommand's module on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name, target in COMMANDS.items()
+                if importlib.util.find_spec(target.split(":")[0]) is not None]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None or cmd_name not in self.list_commands(ctx):
+            return None
+        module_name, attribute = target.split(":")
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as error:
+            raise CommandError(one_line(error)) from error
+
+
+def one_line(error: BaseException) -> str:
+    """Render an exception as a single line (the first line of its message)."""
+    text = str(error).strip() or type(error).__name__
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError,
+                          NotADirectoryError, FileExistsError)) and error.filename:
+        text = f"{error.strerror or type(error).__name__}: {error.filename}"
+    return text.splitlines()[0]
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ecomaug")
+def main() -> None:
+    """ecomaug: shards, loaders, augmentations and MoCo training for e-commerce item matching.
+
+    \b
+    Example, from a folder of listing images to a trained embedding:
+      ecomaug shard ./images ./shards --max-size 320
+      ecomaug train --data ./shards --out ./runs/first
+    """
+
+
+if __name__ == "__main__":
+    main()

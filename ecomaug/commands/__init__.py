@@ -1,0 +1,1 @@
+"""Thin click commands: parse, validate, call a library function, print."""
