@@ -1,0 +1,220 @@
+"""``build_loader``: check the options once, pick a backend (DALI or PyTorch) and build it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator, Protocol, Sequence
+
+import torch
+
+from loaders.batch import Batch
+from loaders.manifest import ShardSet, load_shard_set
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "dali", "torch")
+CORRUPT_POLICIES = ("skip", "raise")
+MODES = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """The checked options every backend reads (see :func:`build_loader` for their meaning)."""
+
+    shard_set: ShardSet
+    device: torch.device
+    batch_size: int
+    views: int
+    crop_size: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    seed: int
+    rank: int
+    world_size: int
+    epoch: int
+    start_batch: int
+    drop_last: bool
+    shuffle_buffer: int
+    num_workers: int
+    corrupt: str
+    mode: str
+    epoch_samples: int | None
+
+    @property
+    def shuffle(self) -> bool:
+        return self.mode == "train"
+
+
+class Loader(Protocol):
+    """What :func:`build_loader` returns, whatever the backend."""
+
+    backend: str
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    @property
+    def corrupt_count(self) -> int: ...
+
+
+def _check_range(name: str, value: Sequence[float], *, low: float, high: float | None) -> tuple[float, float]:
+    if len(value) != 2 or not low <= value[0] <= value[1] or (high is not None and value[1] > high):
+        allowed = f"{low} <= min <= max" + (f" <= {high}" if high is not None else "")
+        raise ValueError(f"{name} must be a (min, max) pair with {allowed}, got {tuple(value)!r}")
+    return float(value[0]), float(value[1])
+
+
+def make_options(shards: str | os.PathLike | Sequence[str | os.PathLike] | ShardSet, *,
+                 device: torch.device | str, batch_size: int, views: int = 2, crop_size: int = 224,
+                 scale: Sequence[float] = (0.2, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+                 seed: int = 0, rank: int = 0, world_size: int = 1, epoch: int = 0,
+                 start_batch: int = 0, drop_last: bool = True, shuffle_buffer: int = 1000,
+                 num_workers: int | None = None, corrupt: str = "skip", mode: str = "train",
+                 epoch_samples: int | None = None) -> LoaderOptions:
+    """Check the arguments of :func:`build_loader` and resolve the shard set; raise ValueError."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if corrupt not in CORRUPT_POLICIES:
+        raise ValueError(f"corrupt must be one of {CORRUPT_POLICIES}, got {corrupt!r}")
+    for name, value, minimum in (("batch_size", batch_size, 1), ("views", views, 1),
+                                 ("crop_size", crop_size, 8), ("epoch", epoch, 0),
+                                 ("start_batch", start_batch, 0), ("shuffle_buffer", shuffle_buffer, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
+        raise ValueError(f"num_workers must be None (one per core) or an integer >= 0, got {num_workers!r}")
+    if epoch_samples is not None and (not isinstance(epoch_samples, int) or epoch_samples < 1):
+        raise ValueError(f"epoch_samples must be None or an integer >= 1, got {epoch_samples!r}")
+    scale = _check_range("scale", scale, low=0.0, high=1.0)
+    ratio = _check_range("ratio", ratio, low=0.0, high=None)
+    if scale[1] <= 0 or ratio[0] <= 0:
+        raise ValueError(f"scale and ratio must be positive, got scale={scale}, ratio={ratio}")
+    shard_set = shards if isinstance(shards, ShardSet) else load_shard_set(shards)
+    if not shard_set.shards:
+        raise ValueError("the shard set is empty")
+    if mode == "eval":
+        # Embedding and the kNN monitor need every sample once, in a fixed order, seen whole.
+        views, drop_last = 1, False
+    return LoaderOptions(
+        shard_set=shard_set, device=torch.device(device), batch_size=batch_size, views=views,
+        crop_size=crop_size, scale=scale, ratio=ratio, seed=int(seed), rank=rank,
+        world_size=world_size, epoch=epoch, start_batch=start_batch, drop_last=bool(drop_last),
+        shuffle_buffer=shuffle_buffer,
+        num_workers=min(os.cpu_count() or 1, 8) if num_workers is None else num_workers,
+        corrupt=corrupt, mode=mode, epoch_samples=epoch_samples)
+
+
+def dali_available() -> bool:
+    """Whether NVIDIA DALI can be imported here."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_backend(backend: str, device: torch.device, shard_set: ShardSet) -> str:
+    """Resolve ``backend`` to ``"dali-gpu"``, ``"dali-cpu"`` or ``"torch"`` and log why.
+
+    ``auto`` takes DALI with ``mixed`` (GPU) decode when the device is CUDA and DALI is
+    installed, DALI on the CPU when only DALI is, and the PyTorch backend otherwise (also for
+    remote shards, which DALI cannot read).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    dali_kind = "dali-gpu" if device.type == "cuda" else "dali-cpu"
+    if backend == "torch":
+        logger.info("loader backend: torch (asked for)")
+        return "torch"
+    if backend == "dali":
+        if not dali_available():
+            raise ValueError("backend='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda120 "
+                             "(or nvidia-dali-cuda130), or use backend='torch'")
+        if not shard_set.all_local:
+            remote = next(s.url for s in shard_set.shards if not s.is_local)
+            raise ValueError(f"the DALI backend reads local files only, got {remote!r}; copy the "
+                             f"shards to a local disk or use backend='torch' for URLs")
+        logger.info("loader backend: %s (asked for)", dali_kind)
+        return dali_kind
+    if not shard_set.all_local:
+        logger.info("loader backend: torch (auto: remote shards, DALI needs local files)")
+        return "torch"
+    if dali_available():
+        logger.info("loader backend: %s (auto: DALI installed, device %s)", dali_kind, device)
+        return dali_kind
+    logger.info("loader backend: torch (auto: DALI not installed)")
+    return "torch"
+
+
+def build_loader(shards: str | os.PathLike | Sequence[str | os.PathLike] | ShardSet, *,
+                 backend: str = "auto", device: torch.device | str, batch_size: int,
+                 views: int = 2, crop_size: int = 224, scale: Sequence[float] = (0.2, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), seed: int = 0, rank: int = 0,
+                 world_size: int = 1, epoch: int = 0, start_batch: int = 0, drop_last: bool = True,
+                 shuffle_buffer: int = 1000, num_workers: int | None = None,
+                 corrupt: str = "skip", mode: str = "train",
+                 epoch_samples: int | None = None) -> Loader:
+    """Build the loader of one epoch on one rank: shards in, batches of uint8 views out.
+
+    Args:
+        shards: a shard directory, ``manifest.json``, ``.tar``, brace pattern, URL
+            (``s3://``, ``gs://``, ``https://``, ``pipe:``; PyTorch backend only), a list of
+            these, or a :class:`~loaders.ShardSet`.
+        backend: ``"auto"``, ``"dali"`` or ``"torch"`` (see :func:`choose_backend`).
+        device: where the views land (``cuda:k`` gives DALI ``mixed`` decode on GPU ``k``).
+        batch_size: samples per batch on this rank.
+        views: independently cropped views of every image (eval: always 1).
+        crop_size: side ``S`` of the square views.
+        scale: range of the crop's area as a fraction of the image (random resized crop).
+        ratio: range of the crop's aspect ratio.
+        seed: run seed; the shard order of an epoch uses ``seed + epoch``.
+        rank: this process's rank.
+        world_size: number of ranks; ranks read disjoint parts of every epoch.
+        epoch: which epoch to load (shard order and random crops depend on it).
+        start_batch: skip this many batches of the epoch (resume); the rest are the batches an
+            uninterrupted run would have yielded (see docs for each backend's guarantee).
+        drop_last: drop incomplete batches; every rank then yields the same number of batches.
+        shuffle_buffer: samples in the shuffle buffer (0 or 1: no sample shuffle).
+        num_workers: PyTorch DataLoader workers / DALI threads (None: one per core, at most 8).
+        corrupt: ``"skip"`` (skip and count in ``loader.corrupt_count``) or ``"raise"``
+            (raise naming the shard and key).
+        mode: ``"train"`` or ``"eval"`` (one view, resize shorter side + centre crop, shards in
+            order, no shuffle, no drop: every sample exactly once).
+        epoch_samples: samples in one epoch over all ranks, for remote shards whose counts are
+            unknown (the manifest's ``totals.written``); ignored when counts are known.
+
+    Returns:
+        A loader with ``len(loader)`` (batches this rank yields), ``loader.backend``
+        (``"dali-gpu"``, ``"dali-cpu"`` or ``"torch"``) and ``loader.corrupt_count``; iterating
+        it yields :class:`~loaders.Batch`.
+
+    Shape:
+        - each of ``batch.views``: :math:`(N, 3, S, S)` uint8 on ``device``.
+
+    Raises:
+        ValueError: a bad option, remote shards with DALI, unknown counts without
+            ``epoch_samples``, or a corrupt sample with ``corrupt="raise"``.
+        FileNotFoundError: a local shard does not exist.
+
+    Example:
+        >>> loader = build_loader("shards/", device="cuda", batch_size=256, seed=0, epoch=3)
+        >>> for batch in loader:  # doctest: +SKIP
+        ...     first, second = batch.views
+    """
+    options = make_options(shards, device=device, batch_size=batch_size, views=views,
+                           crop_size=crop_size, scale=scale, ratio=ratio, seed=seed, rank=rank,
+                           world_size=world_size, epoch=epoch, start_batch=start_batch,
+                           drop_last=drop_last, shuffle_buffer=shuffle_buffer,
+                           num_workers=num_workers, corrupt=corrupt, mode=mode,
+                           epoch_samples=epoch_samples)
+    chosen = choose_backend(backend, options.device, options.shard_set)
+    if chosen == "torch":
+        from loaders.torch_backend import TorchLoader
+
+        return TorchLoader(options)
+    from loaders.dali_backend import DaliLoader
+
+    return DaliLoader(options)

@@ -1,0 +1,389 @@
+"""The PyTorch backend: a WebDataset tar stream decoded with Pillow in DataLoader workers.
+
+Each worker reads its share of the rank's segments (see :mod:`loaders.sharding`), shuffles
+them through a buffer, decodes every JPEG once at the smallest DCT scale (``Image.draft``)
+that keeps every crop at least ``crop_size`` pixels, cuts ``views`` random resized crops and
+hands over chunks of ``batch_size`` samples. The main process re-cuts the chunks into batches
+and copies them to the device (pinned memory, non-blocking). Randomness: the shuffle buffer
+uses ``worker_info.seed`` (from a generator seeded by seed/epoch/rank) and each sample's crops
+use a generator seeded by its position in the worker's stream, so a resumed epoch draws the
+same crops without decoding the skipped samples.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import math
+import random
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from loaders.batch import Batch
+from loaders.build import LoaderOptions
+from loaders.sharding import (EpochPlan, Segment, check_start_batch, derive_seed, plan_epoch,
+                              shard_order, split_for_workers)
+
+logger = logging.getLogger(__name__)
+
+Box = tuple[float, float, float, float]  # left, top, width, height in source pixels
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+FOREVER = 1 << 62  # the stop of a segment whose sample count is unknown: read the whole shard
+
+
+def random_resized_box(rng: random.Random, width: int, height: int, scale: tuple[float, float],
+                       ratio: tuple[float, float]) -> Box:
+    """A random crop box as torchvision's ``RandomResizedCrop.get_params`` draws it."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        crop_width = int(round(math.sqrt(target_area * aspect)))
+        crop_height = int(round(math.sqrt(target_area / aspect)))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            top = rng.randint(0, height - crop_height)
+            left = rng.randint(0, width - crop_width)
+            return left, top, crop_width, crop_height
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        crop_width, crop_height = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        crop_width, crop_height = int(round(height * ratio[1])), height
+    else:
+        crop_width, crop_height = width, height
+    return (width - crop_width) // 2, (height - crop_height) // 2, crop_width, crop_height
+
+
+def centre_box(width: int, height: int) -> Box:
+    """The centred square that "resize shorter side to S, centre crop S" keeps."""
+    side = min(width, height)
+    return (width - side) / 2, (height - side) / 2, side, side
+
+
+def decode_views(data: bytes, size: int, boxes_for: Any) -> list[np.ndarray]:
+    """Decode an image once and cut one ``size`` x ``size`` RGB crop per box.
+
+    Args:
+        data: encoded image bytes.
+        size: side of the output crops.
+        boxes_for: ``(width, height) -> list of boxes`` in source pixels.
+
+    Returns:
+        One uint8 array :math:`(S, S, 3)` per box.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        boxes = boxes_for(width, height)
+        if image.format == "JPEG":
+            # DCT scaling (1/2, 1/4, 1/8) is almost free and cuts decode time; keep every crop at
+            # least `size` pixels on its short side so no view is upsampled because of it.
+            smallest = min(min(box[2], box[3]) for box in boxes)
+            if smallest > 2 * size:
+                image.draft("RGB", (math.ceil(width * size / smallest), math.ceil(height * size / smallest)))
+        scale_x, scale_y = image.size[0] / width, image.size[1] / height
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        rgb.load()
+        return [np.asarray(rgb.resize((size, size), Image.BILINEAR,
+                                      box=(left * scale_x, top * scale_y, (left + w) * scale_x,
+                                           (top + h) * scale_y)))
+                for left, top, w, h in boxes]
+
+
+def _image_bytes(sample: dict[str, Any]) -> bytes | None:
+    for extension in IMAGE_EXTENSIONS:
+        if extension in sample:
+            return sample[extension]
+    return None
+
+
+class ShardStream(IterableDataset):
+    """One rank's samples of one epoch, cut into chunks; each DataLoader worker takes a share."""
+
+    def __init__(self, urls: Sequence[str], worker_segments: list[list[Segment]],
+                 worker_skips: list[int], options: LoaderOptions, *, base_seed: int,
+                 repeat: bool) -> None:
+        self.urls = list(urls)
+        self.worker_segments = worker_segments
+        self.worker_skips = worker_skips
+        self.options = options
+        self.base_seed = base_seed
+        self.repeat = repeat
+
+    def _records(self, segments: list[Segment]) -> Iterator[tuple[str, dict[str, Any]]]:
+        from webdataset.tariterators import tarfile_samples
+
+        for segment in segments:
+            url = self.urls[segment.shard]
+            samples = tarfile_samples([{"url": url}])
+            for index, sample in enumerate(samples):
+                if index >= segment.stop:
+                    break
+                if index >= segment.start:
+                    yield url, sample
+            if hasattr(samples, "close"):
+                samples.close()
+
+    def _shuffled(self, records: Iterator[Any], rng: random.Random) -> Iterator[Any]:
+        size = self.options.shuffle_buffer if self.options.shuffle else 0
+        if size <= 1:
+            yield from records
+            return
+        buffer: list[Any] = []
+        for record in records:
+            buffer.append(record)
+            if len(buffer) >= size:
+                index = rng.randrange(len(buffer))
+                buffer[index], buffer[-1] = buffer[-1], buffer[index]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _boxes(self, position_seed: int) -> Any:
+        options = self.options
+        if options.mode == "eval":
+            return lambda width, height: [centre_box(width, height)]
+        rng = random.Random(position_seed)
+        return lambda width, height: [random_resized_box(rng, width, height, options.scale, options.ratio)
+                                      for _ in range(options.views)]
+
+    def _decode(self, url: str, sample: dict[str, Any], position_seed: int
+                ) -> tuple[list[np.ndarray], dict[str, Any]]:
+        key = sample["__key__"]
+        data = _image_bytes(sample)
+        if data is None:
+            raise ValueError(f"no image member (.{'/.'.join(IMAGE_EXTENSIONS)})")
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"{key}.json is not a JSON object")
+        meta.setdefault("key", key)
+        return decode_views(data, self.options.crop_size, self._boxes(position_seed)), meta
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        seed = info.seed if info is not None else self.base_seed
+        options = self.options
+        chunk_size = options.batch_size
+        skip = self.worker_skips[worker]
+        shuffle_rng = random.Random(seed)
+        # one lap over the segments; remote shards of unknown length are read lap after lap, each
+        # lap shuffled on its own so a lap holds every sample once
+        laps = itertools.count() if self.repeat else range(1)
+        segments = self.worker_segments[worker]
+        records = itertools.chain.from_iterable(self._shuffled(self._records(segments), shuffle_rng)
+                                                for _ in laps)
+
+        chunk: list[tuple[list[np.ndarray], str, dict[str, Any]]] = []
+        corrupt: list[str] = []
+        resolved = 0  # positions handled (emitted, skipped for resume, or dropped), in order
+        pending: list[int] = []  # corrupt positions still waiting for a stand-in (train mode)
+        last_good: tuple[str, dict[str, Any]] | None = None
+
+        def resolve(item: tuple[list[np.ndarray], str, dict[str, Any]] | None) -> dict[str, Any] | None:
+            nonlocal chunk, corrupt, resolved
+            if item is not None:
+                chunk.append(item)
+            resolved += 1
+            if resolved % chunk_size == 0:
+                out = self._pack(chunk, corrupt)
+                chunk, corrupt = [], []
+                return out
+            return None
+
+        for position, (url, sample) in enumerate(records):
+            position_seed = (seed << 32) + position
+            if position < skip:  # resume: keep the position (and its crops' seed), skip the decode
+                last_good = (url, sample)
+                out = resolve(None)
+                if out is not None:
+                    yield out
+                continue
+            try:
+                views, meta = self._decode(url, sample, position_seed)
+            except DECODE_ERRORS + (KeyError, json.JSONDecodeError) as error:
+                key = sample.get("__key__", "?")
+                if options.corrupt == "raise":
+                    raise ValueError(f"corrupt sample {key!r} in shard {url}: "
+                                     f"{type(error).__name__}: {error}") from error
+                corrupt.append(f"{url}:{key}")
+                if options.mode == "eval":  # eval: every good sample once, no stand-ins
+                    out = resolve(None)
+                elif last_good is not None:  # stand-in: the previous good sample, fresh crops
+                    out = resolve(self._stand_in(last_good, position_seed))
+                else:
+                    pending.append(position_seed)
+                    continue
+                if out is not None:
+                    yield out
+                continue
+            for waiting_seed in pending:  # stand-ins for corrupt samples before the first good one
+                out = resolve(self._stand_in((url, sample), waiting_seed))
+                if out is not None:
+                    yield out
+            pending = []
+            last_good = (url, sample)
+            out = resolve((views, sample["__key__"], meta))
+            if out is not None:
+                yield out
+        if pending:
+            logger.warning("worker %d: %d corrupt sample(s) and no good one to stand in", worker, len(pending))
+        if chunk or corrupt or resolved % chunk_size:
+            yield self._pack(chunk, corrupt)
+
+    def _stand_in(self, record: tuple[str, dict[str, Any]], position_seed: int
+                  ) -> tuple[list[np.ndarray], str, dict[str, Any]]:
+        views, meta = self._decode(record[0], record[1], position_seed)
+        return views, record[1]["__key__"], meta
+
+    def _pack(self, chunk: list[tuple[list[np.ndarray], str, dict[str, Any]]],
+              corrupt: list[str]) -> dict[str, Any]:
+        views = []
+        if chunk:
+            for view in range(len(chunk[0][0])):
+                stacked = np.stack([item[0][view] for item in chunk])  # N x S x S x 3
+                views.append(torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous())  # N x 3 x S x S
+        return {"views": views, "keys": [item[1] for item in chunk],
+                "meta": [item[2] for item in chunk], "corrupt": corrupt}
+
+
+def _worker_skips(worker_totals: Sequence[int | None], chunk_size: int, skip_samples: int) -> list[int]:
+    """How many leading stream positions each worker skips so the merged stream starts at
+    ``skip_samples`` (workers hand over chunks round robin; ``None`` means endless)."""
+    skips = [0] * len(worker_totals)
+    remaining = [FOREVER if total is None else total for total in worker_totals]
+    while skip_samples > 0 and any(remaining):
+        for worker in range(len(worker_totals)):
+            if skip_samples <= 0:
+                break
+            if remaining[worker] <= 0:
+                continue
+            size = min(chunk_size, remaining[worker])
+            taken = min(size, skip_samples)
+            skips[worker] += taken
+            remaining[worker] -= size
+            skip_samples -= taken
+    return skips
+
+
+class TorchLoader:
+    """One rank's epoch through PyTorch DataLoader workers (see :func:`loaders.build_loader`)."""
+
+    backend = "torch"
+
+    def __init__(self, options: LoaderOptions) -> None:
+        self.options = options
+        shards = options.shard_set.shards
+        self.urls = [shard.url for shard in shards]
+        counts = [shard.count for shard in shards]
+        self._corrupt_count = 0
+        if all(count is not None for count in counts):
+            self.plan: EpochPlan = plan_epoch(
+                counts, batch_size=options.batch_size, seed=options.seed, epoch=options.epoch,
+                rank=options.rank, world_size=options.world_size, drop_last=options.drop_last,
+                shuffle=options.shuffle)
+            self.repeat = False
+        else:
+            self.plan = self._nominal_plan()
+            self.repeat = True
+        check_start_batch(options.start_batch, self.plan.num_batches)
+        self.num_workers = min(options.num_workers, len(self.plan.segments))
+
+    def _nominal_plan(self) -> EpochPlan:
+        # Counts unknown (remote shards): ranks take whole shards round robin and read them
+        # again as often as needed to fill a nominal epoch of `epoch_samples`.
+        options = self.options
+        if options.epoch_samples is None:
+            unknown = next(shard.url for shard in options.shard_set.shards if shard.count is None)
+            raise ValueError(f"sample count of {unknown!r} is unknown (remote shard or no .idx): pass "
+                             f"epoch_samples=N (the manifest's totals.written) or give the manifest")
+        if len(self.urls) < options.world_size:
+            raise ValueError(f"{len(self.urls)} shard(s) with unknown counts cannot be split over "
+                             f"{options.world_size} ranks; need at least one shard per rank")
+        order = shard_order(len(self.urls), seed=options.seed, epoch=options.epoch, shuffle=options.shuffle)
+        mine = order[options.rank::options.world_size]
+        per_rank = options.epoch_samples // options.world_size
+        if options.drop_last:
+            num_batches = per_rank // options.batch_size
+            if num_batches == 0:
+                raise ValueError(f"epoch_samples={options.epoch_samples} over {options.world_size} rank(s) "
+                                 f"is fewer than batch_size={options.batch_size} per rank")
+        else:
+            num_batches = math.ceil(per_rank / options.batch_size)
+        return EpochPlan(shard_order=tuple(order),
+                         segments=tuple(Segment(shard=s, start=0, stop=FOREVER) for s in mine),
+                         num_samples=per_rank, num_batches=num_batches)
+
+    def __len__(self) -> int:
+        return self.plan.num_batches - self.options.start_batch
+
+    @property
+    def corrupt_count(self) -> int:
+        """Corrupt samples met so far (skipped, and in training replaced by a stand-in)."""
+        return self._corrupt_count
+
+    def _dataset(self) -> tuple[ShardStream, torch.Generator, int]:
+        options = self.options
+        workers = max(1, self.num_workers)
+        worker_segments = split_for_workers(self.plan.segments, workers)
+        totals = [None if self.repeat else sum(s.count for s in part) for part in worker_segments]
+        skips = _worker_skips(totals, options.batch_size, options.start_batch * options.batch_size)
+        base_seed = derive_seed(options.seed, options.epoch, options.rank, "torch-loader")
+        generator = torch.Generator().manual_seed(base_seed)
+        dataset = ShardStream(self.urls, worker_segments, skips, options, base_seed=base_seed,
+                              repeat=self.repeat)
+        return dataset, generator, base_seed
+
+    def __iter__(self) -> Iterator[Batch]:
+        options = self.options
+        device = options.device
+        wanted = len(self)
+        if wanted <= 0:
+            return
+        dataset, generator, _ = self._dataset()
+        on_cuda = device.type == "cuda"
+        chunks = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=on_cuda, generator=generator,
+                            prefetch_factor=4 if self.num_workers else None)
+        pending_views: list[list[torch.Tensor]] = []
+        pending_keys: list[str] = []
+        pending_meta: list[dict[str, Any]] = []
+        yielded = 0
+        size = options.batch_size
+        for chunk in chunks:
+            self._corrupt_count += len(chunk["corrupt"])
+            if not chunk["keys"]:
+                continue
+            pending_views.append([view.to(device, non_blocking=True) for view in chunk["views"]])
+            pending_keys += chunk["keys"]
+            pending_meta += chunk["meta"]
+            while len(pending_keys) >= size and yielded < wanted:
+                yield self._cut(pending_views, pending_keys, pending_meta, size)
+                yielded += 1
+            if yielded >= wanted:
+                return
+        if pending_keys and not options.drop_last and yielded < wanted:
+            yield self._cut(pending_views, pending_keys, pending_meta, len(pending_keys))
+
+    @staticmethod
+    def _cut(pending_views: list[list[torch.Tensor]], pending_keys: list[str],
+             pending_meta: list[dict[str, Any]], size: int) -> Batch:
+        """Take the first ``size`` samples off the pending pieces (in place)."""
+        views_per_piece = list(zip(*pending_views))  # per view: the pieces, N_i x 3 x S x S
+        joined = [torch.cat(pieces) if len(pieces) > 1 else pieces[0] for pieces in views_per_piece]
+        batch = Batch(views=[view[:size] for view in joined], keys=pending_keys[:size],
+                      meta=pending_meta[:size])
+        rest = [view[size:] for view in joined]
+        pending_views.clear()
+        if rest and rest[0].shape[0]:
+            pending_views.append(rest)
+        del pending_keys[:size]
+        del pending_meta[:size]
+        return batch

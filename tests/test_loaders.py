@@ -1,0 +1,152 @@
+"""build_loader on the bundled sample: both backends, same contract; order, resume, eval, errors."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import loaders
+from loaders.build import choose_backend, dali_available
+from loaders.manifest import load_shard_set
+
+needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
+BACKENDS = ["torch", pytest.param("dali", marks=needs_dali)]
+SAMPLES = 320  # bundled sample: 320 images, shards of 64
+
+
+def collect(shards, backend, **options):
+    settings = {"device": "cpu", "batch_size": 32, "crop_size": 64, "seed": 0,
+                "num_workers": 0 if backend == "torch" else 2}
+    settings.update(options)
+    loader = loaders.build_loader(shards, backend=backend, **settings)
+    return loader, [(batch.keys, [view.clone() for view in batch.views], batch.meta) for batch in loader]
+
+
+def keys_of(batches):
+    return [key for keys, _, _ in batches for key in keys]
+
+
+@needs_dali
+def test_backends_yield_same_shapes_dtypes_and_keys(sample_shards):
+    results = {backend: collect(sample_shards, backend, drop_last=False) for backend in ("torch", "dali")}
+    (torch_loader, torch_batches), (dali_loader, dali_batches) = results["torch"], results["dali"]
+    assert (torch_loader.backend, dali_loader.backend) == ("torch", "dali-cpu")
+    assert len(torch_loader) == len(dali_loader) == len(torch_batches) == len(dali_batches) == 10
+    assert sorted(keys_of(torch_batches)) == sorted(keys_of(dali_batches))
+    assert len(set(keys_of(torch_batches))) == SAMPLES
+    for (t_keys, t_views, t_meta), (d_keys, d_views, d_meta) in zip(torch_batches, dali_batches):
+        assert len(t_views) == len(d_views) == 2
+        for t_view, d_view in zip(t_views, d_views):
+            assert t_view.shape == d_view.shape == (len(t_keys), 3, 64, 64)
+            assert t_view.dtype == d_view.dtype == torch.uint8
+            assert t_view.device == d_view.device == torch.device("cpu")
+        assert [m["key"] for m in t_meta] == t_keys and [m["key"] for m in d_meta] == d_keys
+        assert all(isinstance(m["item_id"], str) for m in t_meta + d_meta)
+    # the two views are independent crops, not copies
+    assert not torch.equal(torch_batches[0][1][0], torch_batches[0][1][1])
+    assert not torch.equal(dali_batches[0][1][0], dali_batches[0][1][1])
+
+
+@needs_dali
+def test_eval_mode_is_the_same_ordered_centre_crop_in_both_backends(sample_shards):
+    _, torch_batches = collect(sample_shards, "torch", mode="eval", batch_size=48)
+    _, dali_batches = collect(sample_shards, "dali", mode="eval", batch_size=48)
+    stored_order = []
+    for shard in load_shard_set(sample_shards).shards:
+        lines = open(shard.index_path, encoding="utf-8").read().splitlines()[1:]
+        stored_order += [line.split()[3].split(".")[0] for line in lines]
+    assert keys_of(torch_batches) == keys_of(dali_batches) == stored_order  # every sample once, in order
+    assert [len(k) for k, _, _ in torch_batches] == [48] * 6 + [32]  # no drop in eval
+    torch_pixels = torch.cat([views[0] for _, views, _ in torch_batches]).float()
+    dali_pixels = torch.cat([views[0] for _, views, _ in dali_batches]).float()
+    assert all(len(views) == 1 for _, views, _ in torch_batches + dali_batches)
+    # Pillow and DALI resample a little differently, but it is the same centre square
+    assert (torch_pixels - dali_pixels).abs().mean() < 6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_same_batches_other_seed_or_epoch_other_order(sample_shards, backend):
+    _, first = collect(sample_shards, backend, seed=5)
+    _, again = collect(sample_shards, backend, seed=5)
+    _, other_seed = collect(sample_shards, backend, seed=6)
+    _, other_epoch = collect(sample_shards, backend, seed=5, epoch=1)
+    assert keys_of(first) == keys_of(again)
+    assert all(torch.equal(a, b) for (_, x, _), (_, y, _) in zip(first, again) for a, b in zip(x, y))
+    assert keys_of(first) != keys_of(other_seed)
+    assert keys_of(first) != keys_of(other_epoch)
+    assert set(keys_of(first)) == set(keys_of(other_epoch))  # an epoch still covers every sample
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_from_start_batch_gives_the_remaining_batches(sample_shards, backend):
+    full_loader, full = collect(sample_shards, backend, seed=3, epoch=2)
+    resumed_loader, resumed = collect(sample_shards, backend, seed=3, epoch=2, start_batch=4)
+    assert len(resumed_loader) == len(full_loader) - 4 == len(resumed)
+    for (keys, views, _), (full_keys, full_views, _) in zip(resumed, full[4:]):
+        assert keys == full_keys
+        assert all(torch.equal(a, b) for a, b in zip(views, full_views))
+
+
+def test_torch_resume_with_workers_matches_the_uninterrupted_run(sample_shards):
+    # two workers hand over chunks round robin; the resumed run must start mid-stream exactly
+    _, full = collect(sample_shards, "torch", seed=1, num_workers=2, batch_size=24, drop_last=False)
+    _, resumed = collect(sample_shards, "torch", seed=1, num_workers=2, batch_size=24,
+                         drop_last=False, start_batch=5)
+    assert [k for k, _, _ in resumed] == [k for k, _, _ in full[5:]]
+    assert all(torch.equal(a, b) for (_, x, _), (_, y, _) in zip(resumed, full[5:]) for a, b in zip(x, y))
+    assert len(set(keys_of(full))) == SAMPLES
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drop_last_yields_len_full_batches(sample_shards, backend):
+    loader, batches = collect(sample_shards, backend, batch_size=48)
+    assert len(loader) == len(batches) == SAMPLES // 48
+    assert all(len(keys) == 48 for keys, _, _ in batches)
+
+
+def test_remote_url_needs_a_sample_count_then_reads_through_webdataset(sample_shards):
+    shard = load_shard_set(sample_shards).shards[0]
+    url = f"pipe:cat {shard.url}"
+    with pytest.raises(ValueError, match="epoch_samples"):
+        loaders.build_loader(url, backend="torch", device="cpu", batch_size=16)
+    loader, batches = collect(url, "torch", batch_size=16, epoch_samples=64)
+    assert loader.backend == "torch" and len(loader) == len(batches) == 4
+    assert len(set(keys_of(batches))) == 64
+
+
+@needs_dali
+def test_dali_refuses_urls_and_auto_falls_back_to_torch(sample_shards, caplog):
+    url = "pipe:cat " + load_shard_set(sample_shards).shards[0].url
+    with pytest.raises(ValueError, match="local files"):
+        loaders.build_loader(url, backend="dali", device="cpu", batch_size=16)
+    with caplog.at_level(logging.INFO, logger="loaders.build"):
+        assert choose_backend("auto", torch.device("cpu"), load_shard_set(url)) == "torch"
+        assert choose_backend("auto", torch.device("cpu"), load_shard_set(sample_shards)) == "dali-cpu"
+        assert choose_backend("auto", torch.device("cuda"), load_shard_set(sample_shards)) == "dali-gpu"
+    assert "remote shards" in caplog.text and "dali-cpu" in caplog.text
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"backend": "tensorflow"}, "backend"), ({"corrupt": "ignore"}, "corrupt"),
+    ({"mode": "test"}, "mode"), ({"batch_size": 0}, "batch_size"), ({"scale": (0.5, 0.2)}, "scale"),
+    ({"rank": 2, "world_size": 2}, "rank"), ({"start_batch": 99}, "start_batch"),
+    ({"batch_size": 400}, "drop_last"),
+])
+def test_bad_options_raise_value_error_naming_them(sample_shards, bad, match):
+    options = {"backend": "torch", "device": "cpu", "batch_size": 32}
+    options.update(bad)
+    with pytest.raises(ValueError, match=match):
+        loaders.build_loader(sample_shards, **options)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_views_land_on_cuda(sample_shards, backend):
+    loader = loaders.build_loader(sample_shards, backend=backend, device="cuda", batch_size=32,
+                                  crop_size=64, num_workers=2)
+    batch = next(iter(loader))
+    assert loader.backend == ("torch" if backend == "torch" else "dali-gpu")
+    assert all(view.device.type == "cuda" and view.dtype == torch.uint8 for view in batch.views)
