@@ -1,0 +1,173 @@
+"""Shard conversion images/s against this machine's own limit.
+
+The limit is the per-image work a conversion cannot avoid -- JPEG decode (with DCT downscaling),
+resize, JPEG encode -- run in a tight loop over in-memory bytes by the same number of processes.
+The conversion (``loaders.convert.convert_to_shards``) additionally reads files, checks
+orientation and modes, hashes for duplicates, ships results between processes and writes tars,
+indexes and the journal. Goal: conversion >= 0.85 x limit.
+
+    python -m bench.convert --workers 2                      # synthetic 1024x768 photos
+    python -m bench.convert --input ./images --workers 2 --json bench-convert.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bench.timing import Measurement, conditions, measure
+from loaders.images import output_size
+
+_BYTES: list[bytes] = []
+_SETTINGS: dict[str, int | str] = {}
+
+
+def _load(paths: list[str], max_size: int, quality: int, resize_side: str) -> None:
+    _BYTES[:] = [Path(path).read_bytes() for path in paths]
+    _SETTINGS.update(max_size=max_size, quality=quality, resize_side=resize_side)
+
+
+def _decode_resize_encode(indices: range) -> int:
+    total = 0
+    for index in indices:
+        image = Image.open(io.BytesIO(_BYTES[index]))
+        target = output_size(*image.size, int(_SETTINGS["max_size"]), str(_SETTINGS["resize_side"]))
+        if target != image.size:
+            image.draft("RGB", target)
+        image = image.convert("RGB")
+        size = output_size(*image.size, int(_SETTINGS["max_size"]), str(_SETTINGS["resize_side"]))
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=int(_SETTINGS["quality"]))
+        total += buffer.tell()
+    return total
+
+
+def synthetic_photos(folder: Path, count: int, size: tuple[int, int] = (1024, 768), seed: int = 0) -> Path:
+    """``count`` photo-like JPEGs (smooth colour fields plus texture), as listing photos are."""
+    generator = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    for number in range(count):
+        coarse = generator.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+        base = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), np.int16)
+        texture = generator.integers(-12, 13, size=(height, width, 1), dtype=np.int16)
+        pixels = np.clip(base + texture, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"photo-{number:05d}.jpg", "JPEG", quality=92)
+    return folder
+
+
+def _image_files(folder: Path) -> list[str]:
+    paths = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        try:
+            with Image.open(path) as image:
+                image.size
+        except Exception:  # not an image: the conversion skips it, the limit has nothing to do
+            continue
+        paths.append(str(path))
+    return paths
+
+
+def _interleaved(limit_step, conversion_step, *, images: int, repeats: int) -> tuple[Measurement, Measurement]:
+    """Alternate limit and conversion repetitions, so that load from elsewhere hits both alike."""
+    limit_seconds: list[float] = []
+    conversion_seconds: list[float] = []
+    limit_step()  # warm-up: worker start, page cache, Pillow's lazy imports
+    conversion_step()
+    for _ in range(repeats):
+        limit_seconds += measure("limit", limit_step, items=images, warmup=0, repeats=1).seconds
+        conversion_seconds += measure("conversion", conversion_step, items=images, warmup=0, repeats=1).seconds
+    return (Measurement("limit: decode+resize+encode", images, limit_seconds),
+            Measurement("conversion: convert_to_shards", images, conversion_seconds))
+
+
+def run_benchmark(folder: Path, paths: list[str], *, workers: int, max_size: int, quality: int,
+                  resize_side: str, repeats: int, scratch: Path) -> tuple[Measurement, Measurement, dict]:
+    """Limit: decode -> resize -> encode of ``paths`` split evenly over ``workers`` processes that
+    hold the bytes in memory. Conversion: ``convert_to_shards(folder)`` into a fresh folder."""
+    from loaders.convert import convert_to_shards
+
+    runs: list[dict] = []
+
+    def convert_once() -> None:
+        out = Path(tempfile.mkdtemp(dir=scratch))
+        try:
+            report = convert_to_shards(folder, out, workers=workers, max_size=max_size, quality=quality,
+                                       resize_side=resize_side, progress=False)
+            runs.append({"written": report.written, "skipped": report.skipped,
+                         "passed_through": report.passed_through, "bytes": report.bytes})
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    with context.Pool(workers, initializer=_load, initargs=(paths, max_size, quality, resize_side)) as pool:
+        parts = [range(start, len(paths), workers) for start in range(workers)]
+        limit, conversion = _interleaved(lambda: pool.map(_decode_resize_encode, parts), convert_once,
+                                         images=len(paths), repeats=repeats)
+    return limit, conversion, runs[-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.convert", description=__doc__.splitlines()[0])
+    parser.add_argument("--input", type=Path, default=None,
+                        help="folder of images (default: synthetic 1024x768 photos)")
+    parser.add_argument("--count", type=int, default=240, help="synthetic photos when --input is not given")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--max-size", type=int, default=384)
+    parser.add_argument("--quality", type=int, default=90)
+    parser.add_argument("--resize-side", choices=("longer", "shorter"), default="longer")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1 (got {args.workers})")
+
+    with tempfile.TemporaryDirectory(prefix="bench-convert-") as scratch_name:
+        scratch = Path(scratch_name)
+        if args.input is None:
+            folder = synthetic_photos(scratch / "photos", args.count)
+        elif not args.input.is_dir():
+            parser.error(f"--input {args.input} is not a folder")
+        else:
+            folder = args.input
+        paths = _image_files(folder)
+        if not paths:
+            parser.error(f"{folder}: no images")
+        settings = dict(workers=args.workers, max_size=args.max_size, quality=args.quality,
+                        resize_side=args.resize_side, repeats=args.repeats)
+        limit, conversion, last_run = run_benchmark(folder, paths, scratch=scratch, **settings)
+
+    ratio = conversion.median_rate / limit.median_rate
+    rows = [limit, conversion]
+    print(f"{'stage':34s} {'img/s median':>12s} {'min':>8s} {'max':>8s}")
+    for row in rows:
+        low, high = row.spread
+        print(f"{row.name:34s} {row.median_rate:12.1f} {low:8.1f} {high:8.1f}")
+    print(f"conversion / limit = {ratio:.3f} (goal >= 0.85); images {len(paths)}, workers {args.workers}, "
+          f"max size {args.max_size}, quality {args.quality}; passed through untouched "
+          f"{last_run['passed_through']} of {last_run['written']} written")
+    facts = conditions()
+    print("conditions: " + ", ".join(f"{k}={facts[k]}" for k in ("python", "cpu_count", "PIL", "webdataset")))
+    if args.json is not None:
+        payload = {"ratio": ratio, "goal": 0.85, "settings": {**settings, "images": len(paths),
+                   "input": str(args.input) if args.input else f"synthetic {args.count} x 1024x768"},
+                   "limit": limit.as_dict(), "conversion": conversion.as_dict(), "last_run": last_run,
+                   "conditions": facts}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""``ecomaug shard``: a folder or manifest of listing images -> WebDataset shards with DALI indexes."""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str | None) -> int | None:
+    """``"500MB"`` -> 500000000; ``"1GiB"`` -> 1073741824; a bare number is bytes."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"--shard-bytes {text!r} is not a size; use e.g. 500MB, 1GB, 1GiB or a byte count")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@click.command("shard")
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=str))
+@click.argument("out_dir", metavar="OUT_DIR", type=click.Path(path_type=str))
+@click.option("--max-size", type=int, default=384, show_default=True,
+              help="Cap of the longer side in px (never enlarges); 384 suits 224-px training.")
+@click.option("--resize-side", type=click.Choice(["longer", "shorter"]), default="longer", show_default=True,
+              help="Which side --max-size caps.")
+@click.option("--quality", type=int, default=90, show_default=True, help="JPEG quality when re-encoding.")
+@click.option("--min-size", type=int, default=32, show_default=True,
+              help="Skip images whose shorter side is below this (reason 'too small').")
+@click.option("--max-pixels", type=int, default=89_478_485, show_default=True,
+              help="Decompression-bomb limit: skip larger images (reason 'too many pixels').")
+@click.option("--shard-size", type=int, default=1000, show_default=True, help="Most samples per shard.")
+@click.option("--shard-bytes", type=str, default=None,
+              help="Most bytes per shard, e.g. 500MB or 1GiB (optional, with --shard-size).")
+@click.option("--prefix", type=str, default="shard", show_default=True, help="Shard file name prefix.")
+@click.option("--path-column", type=str, default="path", show_default=True,
+              help="Manifest column holding the image path (relative to the manifest).")
+@click.option("--balance-by", type=str, default=None,
+              help="Manifest column to sample evenly by, e.g. region.")
+@click.option("--per-group", type=int, default=None,
+              help="Inputs kept per --balance-by group (default: the smallest group's size).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling and --shuffle.")
+@click.option("--shuffle/--no-shuffle", default=False, show_default=True,
+              help="Write inputs in a seeded random order rather than input order.")
+@click.option("--num-jobs", type=int, default=1, show_default=True,
+              help="Split the input into this many jobs (e.g. a job array) ...")
+@click.option("--job-index", type=int, default=0, show_default=True,
+              help="... and convert only this one (0-based; e.g. $SLURM_ARRAY_TASK_ID).")
+@click.option("--workers", type=int, default=None, help="Worker processes. Default: one per CPU core.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+def shard(input_path: str, out_dir: str, max_size: int, resize_side: str, quality: int, min_size: int,
+          max_pixels: int, shard_size: int, shard_bytes: str | None, prefix: str, path_column: str,
+          balance_by: str | None, per_group: int | None, seed: int, shuffle: bool, num_jobs: int,
+          job_index: int, workers: int | None, progress: bool) -> None:
+    """Convert INPUT (a folder of images, or a .csv/.jsonl manifest) into shards in OUT_DIR.
+
+    Writes shard-NNNNNN.tar (<key>.jpg + <key>.json), a DALI index .idx per shard, manifest.json
+    and skipped.jsonl (every input not written, with the reason). Running the same command
+    again after a crash resumes; after completion it does nothing.
+
+    \b
+    Examples:
+      ecomaug shard ecomaug/assets/sample/items.csv ./shards --shard-size 64
+      ecomaug shard ./images ./shards --max-size 384 --quality 90 --workers 8
+      ecomaug shard items.csv ./shards --balance-by region --per-group 1000000 --seed 0
+      ecomaug shard items.csv ./shards --num-jobs 16 --job-index $SLURM_ARRAY_TASK_ID
+    """
+    from loaders.convert import convert_to_shards
+
+    report = convert_to_shards(
+        input_path, out_dir, prefix=prefix, shard_size=shard_size, shard_bytes=parse_size(shard_bytes),
+        max_size=max_size, resize_side=resize_side, quality=quality, min_size=min_size,
+        max_pixels=max_pixels, path_column=path_column, balance_by=balance_by, per_group=per_group,
+        seed=seed, shuffle=shuffle, num_jobs=num_jobs, job_index=job_index, workers=workers,
+        progress=progress)
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(report.skipped_by_reason.items()))
+    if report.already_complete:
+        click.echo(f"already complete: {report.manifest_path} ({report.written} written, "
+                   f"{report.skipped} skipped); nothing to do")
+        return
+    click.echo(f"wrote {report.written} of {report.inputs} inputs into {report.shards} shards "
+               f"({report.bytes / 1e6:.1f} MB) in {report.out_dir}"
+               + (" (resumed)" if report.resumed else ""))
+    click.echo(f"skipped {report.skipped}" + (f" ({reasons}); see skipped.jsonl" if reasons else ""))
+    click.echo(f"{report.processed} images in {report.seconds:.1f} s: {report.images_per_second:.0f} images/s")

@@ -1,0 +1,146 @@
+"""What a conversion reads: a folder tree of images, or a CSV / JSONL manifest of paths.
+
+Each input has an *identity* (its path relative to the folder, or the manifest's path value as
+written) from which its shard key is derived, so keys are stable across runs, jobs and resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+KEY_LENGTH = 20
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input: its identity (and key), where its bytes are, and its manifest columns."""
+
+    identity: str
+    path: str
+    meta: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return input_key(self.identity)
+
+
+@dataclass(frozen=True)
+class InputListing:
+    """All inputs in a stable order, and the metadata columns a manifest offers."""
+
+    source: Path
+    kind: str  # "folder", "csv" or "jsonl"
+    items: list[InputItem]
+    columns: tuple[str, ...]
+
+
+def input_key(identity: str) -> str:
+    """The shard key of an input: the first 20 hex digits of sha1 of its identity."""
+    return hashlib.sha1(identity.encode("utf-8")).hexdigest()[:KEY_LENGTH]
+
+
+def _walk_folder(root: Path) -> list[InputItem]:
+    items = []
+    for directory, subdirectories, files in os.walk(root):
+        # Hidden files and folders (.DS_Store, .git, our own temporaries) are not inputs.
+        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = Path(directory) / name
+            if path.is_file():
+                identity = path.relative_to(root).as_posix()
+                items.append(InputItem(identity=identity, path=str(path), meta={}))
+    items.sort(key=lambda item: item.identity)
+    return items
+
+
+def _normalise_meta(row: dict[str, Any]) -> dict[str, Any]:
+    if "item_id" in row and row["item_id"] is not None:
+        row["item_id"] = str(row["item_id"])
+    return row
+
+
+def _item_from_row(row: dict[str, Any], path_column: str, base: Path, where: str) -> InputItem:
+    value = row.pop(path_column, None)
+    if value is None or str(value).strip() == "":
+        raise ValueError(f"{where}: empty '{path_column}' value")
+    identity = str(value)
+    path = Path(identity) if os.path.isabs(identity) else base / identity
+    return InputItem(identity=identity, path=str(path), meta=_normalise_meta(row))
+
+
+def _read_csv(path: Path, path_column: str) -> tuple[list[InputItem], tuple[str, ...]]:
+    with open(path, newline="", encoding="utf-8-sig") as stream:
+        reader = csv.DictReader(stream)
+        columns = tuple(reader.fieldnames or ())
+        if path_column not in columns:
+            raise ValueError(f"{path}: no path column '{path_column}' (columns: {', '.join(columns) or 'none'}); "
+                             f"pick one with --path-column")
+        items = []
+        for line, row in enumerate(reader, start=2):
+            row.pop(None, None)  # cells beyond the header: not a column
+            items.append(_item_from_row(dict(row), path_column, path.parent, f"{path}:{line}"))
+    return items, tuple(c for c in columns if c != path_column)
+
+
+def _read_jsonl(path: Path, path_column: str) -> tuple[list[InputItem], tuple[str, ...]]:
+    items: list[InputItem] = []
+    columns: dict[str, None] = {}
+    with open(path, encoding="utf-8") as stream:
+        for line, text in enumerate(stream, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line}: not valid JSON ({error.msg})") from error
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
+            if path_column not in row:
+                raise ValueError(f"{path}:{line}: no path column '{path_column}' "
+                                 f"(keys: {', '.join(row) or 'none'}); pick one with --path-column")
+            columns.update(dict.fromkeys(k for k in row if k != path_column))
+            items.append(_item_from_row(row, path_column, path.parent, f"{path}:{line}"))
+    return items, tuple(columns)
+
+
+def read_inputs(source: str | os.PathLike, *, path_column: str = "path") -> InputListing:
+    """List the inputs of a conversion.
+
+    Args:
+        source: a folder (walked recursively, hidden entries ignored; every file is a candidate
+            and its type is decided later by content) or a ``.csv`` / ``.jsonl`` manifest with a
+            path column (relative paths are relative to the manifest) and metadata columns.
+        path_column: the manifest column holding the image path.
+
+    Returns:
+        The inputs: folder files sorted by relative path, manifest rows in file order.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        ValueError: an empty folder or manifest, an unknown file type, a missing path column.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+    if path.is_dir():
+        items = _walk_folder(path)
+        if not items:
+            raise ValueError(f"{path}: the input folder holds no files")
+        return InputListing(source=path, kind="folder", items=items, columns=())
+    kind = MANIFEST_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"{path}: INPUT must be a folder or a manifest ending in "
+                         f"{', '.join(MANIFEST_SUFFIXES)} (got '{path.suffix or 'no suffix'}')")
+    items, columns = (_read_csv if kind == "csv" else _read_jsonl)(path, path_column)
+    if not items:
+        raise ValueError(f"{path}: the manifest lists no inputs")
+    return InputListing(source=path, kind=kind, items=items, columns=columns)
