@@ -66,6 +66,7 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             json.dump(payload, stream, indent=2, sort_keys=False)
             stream.write("\n")
+        os.chmod(temporary, 0o644)  # mkstemp makes owner-only files; results are for everyone
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
