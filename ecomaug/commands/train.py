@@ -1,0 +1,27 @@
+"""``ecomaug train``: the same entry as ``python train.py``; every flag of train.py is accepted."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                          "help_option_names": []})
+@click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
+def train(train_args: tuple[str, ...]) -> None:
+    """Train MoCo with a timm backbone (flags as in train.py; `ecomaug train --help` lists them).
+
+    \b
+    Examples:
+      ecomaug train                                   # the bundled sample on CPU, a few minutes
+      ecomaug train --data ./shards --out runs/r50 --preset v100x8
+      ecomaug train --data ./shards --out runs/r50 --resume auto
+      torchrun --nproc_per_node=8 -m ecomaug train --data ./shards --out runs/r50 --preset h100
+    """
+    from ecomaug.cli import CommandError, one_line
+    from train import NonFiniteLossError, run
+
+    try:
+        run(list(train_args), prog="ecomaug train")
+    except NonFiniteLossError as error:
+        raise CommandError(one_line(error)) from error

@@ -1,0 +1,211 @@
+"""The training configuration: one frozen dataclass, presets, and the command line over them.
+
+Precedence, lowest first: the dataclass defaults (MoCo v2 on one device), a preset
+(``--preset``; ``sample`` is picked automatically when no ``--data`` is given), then flags.
+The result is frozen: nothing changes it after parsing, and ``train.py`` writes it to
+``RUN/config.json``. Values derived from it at run time (global batch, scaled LR, the queue
+length actually used) are logged separately, never written back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, get_args, get_origin, get_type_hints
+
+OBJECTIVES = ("moco", "siamese")
+OPTIMIZERS = ("sgd", "adamw", "lars")
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+def _option(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; ``python train.py --help`` lists each field as a flag."""
+
+    # data
+    data: str | None = _option(None, "training shards (directory, manifest, tar or brace pattern); "
+                                     "omitted: the bundled sample, converted into OUT/shards")
+    out: str = _option("runs/sample", "run directory (config, metrics, checkpoints, export)")
+    val_data: str | None = _option(None, "held-out shards with item_id for the kNN recall@1 monitor")
+    preset: str | None = _option(None, "named preset applied before the flags", choices=None)
+    backend: str = _option("auto", "loader backend", choices=("auto", "dali", "dali-gpu", "dali-cpu", "torch"))
+    num_workers: int | None = _option(None, "loader workers (default: the loader's choice)")
+    shuffle_buffer: int = _option(1000, "samples in the loader's shuffle buffer")
+    recipe: str = _option("mocov2", "augmentation recipe (ecomaug.build_recipe)", choices=("mocov2", "ecom"))
+    crop_size: int = _option(224, "side of the square training crops, pixels")
+    # model and objective
+    objective: str = _option("moco", "self-supervised MoCo, or the supervised siamese baseline on item_id",
+                             choices=OBJECTIVES)
+    moco_version: str = _option("v2", "MoCo v2 (queue) or v3 (in-batch negatives, predictor)", choices=("v2", "v3"))
+    model: str = _option("resnet50", "any timm backbone name (created with pretrained=False)")
+    dim: int = _option(128, "embedding size of the projection head")
+    hidden_dim: int = _option(2048, "hidden size of the projection MLP")
+    queue_size: int = _option(65536, "K: negatives in the queue (cut automatically for small datasets)")
+    momentum: float = _option(0.999, "m: momentum of the key encoder")
+    momentum_schedule: str = _option("constant", "keep m, or ramp it to 1 with a cosine",
+                                     choices=("constant", "cosine"))
+    temperature: float = _option(0.2, "T: softmax temperature")
+    shuffle_bn: bool = _option(True, "shuffle the key batch across ranks (MoCo's shuffle BN)")
+    bn_splits: int = _option(0, "BN sub-batches per device (ghost BN); 0: 4 on one device, 1 under DDP")
+    # optimisation
+    epochs: int = _option(200, "epochs over the training shards")
+    max_steps: int | None = _option(None, "stop after this many optimizer steps in total")
+    batch_size: int = _option(256, "images per device per step")
+    opt: str = _option("sgd", "optimizer (timm create_optimizer_v2)", choices=OPTIMIZERS)
+    base_lr: float = _option(0.03, "learning rate for a global batch of 256; lr = base_lr * global_batch / 256")
+    weight_decay: float = _option(1e-4, "weight decay (not applied to biases and norm layers)")
+    sgd_momentum: float = _option(0.9, "SGD/LARS momentum")
+    warmup_epochs: float = _option(10.0, "linear warm-up epochs before the cosine decay")
+    min_lr: float = _option(0.0, "learning rate at the end of the cosine")
+    clip_grad: float | None = _option(None, "clip the gradient norm to this value")
+    amp: str = _option("none", "mixed precision", choices=AMP_MODES)
+    channels_last: bool = _option(True, "channels_last memory format")
+    compile: bool = _option(False, "torch.compile the encoders")
+    # run
+    device: str = _option("auto", "cpu, cuda, cuda:N; auto: cuda:LOCAL_RANK when CUDA is present, else cpu")
+    seed: int = _option(0, "seed; process r uses seed + r for augmentations")
+    log_every: int = _option(10, "steps between metric records")
+    checkpoint_every: int = _option(500, "steps between checkpoints (one is also written every epoch end)")
+    keep_last: int = _option(3, "checkpoints kept")
+    resume: str | None = _option(None, "'auto' (newest valid checkpoint in OUT, if any) or a checkpoint path")
+    knn_every: int = _option(1, "epochs between kNN recall@1 checks on --val-data")
+    export: bool = _option(True, "export the backbone to OUT/export at the end")
+    progress: bool = _option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        for name in ("crop_size", "dim", "hidden_dim", "queue_size", "epochs", "batch_size",
+                     "log_every", "checkpoint_every", "keep_last", "knn_every", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.bn_splits < 0:
+            raise ValueError(f"--bn-splits must be >= 0, got {self.bn_splits}")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"--momentum must be in [0, 1], got {self.momentum}")
+        for name in ("temperature", "base_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.min_lr < 0:
+            raise ValueError("--warmup-epochs, --weight-decay and --min-lr must be >= 0")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"--clip-grad must be > 0, got {self.clip_grad}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        for item in dataclasses.fields(self):
+            choices = item.metadata.get("choices")
+            if choices and getattr(self, item.name) not in choices:
+                raise ValueError(f"--{item.name.replace('_', '-')} must be one of {list(choices)}, "
+                                 f"got {getattr(self, item.name)!r}")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved configuration as JSON (``TrainConfig(**json.load(...))`` reads it back)."""
+        from loaders.manifest import write_json_atomic
+
+        write_json_atomic(path, self.to_dict())
+
+
+# Presets override the defaults; flags override presets.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The bundled sample on a CPU: a few minutes on 2 cores.
+    "sample": dict(model="resnet18", crop_size=64, batch_size=32, epochs=6, queue_size=256,
+                   hidden_dim=512, base_lr=0.3, warmup_epochs=1.0, log_every=5, checkpoint_every=20,
+                   knn_every=2, shuffle_buffer=256, channels_last=False),
+    # MoCo v2 ResNet-50 on 8 V100s: 2048 images per step, fp16 with a gradient scaler.
+    "v100x8": dict(model="resnet50", crop_size=224, batch_size=256, epochs=200, queue_size=65536,
+                   amp="fp16", channels_last=True, compile=False, opt="sgd", base_lr=0.03,
+                   warmup_epochs=10.0, checkpoint_every=1000),
+    # One or more H100s: bf16 (no scaler), compiled encoders, a larger per-device batch.
+    "h100": dict(model="resnet50", crop_size=224, batch_size=512, epochs=200, queue_size=65536,
+                 amp="bf16", channels_last=True, compile=True, opt="sgd", base_lr=0.03,
+                 warmup_epochs=10.0, checkpoint_every=1000),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _converter(hint: Any):
+    """argparse ``type=`` for a field's type hint; ``none`` clears an optional value."""
+    optional = get_origin(hint) is not None and type(None) in get_args(hint)
+    base = next((arg for arg in get_args(hint) if arg is not type(None)), hint) if optional else hint
+
+    def convert(text: str):
+        if optional and text.lower() in ("none", "null", ""):
+            return None
+        try:
+            return base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {base.__name__}, got {text!r}") from None
+
+    convert.__name__ = base.__name__
+    return convert
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line of ``train.py`` / ``ecomaug train``: one flag per :class:`TrainConfig` field."""
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="MoCo training with a timm backbone, on one device or many (torchrun).",
+        epilog="examples:\n"
+               "  python train.py                                   # the bundled sample on CPU\n"
+               "  python train.py --data ./shards --out runs/r50 --preset v100x8\n"
+               "  torchrun --nproc_per_node=8 train.py --data ./shards --out runs/r50 --preset h100\n"
+               "  python train.py --data ./shards --out runs/r50 --resume auto\n"
+               f"presets: {', '.join(sorted(PRESETS))}")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    hints = get_type_hints(TrainConfig)
+    for item in dataclasses.fields(TrainConfig):
+        kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, help=item.metadata["help"],
+                                      dest=item.name)
+        if item.name == "preset":
+            kwargs["choices"] = sorted(PRESETS)
+        elif item.metadata.get("choices"):
+            kwargs["choices"] = item.metadata["choices"]
+        if hints[item.name] is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _converter(hints[item.name])
+            kwargs["metavar"] = item.name.upper()
+        kwargs["help"] += f" (default: {item.default})"
+        parser.add_argument(_flag(item.name), **kwargs)
+    return parser
+
+
+def resolve_config(flags: dict[str, Any]) -> TrainConfig:
+    """Defaults, then the preset (``sample`` when no data is given), then ``flags``."""
+    preset = flags.get("preset")
+    if preset is None and flags.get("data") is None:
+        preset = "sample"
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    values = {**(PRESETS[preset] if preset else {}), **flags, "preset": preset}
+    return TrainConfig(**values)
+
+
+def parse_config(argv: Sequence[str] | None = None, *, prog: str | None = None) -> TrainConfig:
+    """Parse command-line flags into a frozen :class:`TrainConfig` (argparse exits 2 on bad flags)."""
+    return resolve_config(vars(build_parser(prog).parse_args(argv)))
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read a ``config.json`` written by :meth:`TrainConfig.save`."""
+    values = json.loads(Path(path).read_text(encoding="utf-8"))
+    known = {item.name for item in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{name: value for name, value in values.items() if name in known})

@@ -1,0 +1,271 @@
+"""MoCo (He et al. 2020; v2: Chen et al. 2020; v3: Chen et al. 2021) around any timm backbone.
+
+One module with the paper's symbols: ``K`` the queue length, ``m`` the key encoder's momentum,
+``T`` the softmax temperature. The query encoder is a timm backbone plus a projection MLP; the
+key encoder is its ``deepcopy``, updated only by :meth:`MoCo.momentum_update`. The queue is a
+registered buffer (so it travels with ``state_dict`` into checkpoints) with its pointer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ecomaug.distributed import (batch_shuffle, batch_unshuffle, concat_all_gather,
+                                 encode_in_splits, get_rank)
+
+VERSIONS = ("v2", "v3")
+MOMENTUM_SCHEDULES = ("constant", "cosine")
+
+
+def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, *, layers: int = 2,
+                   batch_norm: bool = False, last_batch_norm: bool = False) -> nn.Sequential:
+    """The MLP head: ``layers`` linear layers with ReLU (and BN for MoCo v3) between them."""
+    if layers < 1:
+        raise ValueError(f"an MLP head needs at least 1 layer, got {layers}")
+    modules: list[nn.Module] = []
+    dims = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
+    for index in range(layers):
+        last = index == layers - 1
+        modules.append(nn.Linear(dims[index], dims[index + 1], bias=not (batch_norm and not last)))
+        if not last:
+            if batch_norm:
+                modules.append(nn.BatchNorm1d(dims[index + 1]))
+            modules.append(nn.ReLU(inplace=True))
+        elif last_batch_norm:
+            modules.append(nn.BatchNorm1d(dims[index + 1], affine=False))
+    return nn.Sequential(*modules)
+
+
+class Encoder(nn.Module):
+    """A timm backbone (``pretrained=False``, no classifier) followed by a projection head.
+
+    Shape:
+        - input: :math:`(N, 3, H, W)` normalised float; output: :math:`(N, D)`.
+    """
+
+    def __init__(self, model_name: str, *, dim: int = 128, hidden_dim: int = 2048,
+                 head_layers: int = 2, head_batch_norm: bool = False) -> None:
+        super().__init__()
+        try:
+            self.backbone = timm.create_model(model_name, pretrained=False, num_classes=0)
+        except RuntimeError as error:  # timm's message for an unknown name
+            raise ValueError(f"unknown timm model {model_name!r}: {error}") from error
+        self.head = projection_mlp(self.backbone.num_features, hidden_dim, dim, layers=head_layers,
+                                   batch_norm=head_batch_norm, last_batch_norm=head_batch_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))  # N x D
+
+
+def has_batch_norm(module: nn.Module) -> bool:
+    """True when any layer of ``module`` normalises over the batch (where shuffle BN matters)."""
+    return any(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in module.modules())
+
+
+@dataclass
+class ContrastiveOutput:
+    """What a contrastive objective returns for one step.
+
+    Attributes:
+        loss: scalar, the objective to minimise.
+        accuracy: scalar, how often the positive scored highest (a cheap health signal).
+    """
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo's InfoNCE: each query's positive is its key, the negatives are the queue.
+
+    Computed in float32 whatever the autocast dtype, because ``exp(logit / T)`` with T=0.2
+    overflows float16 easily.
+
+    Args:
+        q: L2-normalised queries.
+        k: L2-normalised positive keys.
+        queue: L2-normalised negatives, one per column.
+        T: the temperature.
+
+    Returns:
+        The mean cross-entropy with the positive at index 0, and the logits.
+
+    Shape:
+        - q, k: :math:`(N, D)`; queue: :math:`(D, K)`; logits: :math:`(N, 1 + K)`.
+    """
+    q, k, queue = q.float(), k.float(), queue.float()
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # N x 1
+    l_neg = torch.einsum("nc,ck->nk", q, queue)  # N x K
+    logits = torch.cat([l_pos, l_neg], dim=1) / T  # N x (1+K)
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # N
+    return F.cross_entropy(logits, labels), logits
+
+
+def momentum_at(step: int, total_steps: int, m: float, schedule: str = "constant") -> float:
+    """The key encoder's momentum at ``step``: constant ``m``, or BYOL's cosine ramp from ``m`` to 1."""
+    if schedule not in MOMENTUM_SCHEDULES:
+        raise ValueError(f"momentum schedule must be one of {MOMENTUM_SCHEDULES}, got {schedule!r}")
+    if schedule == "constant" or total_steps <= 0:
+        return m
+    progress = min(max(step / total_steps, 0.0), 1.0)
+    return 1.0 - (1.0 - m) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+
+def resolve_queue_size(K: int, *, num_samples: int | None, global_batch: int) -> tuple[int, str | None]:
+    """Check the queue length against the dataset and adapt it when the dataset is too small.
+
+    A queue longer than the dataset holds stale keys of the very images in the current batch,
+    i.e. false negatives; the queue is therefore cut to a multiple of the global batch that
+    leaves at least one batch of the dataset out of it.
+
+    Args:
+        K: the requested queue length.
+        num_samples: samples in the training set (None when unknown: no adaptation).
+        global_batch: keys enqueued per step (batch per rank times world size).
+
+    Returns:
+        The queue length to use and, when it changed, a message saying why.
+
+    Raises:
+        ValueError: if ``K`` is not positive or the dataset cannot feed any queue.
+    """
+    if K < 1:
+        raise ValueError(f"queue size K must be >= 1, got {K}")
+    if num_samples is None or K + global_batch <= num_samples:
+        if K < global_batch:
+            raise ValueError(f"queue size K={K} is smaller than the global batch {global_batch}: "
+                             f"one step's keys would not fit; use K >= {global_batch}")
+        return K, None
+    largest = (num_samples // global_batch - 1) * global_batch
+    if largest < global_batch:
+        raise ValueError(f"the dataset of {num_samples} samples is too small for a MoCo queue with a "
+                         f"global batch of {global_batch}: it needs at least {2 * global_batch} "
+                         f"samples; lower --batch-size or add data")
+    return largest, (f"queue size K={K} is not smaller than the dataset ({num_samples} samples) "
+                     f"minus one global batch ({global_batch}); using K={largest}")
+
+
+class MoCo(nn.Module):
+    """Momentum contrast with a queue (v2) or with in-batch negatives and a predictor (v3).
+
+    Args:
+        model_name: any timm model name, created with ``pretrained=False, num_classes=0``.
+        dim: the embedding size of the projection head.
+        hidden_dim: the hidden size of the projection (and v3 predictor) MLP.
+        K: queue length (v2 only; v3 uses the other samples of the global batch).
+        m: momentum of the key encoder (updated as ``m * key + (1 - m) * query``).
+        T: softmax temperature.
+        version: ``"v2"`` or ``"v3"``.
+        shuffle_bn: shuffle the key batch across ranks (v2). On one process, together with
+            ``bn_splits > 1``, the shuffle moves keys into other BN sub-batches.
+        bn_splits: sub-batches per device normalised separately (split-batch/ghost BN); 1 off.
+        seed: seeds the queue's initial content and the shuffle's generator.
+
+    Shape:
+        - view_q, view_k: :math:`(N, 3, H, W)` normalised float.
+    """
+
+    def __init__(self, model_name: str, *, dim: int = 128, hidden_dim: int = 2048, K: int = 65536,
+                 m: float = 0.999, T: float = 0.2, version: str = "v2", shuffle_bn: bool = True,
+                 bn_splits: int = 1, seed: int = 0) -> None:
+        super().__init__()
+        if version not in VERSIONS:
+            raise ValueError(f"MoCo version must be one of {VERSIONS}, got {version!r}")
+        if not 0.0 <= m <= 1.0:
+            raise ValueError(f"momentum m must be in [0, 1], got {m}")
+        if T <= 0:
+            raise ValueError(f"temperature T must be > 0, got {T}")
+        if bn_splits < 1:
+            raise ValueError(f"bn_splits must be >= 1, got {bn_splits}")
+        self.model_name, self.version = model_name, version
+        self.K, self.m, self.T = K, m, T
+        self.shuffle_bn = shuffle_bn and version == "v2"
+        v3 = version == "v3"
+        self.encoder_q = Encoder(model_name, dim=dim, hidden_dim=hidden_dim,
+                                 head_layers=3 if v3 else 2, head_batch_norm=v3)
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        for param in self.encoder_k.parameters():
+            param.requires_grad = False
+        self.predictor = projection_mlp(dim, hidden_dim, dim, layers=2, batch_norm=True) if v3 else None
+        # Ghost BN only helps where there is batch norm (not in a ViT, say).
+        self.bn_splits = bn_splits if has_batch_norm(self.encoder_q.backbone) else 1
+        self.shuffle_generator = torch.Generator().manual_seed(seed)
+        if not v3:
+            if K < 1:
+                raise ValueError(f"queue size K must be >= 1, got {K}")
+            queue_generator = torch.Generator().manual_seed(seed)
+            self.register_buffer("queue", F.normalize(torch.randn(dim, K, generator=queue_generator), dim=0))  # D x K
+            self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The query encoder's backbone: what is exported and evaluated."""
+        return self.encoder_q.backbone
+
+    @torch.no_grad()
+    def momentum_update(self, m: float | None = None) -> None:
+        """key = m * key + (1 - m) * query, for every parameter of the key encoder."""
+        m = self.m if m is None else m
+        key_params = list(self.encoder_k.parameters())
+        query_params = [param.detach() for param in self.encoder_q.parameters()]
+        torch._foreach_lerp_(key_params, query_params, 1.0 - m)
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
+        """Replace the oldest ``len(keys)`` entries of the queue by ``keys`` (all ranks' keys).
+
+        Shape:
+            - keys: :math:`(B, D)` with ``B <= K``.
+        """
+        batch_size = keys.shape[0]
+        if batch_size > self.K:
+            raise ValueError(f"{batch_size} keys do not fit into a queue of K={self.K}")
+        ptr = int(self.queue_ptr)
+        positions = (ptr + torch.arange(batch_size, device=self.queue.device)) % self.K  # B
+        self.queue[:, positions] = keys.to(self.queue.dtype).T  # D x B
+        self.queue_ptr[0] = (ptr + batch_size) % self.K
+
+    def forward(self, view_q: torch.Tensor, view_k: torch.Tensor, *, m: float | None = None) -> ContrastiveOutput:
+        """One MoCo step's loss; updates the key encoder (momentum) and the queue as it goes."""
+        if self.version == "v3":
+            return self._forward_v3(view_q, view_k, m=m)
+        q = F.normalize(encode_in_splits(self.encoder_q, view_q, self.bn_splits), dim=1)  # N x D
+        with torch.no_grad():
+            self.momentum_update(m)
+            if self.shuffle_bn:
+                view_k, idx_unshuffle = batch_shuffle(view_k, generator=self.shuffle_generator)
+            k = F.normalize(encode_in_splits(self.encoder_k, view_k, self.bn_splits), dim=1)  # N x D
+            if self.shuffle_bn:
+                k = batch_unshuffle(k, idx_unshuffle)
+        loss, logits = info_nce(q, k, self.queue.clone().detach(), self.T)
+        self.dequeue_and_enqueue(concat_all_gather(k))
+        with torch.no_grad():
+            accuracy = (logits.argmax(dim=1) == 0).float().mean()
+        return ContrastiveOutput(loss=loss, accuracy=accuracy)
+
+    def _contrast_v3(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MoCo v3's loss: the other keys of the global batch are the negatives."""
+        q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+        k_all = concat_all_gather(k)  # W*N x D
+        logits = q @ k_all.T / self.T  # N x W*N
+        labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * get_rank()  # N
+        accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        return F.cross_entropy(logits, labels) * 2 * self.T, accuracy
+
+    def _forward_v3(self, view_1: torch.Tensor, view_2: torch.Tensor, *, m: float | None) -> ContrastiveOutput:
+        q1 = self.predictor(encode_in_splits(self.encoder_q, view_1, self.bn_splits))  # N x D
+        q2 = self.predictor(encode_in_splits(self.encoder_q, view_2, self.bn_splits))  # N x D
+        with torch.no_grad():
+            self.momentum_update(m)
+            k1 = encode_in_splits(self.encoder_k, view_1, self.bn_splits)  # N x D
+            k2 = encode_in_splits(self.encoder_k, view_2, self.bn_splits)  # N x D
+        loss_12, accuracy_12 = self._contrast_v3(q1, k2)
+        loss_21, accuracy_21 = self._contrast_v3(q2, k1)
+        return ContrastiveOutput(loss=loss_12 + loss_21, accuracy=(accuracy_12 + accuracy_21).detach() / 2)

@@ -1,0 +1,473 @@
+"""Train a MoCo embedding with a timm backbone, on one device or many.
+
+    python train.py                                    # the bundled sample, a few minutes on CPU
+    python train.py --data ./shards --out runs/r50 --preset v100x8
+    torchrun --nproc_per_node=8 train.py --data ./shards --out runs/r50 --preset h100
+    python train.py --data ./shards --out runs/r50 --resume auto   # after a crash
+
+One step, top to bottom: shards -> ``loaders.build_loader`` (uint8 crops on the device) ->
+``ecomaug.build_recipe`` (two augmented views) -> ImageNet normalisation -> channels_last ->
+``MoCo`` (or the supervised ``Siamese`` baseline) -> loss -> optimizer. Everything configurable
+is a field of :class:`ecomaug.config.TrainConfig`; ``ecomaug train`` runs this same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from ecomaug.checkpoint import find_latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ecomaug.config import TrainConfig, parse_config
+from ecomaug.distributed import all_reduce_mean, get_rank, get_world_size, is_distributed
+from ecomaug.export import IMAGENET_MEAN, IMAGENET_STD, export_backbone
+from ecomaug.moco import MoCo, momentum_at, resolve_queue_size
+from ecomaug.siamese import Siamese, item_labels
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped and its last good checkpoint was kept."""
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run left its outputs."""
+
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    export_dir: Path | None
+    last_loss: float | None
+
+
+# ----------------------------------------------------------------------------------------------
+# setup
+
+
+def setup_distributed(device_name: str) -> torch.device:
+    """Join the process group when started by torchrun (NCCL on GPU, gloo on CPU); pick the device."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_name == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(device_name)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device_name} asked for CUDA, but no CUDA device is available")
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def sample_shards(out_dir: Path, *, progress: bool) -> Path:
+    """The bundled sample as shards in ``OUT/shards`` (converted once, by rank 0)."""
+    from ecomaug.paths import SAMPLE_MANIFEST
+
+    shards = out_dir / "shards"
+    if get_rank() == 0 and not (shards / "manifest.json").is_file():
+        from loaders.convert import convert_to_shards
+
+        print(f"converting the bundled sample {SAMPLE_MANIFEST} into shards at {shards}")
+        convert_to_shards(SAMPLE_MANIFEST, shards, shard_size=64, workers=1, progress=progress)
+    barrier()
+    return shards
+
+
+class Normalise(torch.nn.Module):
+    """Float views in [0, 1] -> ImageNet-normalised, in the memory format the model runs in."""
+
+    def __init__(self, *, channels_last: bool) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)  # N x 3 x S x S
+
+
+def build_model(config: TrainConfig, *, queue_size: int, bn_splits: int) -> MoCo | Siamese:
+    # timm initialises weights from the global generator: seed it identically on every rank
+    # (DDP would broadcast rank 0's weights anyway; this makes runs repeatable).
+    torch.manual_seed(config.seed)
+    if config.objective == "siamese":
+        return Siamese(config.model, dim=config.dim, hidden_dim=config.hidden_dim, T=config.temperature,
+                       bn_splits=bn_splits)
+    return MoCo(config.model, dim=config.dim, hidden_dim=config.hidden_dim, K=queue_size,
+                m=config.momentum, T=config.temperature, version=config.moco_version,
+                shuffle_bn=config.shuffle_bn, bn_splits=bn_splits, seed=config.seed)
+
+
+def parameter_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every parameter's bytes: equal on all ranks when DDP kept them in step."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class MetricsLog:
+    """JSONL metrics (appended, so a resumed run continues the file) and TensorBoard if installed."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tensorboard = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self.tensorboard = None
+
+    def write(self, event: str, **values: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"event": event, "time": round(time.time(), 3), **values}
+        with self.path.open("a", encoding="utf-8") as stream:
+            stream.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None and "step" in values:
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and name != "step":
+                    self.tensorboard.add_scalar(f"{event}/{name}", value, values["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# kNN monitor
+
+
+@torch.no_grad()
+def knn_recall_at_1(backbone: torch.nn.Module, shards: str | os.PathLike, *, config: TrainConfig,
+                    device: torch.device, normalise: Normalise, autocast) -> dict[str, Any]:
+    """Leave-one-out item-matching recall@1 of the backbone's pooled features on ``shards``."""
+    from ecomaug.evaluation.retrieval import retrieval_metrics
+    from loaders.build import build_loader
+
+    loader = build_loader(shards, backend=config.backend, device=device, batch_size=config.batch_size,
+                          crop_size=config.crop_size, mode="eval", drop_last=False,
+                          num_workers=config.num_workers)
+    was_training = backbone.training
+    backbone.eval()
+    embeddings, items, keys = [], [], []
+    try:
+        for batch in loader:
+            with autocast:
+                features = backbone(normalise(batch.views[0].float() / 255.0))  # N x F
+            for index, sample in enumerate(batch.meta):
+                if sample.get("item_id") not in (None, ""):
+                    embeddings.append(features[index].float())
+                    items.append(str(sample["item_id"]))
+                    keys.append(batch.keys[index])
+    finally:
+        backbone.train(was_training)
+    if len(embeddings) < 2:
+        raise ValueError(f"--val-data {shards} has fewer than 2 samples with an item_id")
+    stacked = torch.stack(embeddings)  # M x F
+    summary = retrieval_metrics(stacked, items, stacked, items, ks=(1,), exclude_same_key=True,
+                                query_keys=keys, gallery_keys=keys, compute_map=False)
+    return {"recall@1": float(summary["recall@1"]), "num_queries": int(summary["num_queries"])}
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run (or resume) the training described by ``config``; see the module docstring."""
+    from ecomaug.recipes import build_recipe
+    from loaders.build import build_loader
+    from loaders.manifest import load_shard_set
+
+    device = setup_distributed(config.device)
+    rank, world_size = get_rank(), get_world_size()
+    is_main = rank == 0
+    run_dir = config.out_dir
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.json")
+    barrier()
+
+    # -- data ----------------------------------------------------------------------------------
+    data = config.data if config.data is not None else sample_shards(run_dir, progress=config.progress and is_main)
+    val_data = config.val_data if config.val_data is not None or config.data is not None else data
+    shard_set = load_shard_set(data)
+
+    def epoch_loader(epoch: int, start_batch: int = 0):
+        return build_loader(shard_set, backend=config.backend, device=device, batch_size=config.batch_size,
+                            views=2, crop_size=config.crop_size, seed=config.seed, rank=rank,
+                            world_size=world_size, epoch=epoch, start_batch=start_batch,
+                            shuffle_buffer=config.shuffle_buffer, num_workers=config.num_workers)
+
+    steps_per_epoch = len(epoch_loader(0))
+    global_batch = config.batch_size * world_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{data} holds {shard_set.num_samples} samples: not one batch of "
+                         f"{config.batch_size} per rank for {world_size} rank(s); lower --batch-size")
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+
+    # -- model, optimizer, schedule -------------------------------------------------------------
+    queue_size, queue_message = config.queue_size, None
+    if config.objective == "moco" and config.moco_version == "v2":
+        queue_size, queue_message = resolve_queue_size(config.queue_size, num_samples=shard_set.num_samples,
+                                                       global_batch=global_batch)
+    bn_splits = config.bn_splits or (1 if world_size > 1 else min(4, max(1, config.batch_size // 8)))
+    model = build_model(config, queue_size=queue_size, bn_splits=bn_splits).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    backbone_prefix = "encoder.backbone." if config.objective == "siamese" else "encoder_q.backbone."
+    lr = config.base_lr * global_batch / 256
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    optimizer = create_optimizer_v2(model, opt=config.opt, lr=lr, weight_decay=config.weight_decay,
+                                    **({"momentum": config.sgd_momentum} if config.opt in ("sgd", "lars") else {}))
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=config.epochs,
+                                       warmup_epochs=config.warmup_epochs, warmup_lr=lr * 1e-3,
+                                       min_lr=config.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=steps_per_epoch)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    # Augmentations draw from their own generator, seeded seed + rank so ranks see different views.
+    augment_generator = torch.Generator(device=device).manual_seed(config.seed + rank)
+    recipe = build_recipe(config.recipe, generator=augment_generator)
+    normalise = Normalise(channels_last=config.channels_last).to(device)
+    generators = {"augment": augment_generator}
+    if getattr(model, "shuffle_generator", None) is not None:
+        generators["shuffle"] = model.shuffle_generator
+
+    # -- resume ---------------------------------------------------------------------------------
+    step, start_epoch, start_batch = 0, 0, 0
+    metrics = MetricsLog(run_dir, enabled=is_main)
+    resumed = None
+    if config.resume == "auto":
+        resumed = find_latest_checkpoint(run_dir)
+        if resumed is None and is_main:
+            print(f"--resume auto: no checkpoint in {run_dir / 'checkpoints'} yet, starting fresh")
+    elif config.resume is not None:
+        resumed = (Path(config.resume), load_checkpoint(config.resume))
+    if resumed is not None:
+        resume_path, state = resumed
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, start_epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
+        rng_states = state["rng"]
+        if len(rng_states) == world_size:
+            set_rng_state(rng_states[rank], generators)
+        else:  # a different world size: fresh but distinct streams per rank
+            torch.manual_seed(config.seed + rank + 1000 * step)
+            augment_generator.manual_seed(config.seed + rank + 1000 * step)
+        queue = getattr(model, "queue", None)
+        metrics.write("resume", step=step, epoch=start_epoch, batch_in_epoch=start_batch,
+                      checkpoint=str(resume_path),
+                      queue_ptr=int(model.queue_ptr) if queue is not None else None,
+                      queue_sum=float(queue.double().sum()) if queue is not None else None)
+        if is_main:
+            print(f"resumed from {resume_path} at step {step} (epoch {start_epoch}, batch {start_batch})")
+    else:
+        torch.manual_seed(config.seed + rank)  # dropout and the like differ per rank: seed + rank
+    scheduler.step_update(num_updates=step)
+
+    if config.compile:
+        for encoder in (getattr(model, "encoder_q", None), getattr(model, "encoder_k", None),
+                        getattr(model, "encoder", None)):
+            if encoder is not None:
+                encoder.compile()  # in place: state_dict keys stay the same
+    unwrapped = model
+    if is_distributed():
+        # The queue is identical on every rank by construction (all ranks enqueue the gathered
+        # keys), so buffers are not re-broadcast each step.
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        broadcast_buffers=False)
+
+    derived = dict(world_size=world_size, global_batch=global_batch, lr=lr, queue_size=queue_size,
+                   bn_splits=unwrapped.bn_splits, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                   device=str(device), data=str(data), val_data=str(val_data) if val_data else None)
+    if is_main:
+        if queue_message:
+            print(queue_message)
+        metrics.write("start", step=step, **derived)
+
+    last_checkpoint: Path | None = resumed[0] if resumed is not None else None
+    last_saved_step = step if resumed is not None else -1
+
+    def save(epoch: int, batch_in_epoch: int) -> None:
+        """Checkpoint the position *after* the last step: resuming starts at (epoch, batch_in_epoch)."""
+        nonlocal last_checkpoint, last_saved_step
+        check_finite()  # never overwrite good weights with NaN ones
+        rng_states = [rng_state(generators)]
+        if is_distributed():
+            rng_states = [None] * world_size
+            dist.all_gather_object(rng_states, rng_state(generators))
+        if is_main:
+            state = {"format": "ecomaug-checkpoint", "format_version": 1, "model": unwrapped.state_dict(),
+                     "backbone_prefix": backbone_prefix, "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                     "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rng_states,
+                     "config": config.to_dict(), "derived": derived}
+            last_checkpoint = save_checkpoint(run_dir, step, state, keep_last=config.keep_last)
+        last_saved_step = step
+        barrier()
+
+    nonfinite = torch.zeros((), device=device)  # set on the device, read at sync points only
+
+    def check_finite() -> None:
+        if float(all_reduce_mean(nonfinite)) > 0:
+            raise NonFiniteLossError(f"the loss became NaN or infinite at or before step {step}; training "
+                                     f"stopped and the last good checkpoint is kept ({last_checkpoint}); "
+                                     f"try a lower --base-lr, --clip-grad 1.0 or --amp bf16")
+
+    # -- the loop -------------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, disable=not (config.progress and is_main),
+               unit="step", dynamic_ncols=True)
+    last_loss: float | None = None
+    loss_sum = torch.zeros((), device=device)
+    accuracy_sum = torch.zeros((), device=device)
+    window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
+    epoch, batch_in_epoch = start_epoch, start_batch
+    model.train()
+    while step < total_steps and epoch < config.epochs:
+        batches = iter(epoch_loader(epoch, batch_in_epoch))
+        while step < total_steps and batch_in_epoch < steps_per_epoch:
+            wait_start = time.perf_counter()
+            batch = next(batches, None)
+            window_wait += time.perf_counter() - wait_start
+            if batch is None:
+                break
+            view_q, view_k = (normalise(recipe(view)) for view in batch.views)  # N x 3 x S x S each
+            with autocast:
+                if config.objective == "siamese":
+                    output = model(view_q, view_k, labels=item_labels(batch.meta, device=device))
+                else:
+                    m = momentum_at(step, total_steps, config.momentum, config.momentum_schedule)
+                    output = model(view_q, view_k, m=m)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(output.loss).backward()
+            if config.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(unwrapped.parameters(), config.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            batch_in_epoch += 1
+            scheduler.step_update(num_updates=step)
+            loss = output.loss.detach()
+            nonfinite += (~torch.isfinite(loss)).float()
+            loss_sum += torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
+            accuracy_sum += output.accuracy.detach().float()
+            window_steps += 1
+            bar.update(1)
+
+            if step % config.log_every == 0 or step == total_steps:
+                check_finite()
+                elapsed = time.perf_counter() - window_start
+                last_loss = float(all_reduce_mean(loss_sum)) / window_steps
+                record = dict(step=step, epoch=epoch, loss=last_loss,
+                              accuracy=float(all_reduce_mean(accuracy_sum)) / window_steps,
+                              lr=optimizer.param_groups[0]["lr"],
+                              images_per_s=window_steps * global_batch / max(elapsed, 1e-9),
+                              data_wait=min(window_wait / max(elapsed, 1e-9), 1.0))
+                if config.objective == "moco":
+                    record["m"] = momentum_at(step, total_steps, config.momentum, config.momentum_schedule)
+                metrics.write("train", **record)
+                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{record['lr']:.2e}",
+                                img_s=f"{record['images_per_s']:.0f}", wait=f"{record['data_wait']:.0%}")
+                loss_sum.zero_(), accuracy_sum.zero_()
+                window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
+            if step % config.checkpoint_every == 0 and batch_in_epoch < steps_per_epoch:
+                save(epoch, batch_in_epoch)
+        if step >= total_steps and batch_in_epoch < steps_per_epoch:
+            break  # --max-steps stopped the run inside an epoch; the final save resumes mid-epoch
+        epoch, batch_in_epoch = epoch + 1, 0
+        save(epoch, 0)
+        if val_data is not None and (epoch % config.knn_every == 0 or epoch == config.epochs):
+            if is_main:
+                result = knn_recall_at_1(unwrapped.backbone, val_data, config=config, device=device,
+                                         normalise=normalise, autocast=autocast)
+                metrics.write("knn", step=step, epoch=epoch, **result)
+                bar.write(f"epoch {epoch}: kNN recall@1 {result['recall@1']:.3f} "
+                          f"on {result['num_queries']} queries of {val_data}")
+            barrier()
+    bar.close()
+    if last_saved_step != step:
+        save(epoch, batch_in_epoch)
+
+    # -- the end --------------------------------------------------------------------------------
+    fingerprints = [parameter_fingerprint(unwrapped)]
+    if is_distributed():
+        fingerprints = [None] * world_size
+        dist.all_gather_object(fingerprints, parameter_fingerprint(unwrapped))
+    if len(set(fingerprints)) != 1:
+        raise RuntimeError(f"ranks ended with different weights (fingerprints {fingerprints})")
+    export_dir = None
+    if is_main and config.export:
+        export_dir = export_backbone(unwrapped.backbone, run_dir / "export", model_name=config.model,
+                                     input_size=config.crop_size)
+    metrics.write("end", step=step, epoch=epoch, loss=last_loss, checkpoint=str(last_checkpoint),
+                  export=str(export_dir) if export_dir else None, rank_fingerprints=fingerprints)
+    metrics.close()
+    barrier()
+    return TrainResult(run_dir=run_dir, step=step, checkpoint=last_checkpoint, export_dir=export_dir,
+                       last_loss=last_loss)
+
+
+def run(argv: Sequence[str] | None = None, *, prog: str | None = None) -> TrainResult:
+    """Parse ``argv``, train, and say where the outputs are (the entry of ``ecomaug train`` too)."""
+    config = parse_config(argv, prog=prog)
+    try:
+        result = train(config)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if os.environ.get("RANK", "0") == "0":
+        print(f"trained {result.step} steps; run directory: {result.run_dir}")
+        print(f"checkpoint: {result.checkpoint}")
+        if result.export_dir is not None:
+            print(f"exported backbone: {result.export_dir} (backbone.safetensors, config.json)")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python train.py``: errors become one line and exit code 2."""
+    from ecomaug.cli import USER_ERRORS, one_line
+
+    try:
+        run(argv)
+    except (*USER_ERRORS, NonFiniteLossError) as error:
+        print(f"Error: {one_line(error)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
