@@ -79,7 +79,7 @@ def conditions(device: torch.device | str | None = None) -> dict[str, Any]:
     """The facts a reader needs to compare two benchmark runs."""
     info: dict[str, Any] = {
         "python": platform.python_version(), "platform": platform.platform(),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "cpu_name": cpu_name(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "device": str(device) if device is not None else "cpu",
     }
@@ -91,3 +91,15 @@ def conditions(device: torch.device | str | None = None) -> dict[str, Any]:
         except Exception:  # not installed or no version attribute: say so rather than fail
             info[module] = None
     return info
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux), or what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as stream:
+            for line in stream:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine()
