@@ -315,8 +315,14 @@ def _validate(shard_size: int, shard_bytes: int | None, per_group: int | None, b
 
 
 def _hook_name(image_hook: ImageHook | None) -> str | None:
+    """How the recorded options name a hook: a hook object that describes its settings in its
+    ``repr`` (like ``Dewatermarker``) is recorded by that, so a rerun with other settings is refused
+    rather than mixed into the same shards; a function by its qualified name."""
     if image_hook is None:
         return None
+    if not callable(getattr(image_hook, "func", None)) and type(image_hook).__repr__ is not object.__repr__ \
+            and not hasattr(image_hook, "__qualname__"):
+        return repr(image_hook)
     target = getattr(image_hook, "func", image_hook)  # functools.partial
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__name__)}"
 

@@ -237,6 +237,28 @@ def test_image_hook_changes_pixels_meta_and_counts(tmp_path):
         "black_corner_hook")
 
 
+class TaggedHook:
+    """A hook object that states its settings in its repr, as Dewatermarker does."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def __call__(self, image: Image.Image):
+        return image, {}, False
+
+    def __repr__(self) -> str:
+        return f"TaggedHook(tag={self.tag!r})"
+
+
+def test_a_rerun_with_other_hook_settings_is_refused(tmp_path):
+    manifest = _csv_manifest(tmp_path, {"ID": 3})
+    convert_to_shards(manifest, tmp_path / "out", workers=0, progress=False, image_hook=TaggedHook("a"))
+    options = json.loads((tmp_path / "out" / "manifest.json").read_text())["options"]
+    assert options["image_hook"] == "TaggedHook(tag='a')"
+    with pytest.raises(ValueError, match="image_hook"):
+        convert_to_shards(manifest, tmp_path / "out", workers=0, progress=False, image_hook=TaggedHook("b"))
+
+
 def test_jsonl_manifest_repeats_and_missing_files(tmp_path):
     (tmp_path / "img").mkdir()
     for number in range(3):
