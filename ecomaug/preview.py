@@ -46,11 +46,14 @@ def images_from_folder(folder: str | Path, count: int, *, size: int = 224, seed:
 
 
 def images_from_shards(shards: str | Path, count: int, *, size: int = 224, seed: int = 0) -> torch.Tensor:
-    """``count`` centre crops of side ``size`` read from shards with the PyTorch loader (uint8, CPU)."""
+    """``count`` images picked with ``seed`` across the shards, whole (square crops of full area), uint8 on CPU."""
     from loaders.build import build_loader
 
+    # Train mode for its seeded shard permutation and shuffle buffer (a pick across the whole set,
+    # not the first shard's first items); scale and ratio 1 keep each image whole.
     loader = build_loader(str(shards), backend="torch", device="cpu", batch_size=count, views=1, crop_size=size,
-                          seed=seed, mode="eval", num_workers=0, drop_last=False)
+                          scale=(1.0, 1.0), ratio=(1.0, 1.0), seed=seed, mode="train", shuffle_buffer=4096,
+                          num_workers=0, drop_last=False)
     for batch in loader:
         return batch.views[0]
     raise ValueError(f"no samples in {shards}")
