@@ -474,7 +474,7 @@ def check_train_step(ctx: Context) -> CheckResult:
 
 
 def check_loader_fed(ctx: Context) -> CheckResult:
-    from bench.stages import TrainStep, _build_recipe, _endless_loader, _pull, _time_batches
+    from bench.stages import TrainStep, _build_recipe, _endless_loader, _time_batches, loader_fed_step
     from loaders.build import dali_available
     from loaders.manifest import load_shard_set
 
@@ -495,14 +495,7 @@ def check_loader_fed(ctx: Context) -> CheckResult:
     stream, resolved = _endless_loader(config, backend, load_shard_set(ctx.shards()), needed, s.workers)
     recipe = _build_recipe(config)
 
-    def fed() -> float:
-        batch, waited = _pull(stream)
-        with torch.no_grad():
-            view_q, view_k = (step.normalise(recipe(view)) for view in batch.views[:2])
-        step(view_q, view_k)
-        return waited
-
-    measured, wait = _time_batches(f"fed by {resolved}", fed, config)
+    measured, wait = _time_batches(f"fed by {resolved}", loader_fed_step(stream, recipe, step), config)
     ratio = measured.median_rate / ceiling.median_rate
     row.details = {"synthetic": ceiling.as_dict(), "fed": measured.as_dict(), "backend": resolved,
                    "ratio": ratio, "data_wait_fraction": wait}

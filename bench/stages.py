@@ -192,6 +192,23 @@ def _time_batches(name: str, one_batch: Callable[[], float], config: BenchConfig
     return measurement, min(1.0, sum(waits) / sum(measurement.seconds))
 
 
+def loader_fed_step(stream: Iterator[Any], recipe: Callable[[torch.Tensor], torch.Tensor],
+                    step: "TrainStep") -> Callable[[], float]:
+    """One MoCo step fed by the real loader: pull a batch, augment both views, step.
+
+    Returns:
+        A callable for :func:`_time_batches` that returns the seconds it waited for the batch.
+    """
+    def one_batch() -> float:
+        batch, waited = _pull(stream)
+        with torch.no_grad():
+            view_q, view_k = (step.normalise(recipe(view)) for view in batch.views[:2])
+        step(view_q, view_k)
+        return waited
+
+    return one_batch
+
+
 def _pull(stream: Iterator[Any]) -> tuple[Any, float]:
     start = time.perf_counter()
     item = next(stream)
@@ -577,16 +594,8 @@ class _Runner:
 
             measurement, wait = _time_batches(f"recipe {backend}", one_batch, self.config)
             return measurement, wait, "loader + ecom recipe on both views"
-        step = self.train_step()
-
-        def one_batch() -> float:
-            batch, waited = _pull(stream)
-            with torch.no_grad():
-                view_q, view_k = (step.normalise(recipe(view)) for view in batch.views[:2])
-            step(view_q, view_k)
-            return waited
-
-        measurement, wait = _time_batches(f"train {backend}", one_batch, self.config)
+        measurement, wait = _time_batches(f"train {backend}", loader_fed_step(stream, recipe, self.train_step()),
+                                          self.config)
         return measurement, wait, f"loader + recipe + {self.config.model} MoCo step"
 
 
