@@ -4,7 +4,7 @@
     python -m bench.gpu_check --shards /tmp/shards --out runs/gpu-check --quick     # smoke run
     python -m bench.gpu_check --shards /tmp/shards --device cpu --quick             # no GPU: CPU smoke
 
-Checks: (1) environment, (2) the DALI loader with ``mixed`` decode, both graph variants, (3) the
+Checks: (1) environment, (2) the DALI loader with ``mixed`` decode, every graph variant the GPU runs, (3) the
 PyTorch loader into CUDA, (4) the ``ecom`` recipe on CUDA (throughput, range, determinism,
 channels_last), (5) the MoCo ResNet-50 step under bf16 and fp16 + GradScaler and the recipe's
 share of it, (6) the step fed by the real loader + recipe against synthetic batches, (7)
@@ -297,7 +297,7 @@ def _check_views(batch: Any, s: Settings) -> list[str]:
 
 def check_dali_loader(ctx: Context) -> CheckResult:
     from loaders.build import dali_available
-    from loaders.dali_backend import DECODE_VARIANTS, DEFAULT_VARIANT
+    from loaders.dali_backend import DEFAULT_VARIANT, variants_for
 
     s = ctx.settings
     row = CheckResult(TITLES["dali-loader"], goal=f">= {GOAL_DALI_IMAGES_PER_S:.0f} img/s (2 views)" if s.cuda
@@ -305,7 +305,7 @@ def check_dali_loader(ctx: Context) -> CheckResult:
     if not dali_available():
         raise RuntimeError("nvidia.dali is not importable")
     rates, problems = {}, []
-    for variant in DECODE_VARIANTS:
+    for variant in variants_for(s.cuda):
         stream = _loader_stream(ctx, "dali", variant)
         measurement, batch = _time_stream(f"dali/{variant}", stream, s)
         problems += _check_views(batch, s)

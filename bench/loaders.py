@@ -2,8 +2,9 @@
 
 Measures images/s (each image = two ``crop_size`` uint8 views) on the same shards for:
 
-* ``dali-<cpu|gpu>/decode_once`` and ``.../crop_decode``: the DALI backend's two graph variants
-  (one full decode + two ``random_resized_crop``, or ``decoders.image_random_crop`` per view);
+* ``dali-<cpu|gpu>/<variant>``: the DALI backend's graph variants: ``decode_once`` (one full
+  decode + two ``random_resized_crop``), ``crop_decode`` (``decoders.image_random_crop`` +
+  ``resize`` per view) and, on CPU, ``torch_crops`` (DALI decode and crop windows, torch resize);
 * ``torch``: the PyTorch backend (Pillow with ``draft``, DataLoader workers);
 * ``baseline-a``: ``webdataset .decode("pil")`` + two torchvision ``RandomResizedCrop`` to uint8
   in a DataLoader with one worker per core;
@@ -141,8 +142,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return selected is None or any(name.startswith(s) for s in selected)
 
     if dali_available():
+        from loaders.dali_backend import variants_for
+
         kind = "dali-gpu" if device.type == "cuda" else "dali-cpu"
-        for variant in ("decode_once", "crop_decode"):
+        for variant in variants_for(device.type == "cuda"):
             if wanted(f"{kind}/{variant}"):
                 timed(f"{kind}/{variant}", _loader_stream(args.shards, "dali", args, variant))
     if wanted("torch"):

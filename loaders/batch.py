@@ -18,7 +18,8 @@ class Batch:
         meta: the parsed ``<key>.json`` of each sample (``item_id``, ``region``, ...).
 
     Shape:
-        - each view: :math:`(N, 3, S, S)` uint8, ``S`` = ``crop_size``.
+        - each view: :math:`(N, 3, S, S)` uint8, ``S`` = ``crop_size``; the memory layout may be
+          contiguous or channels_last (call ``.contiguous()`` where a layout matters).
     """
 
     views: list[torch.Tensor]

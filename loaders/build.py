@@ -156,7 +156,7 @@ def build_loader(shards: str | os.PathLike | Sequence[str | os.PathLike] | Shard
                  world_size: int = 1, epoch: int = 0, start_batch: int = 0, drop_last: bool = True,
                  shuffle_buffer: int = 1000, num_workers: int | None = None,
                  corrupt: str = "skip", mode: str = "train",
-                 epoch_samples: int | None = None) -> Loader:
+                 epoch_samples: int | None = None, dali_variant: str | None = None) -> Loader:
     """Build the loader of one epoch on one rank: shards in, batches of uint8 views out.
 
     Args:
@@ -185,6 +185,9 @@ def build_loader(shards: str | os.PathLike | Sequence[str | os.PathLike] | Shard
             order, no shuffle, no drop: every sample exactly once).
         epoch_samples: samples in one epoch over all ranks, for remote shards whose counts are
             unknown (the manifest's ``totals.written``); ignored when counts are known.
+        dali_variant: the DALI graph (``"decode_once"``, ``"crop_decode"`` or, on CPU,
+            ``"torch_crops"``); None takes the measured default of the device
+            (:data:`loaders.dali_backend.DEFAULT_VARIANT`). Ignored by the PyTorch backend.
 
     Returns:
         A loader with ``len(loader)`` (batches this rank yields), ``loader.backend``
@@ -192,7 +195,8 @@ def build_loader(shards: str | os.PathLike | Sequence[str | os.PathLike] | Shard
         it yields :class:`~loaders.Batch`.
 
     Shape:
-        - each of ``batch.views``: :math:`(N, 3, S, S)` uint8 on ``device``.
+        - each of ``batch.views``: :math:`(N, 3, S, S)` uint8 on ``device`` (contiguous, or
+          channels_last in memory from DALI's ``torch_crops`` variant).
 
     Raises:
         ValueError: a bad option, remote shards with DALI, unknown counts without
@@ -217,4 +221,4 @@ def build_loader(shards: str | os.PathLike | Sequence[str | os.PathLike] | Shard
         return TorchLoader(options)
     from loaders.dali_backend import DaliLoader
 
-    return DaliLoader(options)
+    return DaliLoader(options, variant=dali_variant)

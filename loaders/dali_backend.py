@@ -13,10 +13,22 @@ about 20 us a sample, once per shard and process). Corrupt samples are left out 
 copy of the shard's index (``corrupt="skip"``, counted in ``corrupt_count``) or raise with the
 shard and key (``corrupt="raise"``). A decode error the check could not foresee still stops
 the epoch with a RuntimeError that names what DALI names (shard, offset and key).
+
+Graph variants (``variant=``), measured by ``bench/loaders.py``:
+
+* ``decode_once``: one full decode, then ``random_resized_crop`` per view, all in DALI;
+* ``crop_decode``: ``decoders.image_random_crop`` (ROI decode) + ``resize`` per view;
+* ``torch_crops`` (CPU only): DALI reads, decodes and draws the crop windows
+  (``random_crop_generator``); the crops are resized by torch's uint8 antialiased bilinear
+  kernel, reading DALI's output buffers without a copy. DALI's CPU resampling is generic code
+  ("DALI's CPU implementation isn't optimized very much", NVIDIA/DALI#4581): on 2 cores two
+  224-px crops cost ~1.4 ms of thread time each, torch's SIMD kernel ~0.3 ms, so this variant
+  is the CPU default. On the GPU DALI's own resize is fast and ``decode_once`` is the default.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -36,11 +48,17 @@ from loaders.sharding import check_start_batch, derive_seed, plan_epoch
 logger = logging.getLogger(__name__)
 
 READER_NAME = "Reader"
-DECODE_VARIANTS = ("decode_once", "crop_decode")
-# Chosen by bench/loaders.py: on CPU (2 cores, 512-px JPEGs, 2 views) one full decode and two
-# `random_resized_crop`s beat two ROI decodes (`decoders.image_random_crop`) + resizes.
-DEFAULT_VARIANT = {"cpu": "decode_once", "gpu": "decode_once"}
+DECODE_VARIANTS = ("decode_once", "crop_decode", "torch_crops")
+# Chosen by bench/loaders.py (2 cores, 512-px JPEGs, batch 64, two 224-px views): on CPU
+# torch_crops ~2x decode_once, and decode_once beats crop_decode (two ROI decodes + resizes).
+DEFAULT_VARIANT = {"cpu": "torch_crops", "gpu": "decode_once"}
+CPU_ONLY_VARIANTS = ("torch_crops",)
 HW_DECODER_LOAD = 0.65  # share of images for the A100/H100 hardware JPEG decoder; nvJPEG CUDA does the rest
+
+def variants_for(on_gpu: bool) -> tuple[str, ...]:
+    """The decode variants a pipeline on the GPU (``mixed`` decode) or on the CPU can run."""
+    return tuple(v for v in DECODE_VARIANTS if not (on_gpu and v in CPU_ONLY_VARIANTS))
+
 
 # JPEG marker codes that may follow 0xFF anywhere in a valid file: stuffing (00), TEM (01),
 # SOF/DHT/DAC/RST/SOI/EOI/SOS/DQT/DNL/DRI/DHP/EXP/APPn/JPGn/COM (C0-FE) and fill bytes (FF).
@@ -115,7 +133,8 @@ def views_graph(jpegs: Any, *, on_gpu: bool, views: int, crop_size: int, scale: 
     """The processing graph: encoded JPEGs -> ``views`` uint8 CHW crops (DALI DataNodes).
 
     Train: random resized crops (``scale`` = area range, ``ratio`` = aspect range); eval:
-    resize the shorter side to ``crop_size`` and cut the centre square.
+    resize the shorter side to ``crop_size`` and cut the centre square. The ``torch_crops``
+    variant (train) returns the decoded HWC image and ``views`` (anchor, shape) pairs instead.
     """
     from nvidia.dali import fn, types
 
@@ -131,6 +150,15 @@ def views_graph(jpegs: Any, *, on_gpu: bool, views: int, crop_size: int, scale: 
         crops = [fn.random_resized_crop(images, size=size, random_area=list(scale),
                                         random_aspect_ratio=list(ratio),
                                         interp_type=types.INTERP_TRIANGULAR) for _ in range(views)]
+    elif variant == "torch_crops":
+        # the full image and, per view, the crop window (anchor and shape, both (y, x)) that
+        # :func:`resize_crops` cuts and resizes
+        images = fn.decoders.image(jpegs, output_type=types.RGB, **decode)
+        outputs = [images]
+        for _ in range(views):
+            outputs += fn.random_crop_generator(images.shape(), random_area=list(scale),
+                                                random_aspect_ratio=list(ratio))
+        return outputs
     elif variant == "crop_decode":
         # each view decodes only its region of interest (libjpeg-turbo / nvJPEG ROI decode)
         crops = [fn.resize(fn.decoders.image_random_crop(jpegs, output_type=types.RGB,
@@ -175,6 +203,9 @@ class DaliLoader:
         self.variant = variant or DEFAULT_VARIANT["gpu" if self.on_gpu else "cpu"]
         if self.variant not in DECODE_VARIANTS:
             raise ValueError(f"DALI decode variant must be one of {DECODE_VARIANTS}, got {self.variant!r}")
+        if self.variant not in variants_for(self.on_gpu):
+            raise ValueError(f"DALI variant {self.variant!r} is for CPU pipelines; on the GPU use one of "
+                             f"{variants_for(True)} (DALI's GPU resize is fast)")
         self._filtered = tempfile.TemporaryDirectory(prefix="ecomaug-dali-idx-")
         self.paths, self.index_paths, counts, self.corrupt = self._checked_shards()
         self.plan = plan_epoch(counts, batch_size=options.batch_size, seed=options.seed,
@@ -245,11 +276,50 @@ class DaliLoader:
         return pipeline
 
     def __iter__(self) -> Iterator[Batch]:
+        if len(self) <= 0:
+            return
+        if self.variant == "torch_crops" and self.options.mode == "train":
+            yield from self._torch_crop_batches()
+        else:
+            yield from self._iterator_batches()
+
+    def _torch_crop_batches(self) -> Iterator[Batch]:
+        """Run the pipeline directly and resize its crop windows with torch (CPU only).
+
+        The decoded images are read in place from DALI's output buffers (no copy, no padding to
+        a common shape), which stay valid until the next ``run()``; the views are new tensors.
+        DALI's reader fills a rank's last batch from the next epoch, so the plan trims it.
+        """
+        options = self.options
+        try:
+            pipeline = self.build_pipeline()
+        except RuntimeError as error:
+            raise self._named_error(error, 0) from error
+        remaining = self.plan.num_samples
+        for index in range(self.plan.num_batches):
+            try:
+                outputs = pipeline.run()
+            except RuntimeError as error:
+                raise self._named_error(error, index) from error
+            count = min(options.batch_size, remaining)
+            remaining -= count
+            if index < options.start_batch:
+                continue  # resume replays the skipped batches but need not resize their crops
+            images = [torch.from_numpy(np.asarray(outputs[0][i])) for i in range(count)]
+            windows = [(outputs[1 + 2 * v].as_array()[:count], outputs[2 + 2 * v].as_array()[:count])
+                       for v in range(options.views)]
+            views = resize_crops(images, windows, options.crop_size)
+            del images  # views into DALI's buffers; the next run() may reuse them
+            metas = [_parse_meta(np.asarray(outputs[-2][i]).tobytes(), np.asarray(outputs[-1][i]).tobytes())
+                     for i in range(count)]
+            yield Batch(views=[view.to(options.device) for view in views],
+                        keys=[meta["key"] for meta in metas], meta=metas)
+
+    def _iterator_batches(self) -> Iterator[Batch]:
+        """Batches through DALI's PyTorch iterator (graph-only variants, GPU and eval)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         options = self.options
-        if len(self) <= 0:
-            return
         names = [f"view{i}" for i in range(options.views)] + ["meta", "source"]
         policy = LastBatchPolicy.DROP if options.drop_last else LastBatchPolicy.PARTIAL
         index = 0
@@ -268,7 +338,8 @@ class DaliLoader:
                 raise self._named_error(error, index) from error
             if index < options.start_batch:
                 continue
-            metas = [_parse_meta(row, source) for row, source in zip(outputs["meta"], outputs["source"])]
+            metas = [_parse_meta(bytes(row.cpu().numpy()), bytes(source.cpu().numpy()))
+                     for row, source in zip(outputs["meta"], outputs["source"])]
             views = [outputs[name].to(options.device, non_blocking=True) for name in names[:-2]]
             yield Batch(views=views, keys=[meta["key"] for meta in metas], meta=metas)
 
@@ -277,11 +348,62 @@ class DaliLoader:
                             f"{self.options.rank}{_named_source(str(error))}: {_first_line(error)}")
 
 
-def _parse_meta(row: torch.Tensor, source: torch.Tensor) -> dict[str, Any]:
+def resize_crops(images: Sequence[torch.Tensor], windows: Sequence[tuple[np.ndarray, np.ndarray]],
+                 crop_size: int) -> list[torch.Tensor]:
+    """Cut every view's window out of the images and resize it to ``crop_size`` (CPU).
+
+    Args:
+        images: ``N`` uint8 HWC images (any sizes).
+        windows: per view, the ``(N, 2)`` anchors and ``(N, 2)`` shapes of the crops, ``(y, x)``
+            and ``(h, w)``, as ``fn.random_crop_generator`` gives them.
+        crop_size: side ``S`` of the square views.
+
+    Returns:
+        One :math:`(N, 3, S, S)` uint8 tensor per view, channels_last in memory: torch's
+        antialiased bilinear kernel for uint8 (the one torchvision's ``RandomResizedCrop``
+        uses on tensors) runs on channels_last input and writes channels_last output, and
+        keeping that layout avoids a transposing copy per crop.
+    """
+    size = (crop_size, crop_size)
+    views = []
+    with _intra_op_threads(1):
+        for anchors, shapes in windows:
+            out = torch.empty((len(images), 3, crop_size, crop_size), dtype=torch.uint8,
+                              memory_format=torch.channels_last)
+            for i, (image, (top, left), (height, width)) in enumerate(zip(images, anchors.tolist(),
+                                                                          shapes.tolist())):
+                crop = image[top:top + height, left:left + width].permute(2, 0, 1).unsqueeze(0)
+                crop = crop.contiguous(memory_format=torch.channels_last)
+                out[i] = torch.nn.functional.interpolate(crop, size=size, mode="bilinear",
+                                                         antialias=True, align_corners=False)[0]
+            views.append(out)
+    return views
+
+
+@contextlib.contextmanager
+def _intra_op_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch intra-op threads, then restore the previous number.
+
+    One small crop per call gains nothing from intra-op threads and, beside DALI's own
+    threads, loses ~25% to oversubscription. With torch's OpenMP backend the setting is the
+    calling thread's own.
+    """
+    previous = torch.get_num_threads()
+    if previous == count:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _parse_meta(row: bytes, source: bytes) -> dict[str, Any]:
     # the iterator pads the variable-length bytes of a batch with zeros
-    meta = json.loads(bytes(row.cpu().numpy()).rstrip(b"\0"))
+    meta = json.loads(row.rstrip(b"\0"))
     if "key" not in meta:  # as webdataset names it: the member name up to its first dot
-        member = bytes(source.cpu().numpy()).rstrip(b"\0").decode("utf-8").rsplit(":", 1)[-1]
+        member = source.rstrip(b"\0").decode("utf-8").rsplit(":", 1)[-1]
         meta["key"] = member.rsplit("/", 1)[-1].split(".", 1)[0]
     return meta
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,3 +151,66 @@ def test_views_land_on_cuda(sample_shards, backend):
     batch = next(iter(loader))
     assert loader.backend == ("torch" if backend == "torch" else "dali-gpu")
     assert all(view.device.type == "cuda" and view.dtype == torch.uint8 for view in batch.views)
+
+
+DALI_CPU_VARIANTS = ["decode_once", "crop_decode", "torch_crops"]
+
+
+@needs_dali
+@pytest.mark.parametrize("variant", DALI_CPU_VARIANTS)
+def test_every_dali_cpu_variant_keeps_the_contract(sample_shards, variant):
+    loader, batches = collect(sample_shards, "dali", dali_variant=variant, drop_last=False, seed=4)
+    _, again = collect(sample_shards, "dali", dali_variant=variant, drop_last=False, seed=4)
+    resumed_loader, resumed = collect(sample_shards, "dali", dali_variant=variant, drop_last=False,
+                                      seed=4, start_batch=7)
+    assert loader.variant == variant and len(loader) == len(batches) == 10
+    assert sorted(keys_of(batches)) == sorted(set(keys_of(batches))) and len(keys_of(batches)) == SAMPLES
+    for keys, views, meta in batches:
+        assert [m["key"] for m in meta] == keys and all("item_id" in m for m in meta)
+        assert all(v.shape == (len(keys), 3, 64, 64) and v.dtype == torch.uint8 for v in views)
+        assert not torch.equal(views[0], views[1])  # two independent crops
+    assert [k for k, _, _ in again] == [k for k, _, _ in batches]
+    assert all(torch.equal(a, b) for (_, x, _), (_, y, _) in zip(again, batches) for a, b in zip(x, y))
+    assert len(resumed_loader) == len(resumed) == 3
+    assert all(torch.equal(a, b) for (_, x, _), (_, y, _) in zip(resumed, batches[7:]) for a, b in zip(x, y))
+
+
+@needs_dali
+def test_torch_crops_views_own_their_memory(sample_shards):
+    # the images are read in place from DALI's output buffers: views kept from earlier batches
+    # must not change when the pipeline reuses those buffers
+    kept = list(loaders.build_loader(sample_shards, backend="dali", device="cpu", batch_size=32,
+                                     crop_size=64, seed=2, num_workers=2, dali_variant="torch_crops"))
+    _, cloned = collect(sample_shards, "dali", seed=2, dali_variant="torch_crops")
+    assert len(kept) == len(cloned) == SAMPLES // 32
+    assert all(torch.equal(a, b) for batch, (_, views, _) in zip(kept, cloned)
+               for a, b in zip(batch.views, views))
+
+
+def test_resize_crops_matches_torchvision_resized_crop():
+    from torchvision.transforms.v2 import functional as TF
+
+    from loaders.dali_backend import resize_crops
+
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=generator)
+              for h, w in ((120, 90), (64, 200), (300, 300))]
+    anchors = np.array([[10, 5], [0, 37], [44, 0]], dtype=np.int32)
+    shapes = np.array([[100, 80], [64, 150], [256, 300]], dtype=np.int32)
+    (view,) = resize_crops(images, [(anchors, shapes)], 48)
+    assert view.shape == (3, 3, 48, 48) and view.dtype == torch.uint8
+    for image, row, (top, left), (height, width) in zip(images, view, anchors, shapes):
+        expected = TF.resized_crop(image.permute(2, 0, 1), int(top), int(left), int(height), int(width),
+                                   [48, 48], antialias=True)
+        assert (row.int() - expected.int()).abs().max() <= 1
+
+
+@needs_dali
+def test_torch_crops_is_refused_on_the_gpu(sample_shards):
+    from loaders.build import make_options
+    from loaders.dali_backend import DaliLoader
+
+    with pytest.raises(ValueError, match="torch_crops.*CPU"):
+        DaliLoader(make_options(sample_shards, device="cuda", batch_size=8), variant="torch_crops")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        loaders.build_loader(sample_shards, backend="dali", device="cpu", batch_size=8, dali_variant="fast")

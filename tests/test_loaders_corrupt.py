@@ -38,36 +38,47 @@ def corruptions() -> dict[str, bytes]:
             "bad-marker": good[:middle] + b"\xff\x05\xff\x31" + good[middle + 4:]}
 
 
-@pytest.fixture(scope="module")
-def corrupt_shards(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """Two shards of 12 samples; three samples (one per corruption) are broken JPEGs."""
+def write_shards(out: Path, shards: list[list[tuple[str, bytes]]]) -> Path:
+    """Write ``(key, jpeg)`` samples as shards with DALI indexes and a manifest."""
     import webdataset
 
-    out = tmp_path_factory.mktemp("corrupt_shards")
-    bad_keys: dict[str, str] = {}
     entries = []
-    broken = iter(corruptions().items())
-    for shard in range(2):
-        tar = out / f"shard-{shard:06d}.tar"
+    for number, samples in enumerate(shards):
+        tar = out / f"shard-{number:06d}.tar"
         with webdataset.TarWriter(str(tar)) as writer:
-            for index in range(12):
-                key = f"s{shard}k{index:02d}"
-                data = good_jpeg(shard * 100 + index)
-                if index in (3, 8) and len(bad_keys) < 3:
-                    reason, data = next(broken)
-                    bad_keys[key] = reason
+            for key, data in samples:
                 meta = {"key": key, "source": f"{key}.jpg", "width": 96, "height": 80, "item_id": key}
                 writer.write({"__key__": key, "jpg": data, "json": json.dumps(meta).encode()})
         subprocess.run([str(WDS2IDX), str(tar), str(tar.with_suffix(".idx"))], check=True,
                        capture_output=True)
-        entries.append({"tar": tar.name, "index": tar.with_suffix(".idx").name, "count": 12,
+        entries.append({"tar": tar.name, "index": tar.with_suffix(".idx").name, "count": len(samples),
                         "bytes": tar.stat().st_size, "groups": {}})
+    total = sum(len(samples) for samples in shards)
     write_json_atomic(out / "manifest.json", {
         "format": "ecomaug-shards", "format_version": 1, "ecomaug_version": "test",
         "created": "2024-01-01T00:00:00+00:00", "input": "synthetic", "options": {},
         "job": {"index": 0, "count": 1}, "shards": entries, "groups": {},
-        "totals": {"inputs": 24, "written": 24, "skipped": 0, "bytes": 0, "skipped_by_reason": {}}})
-    return out, bad_keys
+        "totals": {"inputs": total, "written": total, "skipped": 0, "bytes": 0, "skipped_by_reason": {}}})
+    return out
+
+
+@pytest.fixture(scope="module")
+def corrupt_shards(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """Two shards of 12 samples; three samples (one per corruption) are broken JPEGs."""
+    bad_keys: dict[str, str] = {}
+    broken = iter(corruptions().items())
+    shards = []
+    for shard in range(2):
+        samples = []
+        for index in range(12):
+            key = f"s{shard}k{index:02d}"
+            data = good_jpeg(shard * 100 + index)
+            if index in (3, 8) and len(bad_keys) < 3:
+                reason, data = next(broken)
+                bad_keys[key] = reason
+            samples.append((key, data))
+        shards.append(samples)
+    return write_shards(tmp_path_factory.mktemp("corrupt_shards"), shards), bad_keys
 
 
 def test_jpeg_check_flags_each_corruption_and_passes_a_good_jpeg():
@@ -115,3 +126,34 @@ def test_raise_names_the_shard_and_the_key(corrupt_shards, backend):
             pass
     message = str(caught.value)
     assert "shard-000000.tar" in message and "s0k03" in message  # the first corrupt sample in order
+
+
+def zero_height_jpeg() -> bytes:
+    """Sound markers, but the frame header says the image is 0 pixels high: only decoding fails."""
+    data = bytearray(good_jpeg(7))
+    frame = data.find(b"\xff\xc0")
+    data[frame + 5:frame + 7] = b"\0\0"
+    return bytes(data)
+
+
+@pytest.mark.parametrize("variant", ["decode_once", "torch_crops"])
+@needs_dali
+def test_a_decode_error_the_check_cannot_see_names_the_shard_and_key(tmp_path, variant):
+    bad = zero_height_jpeg()
+    assert jpeg_problem(bad) is None  # the structural check cannot see it
+    samples = [(f"k{i:02d}", bad if i == 5 else good_jpeg(i)) for i in range(8)]
+    shards = write_shards(tmp_path, [samples])
+    loader = loaders.build_loader(shards, backend="dali", device="cpu", batch_size=4, crop_size=32,
+                                  shuffle_buffer=0, num_workers=1, dali_variant=variant)
+    with pytest.raises(RuntimeError) as caught:
+        for _ in loader:
+            pass
+    message = str(caught.value)
+    assert "shard-000000.tar" in message and "'k05'" in message and "batch 1" in message
+    # the PyTorch backend's decoder fails on the sample itself: skipped and counted (in training
+    # a good sample stands in for it, so the batch keeps its size)
+    loader = loaders.build_loader(shards, backend="torch", device="cpu", batch_size=4, crop_size=32,
+                                  shuffle_buffer=0, num_workers=0)
+    keys = [key for batch in loader for key in batch.keys]
+    assert len(keys) == 8 and set(keys) == {f"k{i:02d}" for i in range(8) if i != 5}
+    assert loader.corrupt_count == 1
