@@ -8,11 +8,10 @@ shards listed in that epoch's order.
 
 Corrupt JPEGs: a DALI decoder that meets one fails the whole batch and offers no per-sample
 skip (NVIDIA/DALI#3913), so local shards are checked before the pipeline is built
-(:func:`check_shard`: SOI/EOI markers and the marker codes in the entropy-coded data; numpy,
-about 20 us a sample, once per shard and process). Corrupt samples are left out of a filtered
-copy of the shard's index (``corrupt="skip"``, counted in ``corrupt_count``) or raise with the
-shard and key (``corrupt="raise"``). A decode error the check could not foresee still stops
-the epoch with a RuntimeError that names what DALI names (shard, offset and key).
+(:mod:`loaders.shard_check`, remembered on disk between runs). Corrupt samples are left out of a
+filtered copy of the shard's index (``corrupt="skip"``, counted in ``corrupt_count``) or raise
+with the shard and key (``corrupt="raise"``). A decode error the check could not foresee still
+stops the epoch with a RuntimeError that names what DALI names (shard, offset and key).
 
 Graph variants (``variant=``), measured by ``bench/loaders.py``:
 
@@ -29,7 +28,6 @@ Graph variants (``variant=``), measured by ``bench/loaders.py``:
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -40,9 +38,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from loaders.batch import Batch
 from loaders.build import LoaderOptions
+from loaders.shard_check import check_shard
 from loaders.sharding import check_start_batch, derive_seed, plan_epoch
 
 logger = logging.getLogger(__name__)
@@ -58,74 +58,6 @@ HW_DECODER_LOAD = 0.65  # share of images for the A100/H100 hardware JPEG decode
 def variants_for(on_gpu: bool) -> tuple[str, ...]:
     """The decode variants a pipeline on the GPU (``mixed`` decode) or on the CPU can run."""
     return tuple(v for v in DECODE_VARIANTS if not (on_gpu and v in CPU_ONLY_VARIANTS))
-
-
-# JPEG marker codes that may follow 0xFF anywhere in a valid file: stuffing (00), TEM (01),
-# SOF/DHT/DAC/RST/SOI/EOI/SOS/DQT/DNL/DRI/DHP/EXP/APPn/JPGn/COM (C0-FE) and fill bytes (FF).
-_VALID_AFTER_FF = np.zeros(256, dtype=bool)
-_VALID_AFTER_FF[[0x00, 0x01, 0xFF]] = True
-_VALID_AFTER_FF[0xC0:0xFF] = True
-
-
-def jpeg_problem(data: bytes | memoryview) -> str | None:
-    """Why these bytes are not a decodable JPEG, or None when the structure looks sound.
-
-    Catches what makes DALI's decoders fail: no SOI, truncation (no EOI at the end, trailing
-    zero padding allowed) and reserved marker codes (``FF 02``..``FF BF``) that random bytes
-    in the entropy-coded data produce.
-    """
-    array = np.frombuffer(data, dtype=np.uint8)
-    if array.size < 4 or array[0] != 0xFF or array[1] != 0xD8 or array[2] != 0xFF:
-        return "not a JPEG (no SOI marker)"
-    end = array.size
-    while end > 2 and array[end - 1] == 0:
-        end -= 1
-    if array[end - 2] != 0xFF or array[end - 1] != 0xD9:
-        return "truncated JPEG (no EOI marker at the end)"
-    following = array[1:end][array[:end - 1] == 0xFF]
-    if not _VALID_AFTER_FF[following].all():
-        return "corrupt JPEG data (reserved marker code)"
-    return None
-
-
-@functools.lru_cache(maxsize=65536)
-def _check_shard_cached(tar: str, index: str, size: int, mtime_ns: int
-                        ) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-    del size, mtime_ns  # part of the cache key only: a rewritten shard is checked again
-    kept: list[str] = []
-    corrupt: list[tuple[str, str]] = []
-    lines = Path(index).read_text(encoding="utf-8").splitlines()
-    with open(tar, "rb") as stream:
-        for line in lines[1:]:
-            fields = line.split()
-            if not fields:
-                continue
-            # a sample line is a run of "<ext> <offset> <size> <name>" components
-            components = {fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
-                          for i in range(0, len(fields) - 3, 4)}
-            image = next((components[ext] for ext in ("jpg", "jpeg") if ext in components), None)
-            key = (image or next(iter(components.values())))[2].split(".", 1)[0]
-            if image is None:
-                corrupt.append((key, "no .jpg member"))
-                continue
-            stream.seek(image[0])
-            problem = jpeg_problem(stream.read(image[1]))
-            if problem is None:
-                kept.append(line)
-            else:
-                corrupt.append((key, problem))
-    return tuple(kept), tuple(corrupt)
-
-
-def check_shard(tar: str, index: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """Check every JPEG of a local shard through its DALI index.
-
-    Returns:
-        The index lines of the sound samples and ``(key, reason)`` of the corrupt ones.
-    """
-    stat = os.stat(tar)
-    kept, corrupt = _check_shard_cached(str(tar), str(index), stat.st_size, stat.st_mtime_ns)
-    return list(kept), list(corrupt)
 
 
 def views_graph(jpegs: Any, *, on_gpu: bool, views: int, crop_size: int, scale: Sequence[float],
@@ -215,15 +147,24 @@ class DaliLoader:
         check_start_batch(options.start_batch, self.plan.num_batches)
 
     def _checked_shards(self) -> tuple[list[str], list[str], list[int], list[tuple[str, str, str]]]:
-        paths, index_paths, counts, corrupt = [], [], [], []
-        for number, shard in enumerate(self.options.shard_set.shards):
+        shards = self.options.shard_set.shards
+        for shard in shards:
             if not shard.is_local:
                 raise ValueError(f"the DALI backend reads local files only, got {shard.url!r}; "
                                  f"use backend='torch' for URLs")
             if shard.index_path is None or not Path(shard.index_path).is_file():
                 raise ValueError(f"{shard.url}: no DALI index beside it; write one with "
                                  f"`wds2idx {shard.url} {Path(shard.url).with_suffix('.idx')}`")
-            kept, bad = check_shard(shard.url, shard.index_path)
+        # Each rank starts checking at its own share of the list, so on a first run the ranks
+        # check different shards and find the rest already in the on-disk cache.
+        start = self.options.rank * len(shards) // self.options.world_size
+        rotated = list(range(start, len(shards))) + list(range(start))
+        checks = {number: check_shard(shards[number].url, shards[number].index_path)
+                  for number in tqdm(rotated, desc="checking shards", unit="shard", delay=2.0,
+                                     disable=self.options.rank != 0, leave=False)}
+        paths, index_paths, counts, corrupt = [], [], [], []
+        for number, shard in enumerate(shards):
+            kept, bad = checks[number]
             index_path = shard.index_path
             if bad:
                 if self.options.corrupt == "raise":

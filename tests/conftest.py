@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from ecomaug.paths import SAMPLE_DIR, SAMPLE_MANIFEST
+
+# shard checks are remembered on disk (loaders.shard_check): keep the tests' out of ~/.cache
+os.environ["ECOMAUG_CACHE_DIR"] = tempfile.mkdtemp(prefix="ecomaug-test-cache-")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ from PIL import Image
 
 import loaders
 from loaders.build import dali_available
-from loaders.dali_backend import jpeg_problem
+from loaders import shard_check
+from loaders.shard_check import check_shard, jpeg_problem
 from loaders.manifest import write_json_atomic
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
@@ -42,6 +44,7 @@ def write_shards(out: Path, shards: list[list[tuple[str, bytes]]]) -> Path:
     """Write ``(key, jpeg)`` samples as shards with DALI indexes and a manifest."""
     import webdataset
 
+    out.mkdir(parents=True, exist_ok=True)
     entries = []
     for number, samples in enumerate(shards):
         tar = out / f"shard-{number:06d}.tar"
@@ -157,3 +160,53 @@ def test_a_decode_error_the_check_cannot_see_names_the_shard_and_key(tmp_path, v
     keys = [key for batch in loader for key in batch.keys]
     assert len(keys) == 8 and set(keys) == {f"k{i:02d}" for i in range(8) if i != 5}
     assert loader.corrupt_count == 1
+
+
+def test_shard_checks_are_remembered_on_disk_until_the_shard_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("ECOMAUG_CACHE_DIR", str(tmp_path / "cache"))
+    broken = corruptions()["truncated"]
+    shards = write_shards(tmp_path / "shards", [[(f"k{i}", broken if i == 2 else good_jpeg(i)) for i in range(5)]])
+    tar, index = str(shards / "shard-000000.tar"), str(shards / "shard-000000.idx")
+    shard_check._check_shard_cached.cache_clear()
+    kept, corrupt = check_shard(tar, index)
+    assert len(kept) == 4 and corrupt == [("k2", "truncated JPEG (no EOI marker at the end)")]
+    assert len(list((tmp_path / "cache" / "shard-checks").glob("*.json"))) == 1
+
+    def must_not_read(*_):
+        raise AssertionError("the shard was read again")
+
+    shard_check._check_shard_cached.cache_clear()  # a new process: only the disk remembers
+    with monkeypatch.context() as patch:
+        patch.setattr(shard_check, "_find_corrupt", must_not_read)
+        assert check_shard(tar, index) == (kept, corrupt)
+    stat = Path(tar).stat()
+    os.utime(tar, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the shard was rewritten
+    with monkeypatch.context() as patch:
+        patch.setattr(shard_check, "_find_corrupt", must_not_read)
+        with pytest.raises(AssertionError, match="read again"):
+            check_shard(tar, index)
+
+
+def test_an_unwritable_check_cache_warns_once_and_still_checks(tmp_path, monkeypatch, caplog):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("ECOMAUG_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    shards = write_shards(tmp_path / "shards", [[("a", good_jpeg(1)), ("b", b"not a jpeg at all")]])
+    shard_check._check_shard_cached.cache_clear()
+    shard_check._warn_unwritable.cache_clear()
+    with caplog.at_level("WARNING", logger="loaders.shard_check"):
+        kept, corrupt = check_shard(str(shards / "shard-000000.tar"), str(shards / "shard-000000.idx"))
+    assert len(kept) == 1 and corrupt == [("b", "not a JPEG (no SOI marker)")]
+    assert "cannot keep shard checks" in caplog.text and "ECOMAUG_CACHE_DIR" in caplog.text
+
+
+@needs_dali
+def test_each_rank_starts_checking_at_its_own_share(corrupt_shards, monkeypatch):
+    from loaders import dali_backend
+
+    shards, _ = corrupt_shards
+    order = []
+    real = dali_backend.check_shard
+    monkeypatch.setattr(dali_backend, "check_shard", lambda tar, index: order.append(Path(tar).name) or real(tar, index))
+    for rank in (0, 1):
+        loaders.build_loader(shards, backend="dali", device="cpu", batch_size=2, rank=rank, world_size=2)
+    assert order == ["shard-000000.tar", "shard-000001.tar", "shard-000001.tar", "shard-000000.tar"]

@@ -1,0 +1,160 @@
+"""Find the JPEGs in a local shard that DALI's decoders would fail on, before DALI reads it.
+
+A DALI decoder that meets one corrupt JPEG fails the whole batch and offers no per-sample skip
+(NVIDIA/DALI#3913), so the DALI backend checks its shards when a loader is built and leaves the
+corrupt samples out of a filtered copy of the index. The check is structural
+(:func:`jpeg_problem`: SOI/EOI markers and the marker codes in the entropy-coded data; numpy,
+about 30 us a 50-KB sample with the file in the page cache), but it reads every byte of the
+shard, which for millions of images is the whole dataset. So a result is remembered:
+
+* in the process (:func:`check_shard` is cached by path, size and modification time), so the
+  loader built for each epoch checks nothing again;
+* on disk, one small JSON per shard under :func:`cache_dir` (``$ECOMAUG_CACHE_DIR``, else
+  ``$XDG_CACHE_HOME/ecomaug`` or ``~/.cache/ecomaug``), keyed by the shard's and index's path,
+  size and modification time and by :data:`CHECK_VERSION`, so a later run, or another rank
+  that reaches the shard later, reads no JPEG. A rewritten shard is checked again; a cache that
+  cannot be written is skipped with one warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loaders.manifest import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+CHECK_VERSION = 1  # bump when jpeg_problem changes what it finds: old cache entries are ignored
+CACHE_ENV = "ECOMAUG_CACHE_DIR"
+
+# JPEG marker codes that may follow 0xFF anywhere in a valid file: stuffing (00), TEM (01),
+# SOF/DHT/DAC/RST/SOI/EOI/SOS/DQT/DNL/DRI/DHP/EXP/APPn/JPGn/COM (C0-FE) and fill bytes (FF).
+_VALID_AFTER_FF = np.zeros(256, dtype=bool)
+_VALID_AFTER_FF[[0x00, 0x01, 0xFF]] = True
+_VALID_AFTER_FF[0xC0:0xFF] = True
+
+
+def jpeg_problem(data: bytes | memoryview) -> str | None:
+    """Why these bytes are not a decodable JPEG, or None when the structure looks sound.
+
+    Catches what makes DALI's decoders fail: no SOI, truncation (no EOI at the end, trailing
+    zero padding allowed) and reserved marker codes (``FF 02``..``FF BF``) that random bytes
+    in the entropy-coded data produce.
+    """
+    array = np.frombuffer(data, dtype=np.uint8)
+    if array.size < 4 or array[0] != 0xFF or array[1] != 0xD8 or array[2] != 0xFF:
+        return "not a JPEG (no SOI marker)"
+    end = array.size
+    while end > 2 and array[end - 1] == 0:
+        end -= 1
+    if array[end - 2] != 0xFF or array[end - 1] != 0xD9:
+        return "truncated JPEG (no EOI marker at the end)"
+    following = array[1:end][array[:end - 1] == 0xFF]
+    if not _VALID_AFTER_FF[following].all():
+        return "corrupt JPEG data (reserved marker code)"
+    return None
+
+
+def cache_dir() -> Path:
+    """Where shard check results are kept between runs (see the module docs)."""
+    if os.environ.get(CACHE_ENV):
+        root = Path(os.environ[CACHE_ENV])
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ecomaug"
+    return root / "shard-checks"
+
+
+def _index_samples(index: str) -> list[tuple[str, str, tuple[int, int] | None]]:
+    """``(line, key, (offset, size) of the JPEG or None)`` for every sample line of a DALI index."""
+    samples = []
+    for line in Path(index).read_text(encoding="utf-8").splitlines()[1:]:
+        fields = line.split()
+        if not fields:
+            continue
+        # a sample line is a run of "<ext> <offset> <size> <name>" components
+        components = {fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
+                      for i in range(0, len(fields) - 3, 4)}
+        image = next((components[ext] for ext in ("jpg", "jpeg") if ext in components), None)
+        key = (image or next(iter(components.values())))[2].split(".", 1)[0]
+        samples.append((line, key, None if image is None else (image[0], image[1])))
+    return samples
+
+
+def _find_corrupt(tar: str, samples: list[tuple[str, str, tuple[int, int] | None]]
+                  ) -> list[tuple[str, str]]:
+    corrupt = []
+    with open(tar, "rb") as stream:
+        for _, key, image in samples:
+            if image is None:
+                corrupt.append((key, "no .jpg member"))
+                continue
+            stream.seek(image[0])
+            problem = jpeg_problem(stream.read(image[1]))
+            if problem is not None:
+                corrupt.append((key, problem))
+    return corrupt
+
+
+def _cache_file(tar: str, index: str, tar_stat: os.stat_result) -> Path:
+    index_stat = os.stat(index)
+    identity = "|".join(str(part) for part in (
+        CHECK_VERSION, os.path.abspath(tar), tar_stat.st_size, tar_stat.st_mtime_ns,
+        os.path.abspath(index), index_stat.st_size, index_stat.st_mtime_ns))
+    return cache_dir() / f"{hashlib.sha256(identity.encode()).hexdigest()[:40]}.json"
+
+
+def _read_cache(path: Path, tar: str) -> list[tuple[str, str]] | None:
+    try:
+        payload: Any = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(payload, dict) or payload.get("tar") != os.path.abspath(tar):
+        return None
+    return [(str(key), str(reason)) for key, reason in payload.get("corrupt", [])]
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_unwritable(directory: str, error: str) -> None:
+    logger.warning("cannot keep shard checks in %s (%s); every run checks its shards again; "
+                   "set %s to a writable folder", directory, error, CACHE_ENV)
+
+
+@functools.lru_cache(maxsize=65536)
+def _check_shard_cached(tar: str, index: str, size: int, mtime_ns: int
+                        ) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    del size, mtime_ns  # part of the in-process cache key only: a rewritten shard is checked again
+    samples = _index_samples(index)
+    cache_file = _cache_file(tar, index, os.stat(tar))
+    corrupt = _read_cache(cache_file, tar)
+    if corrupt is None:
+        corrupt = _find_corrupt(tar, samples)
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(cache_file, {"format": "ecomaug-shard-check", "version": CHECK_VERSION,
+                                           "tar": os.path.abspath(tar), "samples": len(samples),
+                                           "corrupt": [list(item) for item in corrupt]})
+        except OSError as error:
+            _warn_unwritable(str(cache_file.parent), f"{type(error).__name__}: {error}")
+    bad = {key for key, _ in corrupt}
+    kept = tuple(line for line, key, _ in samples if key not in bad)
+    return kept, tuple(corrupt)
+
+
+def check_shard(tar: str, index: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Check every JPEG of a local shard through its DALI index (remembered, see the module docs).
+
+    Returns:
+        The index lines of the sound samples and ``(key, reason)`` of the corrupt ones.
+    """
+    stat = os.stat(tar)
+    kept, corrupt = _check_shard_cached(str(tar), str(index), stat.st_size, stat.st_mtime_ns)
+    return list(kept), list(corrupt)
+
