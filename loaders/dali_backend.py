@@ -27,7 +27,6 @@ Graph variants (``variant=``), measured by ``bench/loaders.py``:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from tqdm import tqdm
 
 from loaders.batch import Batch
 from loaders.build import LoaderOptions
+from loaders.crops import intra_op_threads, resize_crop
 from loaders.shard_check import check_shard
 from loaders.sharding import check_start_batch, derive_seed, plan_epoch
 
@@ -300,44 +300,19 @@ def resize_crops(images: Sequence[torch.Tensor], windows: Sequence[tuple[np.ndar
         crop_size: side ``S`` of the square views.
 
     Returns:
-        One :math:`(N, 3, S, S)` uint8 tensor per view, channels_last in memory: torch's
-        antialiased bilinear kernel for uint8 (the one torchvision's ``RandomResizedCrop``
-        uses on tensors) runs on channels_last input and writes channels_last output, and
-        keeping that layout avoids a transposing copy per crop.
+        One :math:`(N, 3, S, S)` uint8 tensor per view, channels_last in memory (the layout
+        :func:`loaders.crops.resize_crop` writes: no transposing copy per crop).
     """
-    size = (crop_size, crop_size)
     views = []
-    with _intra_op_threads(1):
+    with intra_op_threads(1):
         for anchors, shapes in windows:
             out = torch.empty((len(images), 3, crop_size, crop_size), dtype=torch.uint8,
                               memory_format=torch.channels_last)
             for i, (image, (top, left), (height, width)) in enumerate(zip(images, anchors.tolist(),
                                                                           shapes.tolist())):
-                crop = image[top:top + height, left:left + width].permute(2, 0, 1).unsqueeze(0)
-                crop = crop.contiguous(memory_format=torch.channels_last)
-                out[i] = torch.nn.functional.interpolate(crop, size=size, mode="bilinear",
-                                                         antialias=True, align_corners=False)[0]
+                out[i] = resize_crop(image, top, left, height, width, crop_size)
             views.append(out)
     return views
-
-
-@contextlib.contextmanager
-def _intra_op_threads(count: int) -> Iterator[None]:
-    """Run the block with ``count`` torch intra-op threads, then restore the previous number.
-
-    One small crop per call gains nothing from intra-op threads and, beside DALI's own
-    threads, loses ~25% to oversubscription. With torch's OpenMP backend the setting is the
-    calling thread's own.
-    """
-    previous = torch.get_num_threads()
-    if previous == count:
-        yield
-        return
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _parse_meta(row: bytes, source: bytes) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from loaders.batch import Batch
 from loaders.build import LoaderOptions
+from loaders.crops import intra_op_threads, resize_crop
 from loaders.sharding import (EpochPlan, Segment, check_start_batch, derive_seed, plan_epoch,
                               shard_order, split_for_workers)
 
@@ -71,6 +72,9 @@ def centre_box(width: int, height: int) -> Box:
 def decode_views(data: bytes, size: int, boxes_for: Any) -> list[np.ndarray]:
     """Decode an image once and cut one ``size`` x ``size`` RGB crop per box.
 
+    Pillow decodes (at the smallest DCT scale that keeps every crop at least ``size`` pixels);
+    torch resizes (:func:`loaders.crops.resize_crop`, ~3x faster than Pillow's ``resize``).
+
     Args:
         data: encoded image bytes.
         size: side of the output crops.
@@ -88,13 +92,18 @@ def decode_views(data: bytes, size: int, boxes_for: Any) -> list[np.ndarray]:
             smallest = min(min(box[2], box[3]) for box in boxes)
             if smallest > 2 * size:
                 image.draft("RGB", (math.ceil(width * size / smallest), math.ceil(height * size / smallest)))
-        scale_x, scale_y = image.size[0] / width, image.size[1] / height
         rgb = image if image.mode == "RGB" else image.convert("RGB")
-        rgb.load()
-        return [np.asarray(rgb.resize((size, size), Image.BILINEAR,
-                                      box=(left * scale_x, top * scale_y, (left + w) * scale_x,
-                                           (top + h) * scale_y)))
-                for left, top, w, h in boxes]
+        pixels = torch.from_numpy(np.array(rgb))  # H x W x 3, decoded here
+    decoded_height, decoded_width = pixels.shape[:2]
+    scale_x, scale_y = decoded_width / width, decoded_height / height
+    views = []
+    for left, top, w, h in boxes:
+        x0 = min(max(round(left * scale_x), 0), decoded_width - 1)
+        y0 = min(max(round(top * scale_y), 0), decoded_height - 1)
+        x1 = min(max(round((left + w) * scale_x), x0 + 1), decoded_width)
+        y1 = min(max(round((top + h) * scale_y), y0 + 1), decoded_height)
+        views.append(resize_crop(pixels, y0, x0, y1 - y0, x1 - x0, size).permute(1, 2, 0).numpy())
+    return views
 
 
 def _image_bytes(sample: dict[str, Any]) -> bytes | None:
@@ -164,7 +173,8 @@ class ShardStream(IterableDataset):
         if not isinstance(meta, dict):
             raise ValueError(f"{key}.json is not a JSON object")
         meta.setdefault("key", key)
-        return decode_views(data, self.options.crop_size, self._boxes(position_seed)), meta
+        with intra_op_threads(1):  # a no-op in DataLoader workers, which run one thread already
+            return decode_views(data, self.options.crop_size, self._boxes(position_seed)), meta
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -249,7 +259,7 @@ class ShardStream(IterableDataset):
         if chunk:
             for view in range(len(chunk[0][0])):
                 stacked = np.stack([item[0][view] for item in chunk])  # N x S x S x 3
-                views.append(torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous())  # N x 3 x S x S
+                views.append(torch.from_numpy(stacked).permute(0, 3, 1, 2))  # N x 3 x S x S, channels_last
         return {"views": views, "keys": [item[1] for item in chunk],
                 "meta": [item[2] for item in chunk], "corrupt": corrupt}
 
