@@ -103,10 +103,10 @@ def _find_corrupt(tar: str, samples: list[tuple[str, str, tuple[int, int] | None
     return corrupt
 
 
-def _cache_file(tar: str, index: str, tar_stat: os.stat_result) -> Path:
+def _cache_file(tar: str, index: str, size: int, mtime_ns: int) -> Path:
     index_stat = os.stat(index)
     identity = "|".join(str(part) for part in (
-        CHECK_VERSION, os.path.abspath(tar), tar_stat.st_size, tar_stat.st_mtime_ns,
+        CHECK_VERSION, os.path.abspath(tar), size, mtime_ns,
         os.path.abspath(index), index_stat.st_size, index_stat.st_mtime_ns))
     return cache_dir() / f"{hashlib.sha256(identity.encode()).hexdigest()[:40]}.json"
 
@@ -130,9 +130,9 @@ def _warn_unwritable(directory: str, error: str) -> None:
 @functools.lru_cache(maxsize=65536)
 def _check_shard_cached(tar: str, index: str, size: int, mtime_ns: int
                         ) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-    del size, mtime_ns  # part of the in-process cache key only: a rewritten shard is checked again
+    # size and mtime_ns key both caches: a rewritten shard is checked again
     samples = _index_samples(index)
-    cache_file = _cache_file(tar, index, os.stat(tar))
+    cache_file = _cache_file(tar, index, size, mtime_ns)
     corrupt = _read_cache(cache_file, tar)
     if corrupt is None:
         corrupt = _find_corrupt(tar, samples)
