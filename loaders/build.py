@@ -196,7 +196,7 @@ def build_loader(shards: str | os.PathLike | Sequence[str | os.PathLike] | Shard
 
     Shape:
         - each of ``batch.views``: :math:`(N, 3, S, S)` uint8 on ``device`` (contiguous, or
-          channels_last in memory from DALI's ``torch_crops`` variant).
+          channels_last in memory where the crops are resized on the CPU by torch).
 
     Raises:
         ValueError: a bad option, remote shards with DALI, unknown counts without
