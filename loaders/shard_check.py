@@ -3,9 +3,9 @@
 A DALI decoder that meets one corrupt JPEG fails the whole batch and offers no per-sample skip
 (NVIDIA/DALI#3913), so the DALI backend checks its shards when a loader is built and leaves the
 corrupt samples out of a filtered copy of the index. The check is structural
-(:func:`jpeg_problem`: SOI/EOI markers and the marker codes in the entropy-coded data; numpy,
-about 30 us a 50-KB sample with the file in the page cache), but it reads every byte of the
-shard, which for millions of images is the whole dataset. So a result is remembered:
+(:func:`loaders.jpeg_structure.jpeg_problem`: the segment chain from SOI to EOI, the frame
+header, and the marker codes in the entropy-coded data), but it reads every byte of the shard,
+which for millions of images is the whole dataset. So a result is remembered:
 
 * in the process (:func:`check_shard` is cached by path, size and modification time), so the
   loader built for each epoch checks nothing again;
@@ -26,42 +26,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from loaders.jpeg_structure import jpeg_problem
 from loaders.manifest import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-CHECK_VERSION = 1  # bump when jpeg_problem changes what it finds: old cache entries are ignored
+# Bump when jpeg_problem changes what it finds: old cache entries are ignored. 2: the segment
+# structure is parsed (v1 scanned header segments too and flagged valid JPEGs 255, 511 or 767 px
+# wide), data after the EOI is allowed, a zero-sized frame is found.
+CHECK_VERSION = 2
 CACHE_ENV = "ECOMAUG_CACHE_DIR"
-
-# JPEG marker codes that may follow 0xFF anywhere in a valid file: stuffing (00), TEM (01),
-# SOF/DHT/DAC/RST/SOI/EOI/SOS/DQT/DNL/DRI/DHP/EXP/APPn/JPGn/COM (C0-FE) and fill bytes (FF).
-_VALID_AFTER_FF = np.zeros(256, dtype=bool)
-_VALID_AFTER_FF[[0x00, 0x01, 0xFF]] = True
-_VALID_AFTER_FF[0xC0:0xFF] = True
-
-
-def jpeg_problem(data: bytes | memoryview) -> str | None:
-    """Why these bytes are not a decodable JPEG, or None when the structure looks sound.
-
-    Catches what makes DALI's decoders fail: no SOI, truncation (no EOI at the end, trailing
-    zero padding allowed) and reserved marker codes (``FF 02``..``FF BF``) that random bytes
-    in the entropy-coded data produce.
-    """
-    array = np.frombuffer(data, dtype=np.uint8)
-    if array.size < 4 or array[0] != 0xFF or array[1] != 0xD8 or array[2] != 0xFF:
-        return "not a JPEG (no SOI marker)"
-    end = array.size
-    while end > 2 and array[end - 1] == 0:
-        end -= 1
-    if array[end - 2] != 0xFF or array[end - 1] != 0xD9:
-        return "truncated JPEG (no EOI marker at the end)"
-    following = array[1:end][array[:end - 1] == 0xFF]
-    if not _VALID_AFTER_FF[following].all():
-        return "corrupt JPEG data (reserved marker code)"
-    return None
-
 
 def cache_dir() -> Path:
     """Where shard check results are kept between runs (see the module docs)."""

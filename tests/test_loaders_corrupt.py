@@ -131,18 +131,19 @@ def test_raise_names_the_shard_and_the_key(corrupt_shards, backend):
     assert "shard-000000.tar" in message and "s0k03" in message  # the first corrupt sample in order
 
 
-def zero_height_jpeg() -> bytes:
-    """Sound markers, but the frame header says the image is 0 pixels high: only decoding fails."""
+def undefined_table_jpeg() -> bytes:
+    """Sound segments, but the luma component uses a quantisation table never defined: only
+    decoding fails (a zero frame height, once used here, is now found by the check)."""
     data = bytearray(good_jpeg(7))
     frame = data.find(b"\xff\xc0")
-    data[frame + 5:frame + 7] = b"\0\0"
+    data[frame + 12] = 3  # the first component's table selector
     return bytes(data)
 
 
 @pytest.mark.parametrize("variant", ["decode_once", "torch_crops"])
 @needs_dali
 def test_a_decode_error_the_check_cannot_see_names_the_shard_and_key(tmp_path, variant):
-    bad = zero_height_jpeg()
+    bad = undefined_table_jpeg()
     assert jpeg_problem(bad) is None  # the structural check cannot see it
     samples = [(f"k{i:02d}", bad if i == 5 else good_jpeg(i)) for i in range(8)]
     shards = write_shards(tmp_path, [samples])
