@@ -1,8 +1,32 @@
-"""``ecomaug embed``: embeddings of shards, an items.csv or an image folder, saved with their keys."""
+"""``ecomaug embed``: embeddings of shards, a CSV/JSONL manifest or an image folder, with their keys.
+
+``--out`` a folder streams: parts are written as they are computed, a rerun resumes, and ranks
+(``--rank/--world-size``, or torchrun's ``RANK``/``WORLD_SIZE``) split the data. ``--out x.npz``
+writes one file at the end (small sets).
+"""
 
 from __future__ import annotations
 
+import errno
+import os
+
 import click
+
+
+def raise_disk_full(error: OSError) -> None:
+    """Turn a full disk into the one-line user error; re-raise anything else."""
+    from ecomaug.cli import CommandError
+
+    if error.errno == errno.ENOSPC:
+        raise CommandError(str(error) if error.filename is None or "disk full" in str(error)
+                           else f"disk full while writing {error.filename}: no space left on "
+                                "device; free some space or write elsewhere, then rerun") from error
+    raise error
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
 
 
 @click.command("embed")
@@ -11,44 +35,90 @@ import click
 @click.option("--random-init", type=str, default=None, metavar="TIMM_NAME",
               help="Instead of --model: a randomly initialised timm backbone (the baseline).")
 @click.option("--data", type=str, required=True,
-              help="Shards (dir, manifest.json, .tar, brace pattern, URL), an items.csv, or a "
-                   "folder of images.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=str), required=True,
-              help="Output .npz: vectors (N x D float32), keys, meta (JSON per row), info.")
+              help="Shards (dir, manifest.json, .tar, brace pattern, URL), a .csv/.jsonl "
+                   "manifest with a path column, or a folder of images.")
+@click.option("--out", type=click.Path(path_type=str), required=True,
+              help="A folder: parts written as they are computed (resumable, one set per rank); "
+                   "or a .npz file written at the end: vectors (N x D float32), keys, meta, info.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
+@click.option("--part-size", type=int, default=4096, show_default=True,
+              help="Samples per part file (folder output).")
+@click.option("--rank", type=int, default=None,
+              help="This process's rank (default: $RANK, else 0). Folder output only.")
+@click.option("--world-size", type=int, default=None,
+              help="How many processes share the data (default: $WORLD_SIZE, else 1).")
 @click.option("--input-size", type=int, default=None,
               help="Crop side for checkpoints / --random-init (exports carry their own; "
                    "default: the run's crop size, or 224).")
 @click.option("--loader", type=click.Choice(["builtin", "auto", "dali", "torch"]), default="builtin",
               show_default=True,
               help="builtin: decode with PIL (as ecomaug eval does); auto/dali/torch: "
-                   "loaders.build_loader in eval mode (shards only; DALI decodes on the GPU).")
-@click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+                   "loaders.build_loader in eval mode (shards only, .npz output only).")
+@click.option("--device", type=str, default="auto", show_default=True,
+              help="auto (cuda:$LOCAL_RANK when CUDA is there), cpu, cuda, cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init weights.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def embed(model_path: str | None, random_init: str | None, data: str, out: str, batch_size: int,
-          input_size: int | None, loader: str, device: str, seed: int, progress: bool) -> None:
+          part_size: int, rank: int | None, world_size: int | None, input_size: int | None,
+          loader: str, device: str, seed: int, progress: bool) -> None:
     """Embed every image of --data with a trained (or random-init) backbone.
 
-    Rows follow the data's order; keys are the shard keys (or relative paths for a folder) and
-    meta holds each sample's metadata (item_id, region, ...). Retrieval normalises the vectors.
+    Rows follow the data's order; keys are the shard keys (or paths for a folder or manifest) and
+    meta holds each sample's metadata (item_id, shop, price, ...). Unreadable shards or images
+    are skipped and listed in OUT/skipped-r*.jsonl; a key repeated inside one shard keeps both
+    samples (the later one renamed KEY~1) and is counted.
 
     \b
     Examples:
-      ecomaug embed --model runs/sample --data ./shards --out emb/sample.npz
-      ecomaug embed --model runs/r50/export --data ./shards --out emb.npz --loader auto --batch-size 256
+      ecomaug embed --model runs/sample --data ./shards --out emb/ours
+      torchrun --nproc_per_node=4 -m ecomaug embed --model runs/r50/export --data ./shards --out emb/ours
       ecomaug embed --random-init resnet18 --input-size 64 --data ecomaug/assets/sample/items.csv --out emb/random.npz
     """
-    from ecomaug.evaluation.embed import embed_data, load_model, random_init_model, resolve_device
+    from ecomaug.evaluation.embed import (embed_data, embed_to_parts, load_model,
+                                          random_init_model, resolve_device)
 
     if (model_path is None) == (random_init is None):
         raise ValueError("give exactly one of --model PATH and --random-init TIMM_NAME")
+    rank = _env_int("RANK", 0) if rank is None else rank
+    world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
+    single_file = out.endswith(".npz")
+    if single_file and world_size > 1:
+        raise ValueError(f"--out {out}: several ranks write a folder of parts; give a folder")
+    if not single_file and loader != "builtin":
+        raise ValueError("--loader auto/dali/torch writes one .npz; give --out FILE.npz, or use "
+                         "--loader builtin for a streamed folder")
+    if device == "auto" and "LOCAL_RANK" in os.environ:
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{_env_int('LOCAL_RANK', 0)}"
     target = resolve_device(device)
     if random_init is not None:
         model = random_init_model(random_init, device=target, input_size=input_size or 224, seed=seed)
     else:
         model = load_model(model_path, device=target, input_size=input_size)
-    embeddings = embed_data(model, data, batch_size=batch_size, loader=loader, progress=progress)
-    path = embeddings.save(out)
-    click.echo(f"{len(embeddings.keys)} embeddings of size {embeddings.vectors.shape[1]} "
-               f"({model.model_name}, {model.input_size} px, {target}) -> {path}")
+    try:
+        if single_file:
+            embeddings = embed_data(model, data, batch_size=batch_size, loader=loader,
+                                    progress=progress)
+            path = embeddings.save(out)
+            click.echo(f"{len(embeddings.keys)} embeddings of size {embeddings.vectors.shape[1]} "
+                       f"({model.model_name}, {model.input_size} px, {target}) -> {path}")
+            return
+        report = embed_to_parts(model, data, out, batch_size=batch_size, part_size=part_size,
+                                rank=rank, world_size=world_size, progress=progress)
+    except OSError as error:
+        if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError,
+                              NotADirectoryError, FileExistsError)):
+            raise
+        raise_disk_full(error)
+    resumed = f", {report.resumed_parts} of them from an earlier run" if report.resumed_parts else ""
+    click.echo(f"rank {rank}/{world_size}: {report.rows} embeddings of size {report.dim} in "
+               f"{report.parts} parts{resumed} ({model.model_name}, {model.input_size} px, "
+               f"{target}) -> {report.folder}")
+    if report.skipped:
+        click.echo(f"{len(report.skipped)} skipped (see {report.folder}/skipped-r{rank:05d}.jsonl)",
+                   err=True)
+    if report.duplicate_keys:
+        click.echo(f"{report.duplicate_keys} samples repeat a key of their shard: both kept, the "
+                   "later renamed KEY~N", err=True)

@@ -10,6 +10,7 @@ result is saved as one ``.npz`` holding the embeddings, their keys and each samp
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -222,20 +223,110 @@ class Embeddings:
             raise ValueError(f"embeddings are saved as .npz; got {path.name!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez(temporary, vectors=self.vectors.float().cpu().numpy(),
-                 keys=np.array(self.keys, dtype=str),
-                 meta=np.array([json.dumps(row, sort_keys=True) for row in self.meta], dtype=str),
-                 info=np.array(json.dumps(self.info, sort_keys=True)))
-        os.replace(temporary, path)
+        try:
+            np.savez(temporary, vectors=self.vectors.float().cpu().numpy(),
+                     keys=np.array(self.keys, dtype=str),
+                     meta=np.array([json.dumps(row, sort_keys=True) for row in self.meta],
+                                   dtype=str),
+                     info=np.array(json.dumps(self.info, sort_keys=True)))
+            os.replace(temporary, path)
+        except BaseException as error:
+            temporary.unlink(missing_ok=True)
+            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+                raise DiskFullError(path) from error
+            raise
         return path
 
 
+class DiskFullError(OSError):
+    """The disk filled up while writing ``filename``; the partial file has been removed."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(errno.ENOSPC, "No space left on device (nothing partial was left; free "
+                         "space or write elsewhere)", str(path))
+
+    def __str__(self) -> str:
+        return f"disk full while writing {self.filename}: no space left on device (the partial " \
+               "file was removed; free some space or write elsewhere, then rerun)"
+
+
 def load_embeddings(path: str | os.PathLike) -> Embeddings:
-    """Read a file written by :meth:`Embeddings.save` (no pickle involved)."""
-    with np.load(path, allow_pickle=False) as data:
-        return Embeddings(vectors=torch.from_numpy(data["vectors"]), keys=data["keys"].tolist(),
-                          meta=[json.loads(row) for row in data["meta"].tolist()],
-                          info=json.loads(str(data["info"])))
+    """Read a file written by :meth:`Embeddings.save`, or a parts folder of :func:`embed_to_parts`.
+
+    A folder is read as one set: every rank's parts in rank and part order, which is the data's
+    order. It must be complete (every rank finished); no pickle is involved.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: not an embeddings file, or an unfinished parts folder.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(2, "No such embeddings file or folder", str(path))
+    if path.is_dir():
+        return _load_parts(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return Embeddings(vectors=torch.from_numpy(data["vectors"]),
+                              keys=data["keys"].tolist(),
+                              meta=[json.loads(row) for row in data["meta"].tolist()],
+                              info=json.loads(str(data["info"])))
+    except (OSError, KeyError, ValueError, EOFError) as error:
+        raise ValueError(f"{path}: not an embeddings file written by ecomaug embed "
+                         f"({_reason(error)})") from error
+
+
+PART_PATTERN = "part-r{rank:05d}-{part:06d}.npz"
+DONE_PATTERN = "done-r{rank:05d}-of-{world_size:05d}.json"
+
+
+def is_parts_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder written by :func:`embed_to_parts`."""
+    path = Path(path)
+    return path.is_dir() and (any(path.glob("done-r*-of-*.json")) or any(path.glob("part-r*.npz")))
+
+
+def _load_parts(folder: Path) -> Embeddings:
+    done = sorted(folder.glob("done-r*-of-*.json"))
+    if not done:
+        if any(folder.glob("part-r*.npz")):
+            raise ValueError(f"{folder}: the embedding was not finished (no rank is done); rerun "
+                             "the same ecomaug embed command to complete it")
+        raise ValueError(f"{folder}: not an embeddings folder (no part-r*.npz / done-r*.json)")
+    records = [json.loads(p.read_text(encoding="utf-8")) for p in done]
+    world_sizes = {record["world_size"] for record in records}
+    if len(world_sizes) != 1:
+        raise ValueError(f"{folder}: parts of runs with different world sizes {sorted(world_sizes)}")
+    world_size = world_sizes.pop()
+    finished = {record["rank"] for record in records}
+    missing = sorted(set(range(world_size)) - finished)
+    if missing:
+        raise ValueError(f"{folder}: ranks {missing} of {world_size} have not finished; rerun them "
+                         "with the same ecomaug embed command")
+    vectors: list[torch.Tensor] = []
+    keys: list[str] = []
+    meta: list[dict[str, Any]] = []
+    info: dict[str, Any] = {}
+    for record in sorted(records, key=lambda r: r["rank"]):
+        for part in range(record["parts"]):
+            piece = load_embeddings(folder / PART_PATTERN.format(rank=record["rank"], part=part))
+            if not piece.keys:
+                continue  # every sample of this part was skipped
+            vectors.append(piece.vectors)
+            keys.extend(piece.keys)
+            meta.extend(piece.meta)
+            info = info or {k: v for k, v in piece.info.items() if k not in _PART_FIELDS}
+    if not vectors:
+        raise ValueError(f"{folder}: the embedding holds no vectors (every sample was skipped)")
+    rows = sum(record["rows"] for record in records)
+    if rows != len(keys):
+        raise ValueError(f"{folder}: the done records count {rows} rows, the parts hold {len(keys)}")
+    return Embeddings(vectors=torch.cat(vectors), keys=keys, meta=meta,
+                      info={**info, "parts": sum(r["parts"] for r in records),
+                            "world_size": world_size})
+
+
+_PART_FIELDS = ("part", "rank", "stream_start", "stream_stop", "skipped")
 
 
 Sample = tuple[str, dict[str, Any], Any]  # key, metadata, image (bytes or PIL) or a callable
@@ -283,95 +374,199 @@ def embed_samples(model: EmbeddingModel, samples: Iterable[Sample], *, batch_siz
     return Embeddings(vectors=torch.cat(chunks), keys=keys, meta=meta, info=model.info())
 
 
-def iter_shard_samples(shards: Any) -> Iterator[tuple[str, dict[str, Any], bytes]]:
-    """Yield ``(key, meta, jpeg bytes)`` of every sample in shard order (no decoding)."""
-    from loaders.manifest import load_shard_set
+@dataclass
+class ReadReport:
+    """What reading the data skipped, so a bulk job can say so instead of failing or hiding it.
 
-    shard_set = load_shard_set(shards)
-    for shard in shard_set.shards:
-        if shard.is_local:
-            streams = _iter_tar(tarfile.open(shard.url, "r"))
-        else:
-            import webdataset
+    Attributes:
+        skipped: one record per sample or shard that was not (fully) read:
+            ``{"where": shard or path, "key": ... or None, "reason": ..., "position": n}``, where
+            ``position`` is how many samples the stream had yielded before it.
+        duplicate_keys: samples whose key appeared earlier in the same shard; both are kept, the
+            later one renamed ``<key>~<n>`` (n = 1, 2, ...), so every key stays unique.
+    """
 
-            streams = ((s["__key__"], s["json"], s["jpg"]) for s in
-                       webdataset.WebDataset(shard.url, shardshuffle=False, empty_check=False))
-        for key, meta_bytes, jpeg in streams:
-            meta = json.loads(meta_bytes) if meta_bytes else {"key": key}
-            yield key, meta, jpeg
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    duplicate_keys: int = 0
 
 
-def _iter_tar(archive: tarfile.TarFile) -> Iterator[tuple[str, bytes | None, bytes]]:
-    with archive:
-        members: dict[str, dict[str, bytes]] = {}
-        order: list[str] = []
+def _tar_samples(url: str) -> Iterator[tuple[str, bytes | None, bytes | None]]:
+    """Group a local tar's members into samples in stream order (webdataset's rule: consecutive
+    members with one key form a sample; a repeated extension starts the next one)."""
+    with tarfile.open(url, "r:") as archive:
+        key: str | None = None
+        group: dict[str, bytes] = {}
         for member in archive:
             if not member.isfile():
                 continue
-            key, _, extension = member.name.rpartition("/")[2].partition(".")
-            if key not in members:
-                members[key] = {}
-                order.append(key)
-            members[key][extension] = archive.extractfile(member).read()  # type: ignore[union-attr]
-        for key in order:
-            if "jpg" in members[key]:
-                yield key, members[key].get("json"), members[key]["jpg"]
+            name_key, _, extension = member.name.rpartition("/")[2].partition(".")
+            if key is not None and (name_key != key or extension in group):
+                yield key, group.get("json"), group.get("jpg")
+                group = {}
+            key = name_key
+            group[extension] = archive.extractfile(member).read()  # type: ignore[union-attr]
+        if key is not None:
+            yield key, group.get("json"), group.get("jpg")
 
 
-def iter_folder_samples(folder: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any], bytes]]:
+def _remote_samples(url: str) -> Iterator[tuple[str, bytes | None, bytes | None]]:
+    import webdataset
+
+    for sample in webdataset.WebDataset(url, shardshuffle=False, empty_check=False):
+        yield sample["__key__"], sample.get("json"), sample.get("jpg")
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{type(error).__name__}: {text}"
+
+
+def iter_shard_samples(shards: Any, *, report: ReadReport | None = None
+                       ) -> Iterator[tuple[str, dict[str, Any], bytes]]:
+    """Yield ``(key, meta, jpeg bytes)`` of every sample in shard order (no decoding).
+
+    Args:
+        shards: what :func:`loaders.manifest.load_shard_set` reads.
+        report: where unreadable shards (zero-byte, truncated, not a tar), samples without a
+            ``.jpg`` and duplicate keys are recorded; the samples read before a shard broke are
+            kept. Without it, an unreadable shard raises ValueError naming it and a duplicate
+            key warns.
+
+    Raises:
+        ValueError: a shard cannot be read (only when ``report`` is None).
+    """
+    from loaders.manifest import load_shard_set
+
+    position = 0
+    duplicates = 0
+    for shard in load_shard_set(shards).shards:
+        seen: dict[str, int] = {}
+        samples = _tar_samples(shard.url) if shard.is_local else _remote_samples(shard.url)
+        try:
+            for key, meta_bytes, jpeg in samples:
+                if jpeg is None:
+                    if report is not None:
+                        report.skipped.append({"where": shard.url, "key": key, "position": position,
+                                               "reason": "no .jpg member"})
+                    continue
+                meta = json.loads(meta_bytes) if meta_bytes else {"key": key}
+                if key in seen:
+                    seen[key] += 1
+                    duplicates += 1
+                    meta = {**meta, "duplicate_of": key}
+                    key = f"{key}~{seen[key]}"
+                else:
+                    seen[key] = 0
+                position += 1
+                yield key, meta, jpeg
+        except (tarfile.TarError, OSError, EOFError, ValueError) as error:
+            if report is None:
+                raise ValueError(f"{shard.url}: cannot read this shard ({_reason(error)}); "
+                                 f"{position} samples were read before it") from error
+            report.skipped.append({"where": shard.url, "key": None, "position": position,
+                                   "reason": f"unreadable shard, the rest of it skipped "
+                                             f"({_reason(error)})"})
+    if report is not None:
+        report.duplicate_keys += duplicates
+    elif duplicates:
+        import warnings
+
+        warnings.warn(f"{duplicates} samples repeat a key of their shard; both were kept, the "
+                      "later renamed <key>~<n>", stacklevel=2)
+
+
+def iter_folder_samples(folder: str | os.PathLike, *, report: ReadReport | None = None
+                        ) -> Iterator[tuple[str, dict[str, Any], bytes]]:
     """Yield ``(relative path, {"source": ...}, bytes)`` for every image under ``folder``."""
     folder = Path(folder)
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    position = 0
     for path in paths:
         relative = path.relative_to(folder).as_posix()
-        yield relative, {"source": relative}, path.read_bytes()
+        data = _read_file(path, relative, position, report)
+        if data is not None:
+            position += 1
+            yield relative, {"source": relative}, data
 
 
-def iter_csv_samples(manifest: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any], bytes]]:
-    """Yield the images an ``items.csv`` lists (``path`` relative to the csv) with its columns."""
-    import csv
+def _read_file(path: Path, key: str, position: int, report: ReadReport | None) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        if report is None:
+            raise
+        report.skipped.append({"where": str(path), "key": key, "position": position,
+                               "reason": _reason(error)})
+        return None
 
-    manifest = Path(manifest)
-    with open(manifest, newline="", encoding="utf-8") as stream:
-        rows = list(csv.DictReader(stream))
-    if not rows or "path" not in rows[0]:
-        raise ValueError(f"{manifest}: a manifest needs a 'path' column and at least one row")
-    for row in rows:
-        path = manifest.parent / row["path"]
-        yield row["path"], {"source": row["path"], **row}, path.read_bytes()
+
+def iter_manifest_samples(manifest: str | os.PathLike, *, report: ReadReport | None = None
+                          ) -> Iterator[tuple[str, dict[str, Any], bytes]]:
+    """Yield the images a CSV / JSONL manifest lists (as ``ecomaug shard`` reads it) with its columns.
+
+    The key is the path as written in the manifest; ``source`` holds it too. Relative paths are
+    relative to the manifest.
+    """
+    from loaders.inputs import read_inputs
+
+    position = 0
+    for item in read_inputs(manifest).items:
+        data = _read_file(Path(item.path), item.identity, position, report)
+        if data is not None:
+            position += 1
+            yield item.identity, {"source": item.identity, **item.meta}, data
+
+
+def _kind(data: str | os.PathLike) -> str:
+    """``"manifest"`` (.csv / .jsonl), ``"folder"`` (images, no shards) or ``"shards"``."""
+    path = Path(data)
+    if path.suffix.lower() in (".csv", ".jsonl", ".ndjson"):
+        return "manifest"
+    if path.is_dir() and not any(path.glob("manifest*.json")) and not any(path.glob("*.tar")):
+        return "folder"
+    return "shards"
 
 
 def count_samples(data: str | os.PathLike) -> int | None:
-    """How many images ``data`` holds, where known without reading it."""
-    path = Path(data)
-    if path.is_dir() and not any(path.glob("manifest*.json")) and not any(path.glob("*.tar")):
-        return sum(1 for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if path.suffix == ".csv":
-        return None
+    """How many images ``data`` holds, where known without reading them."""
+    kind = _kind(data)
+    if kind == "folder":
+        return sum(1 for p in Path(data).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if kind == "manifest":
+        from loaders.inputs import read_inputs
+
+        return len(read_inputs(data).items)
     from loaders.manifest import load_shard_set
 
     return load_shard_set(data).num_samples
 
 
-def iter_data(data: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any], bytes]]:
-    """Samples of shards (dir, manifest, tar, pattern, URL), an ``items.csv`` or an image folder."""
-    text = os.fspath(data)
-    path = Path(text)
-    if path.suffix == ".csv":
-        return iter_csv_samples(path)
-    if path.is_dir() and not any(path.glob("manifest*.json")) and not any(path.glob("*.tar")):
-        return iter_folder_samples(path)
-    return iter_shard_samples(text)
+def iter_data(data: str | os.PathLike, *, report: ReadReport | None = None
+              ) -> Iterator[tuple[str, dict[str, Any], bytes]]:
+    """Samples of shards (dir, manifest, tar, pattern, URL), a CSV/JSONL manifest or an image folder.
+
+    Args:
+        data: what to read.
+        report: record what could not be read and go on (see :class:`ReadReport`); without it
+            an unreadable shard or file raises.
+    """
+    kind = _kind(data)
+    if kind == "manifest":
+        return iter_manifest_samples(data, report=report)
+    if kind == "folder":
+        return iter_folder_samples(data, report=report)
+    path = Path(data)
+    if path.is_file() and path.suffix != ".tar" and path.name != "manifest.json" and \
+            not path.name.startswith("manifest"):
+        raise ValueError(f"{path}: not shards (.tar, manifest.json or a shard folder), a .csv / "
+                         ".jsonl manifest, nor a folder of images")
+    return iter_shard_samples(os.fspath(data), report=report)
 
 
 def _is_shards(data: str | os.PathLike) -> bool:
-    path = Path(data)
-    if path.suffix == ".csv":
-        return False
-    return not (path.is_dir() and not any(path.glob("manifest*.json"))
-                and not any(path.glob("*.tar")))
+    return _kind(data) == "shards"
 
 
 def embed_with_loader(model: EmbeddingModel, shards: str | os.PathLike, *, batch_size: int = 64,
@@ -422,6 +617,196 @@ def embed_data(model: EmbeddingModel, data: str | os.PathLike, *, batch_size: in
                                  progress=progress)
     return embed_samples(model, iter_data(data), batch_size=batch_size, progress=progress,
                          total=count_samples(data), description="embed")
+
+
+@dataclass
+class PartsReport:
+    """What one rank of :func:`embed_to_parts` wrote.
+
+    Attributes:
+        folder: the parts folder.
+        rank: this process's rank; world_size: how many ranks share the data.
+        rows: vectors this rank holds in its parts (all runs together).
+        parts: its part files; resumed_parts: how many of them an earlier run had written.
+        seen: samples of this rank's share that were read (rows + skipped samples).
+        skipped: records of what was not embedded (``skipped-r<rank>.jsonl`` holds them).
+        duplicate_keys: rows whose key repeated an earlier one of the same shard (kept, renamed).
+        dim: the vectors' width.
+    """
+
+    folder: Path
+    rank: int
+    world_size: int
+    rows: int
+    parts: int
+    resumed_parts: int
+    seen: int
+    skipped: list[dict[str, Any]]
+    duplicate_keys: int
+    dim: int
+
+
+def _part_info(path: Path) -> dict[str, Any]:
+    with np.load(path, allow_pickle=False) as data:
+        return json.loads(str(data["info"]))
+
+
+def embed_to_parts(model: EmbeddingModel, data: str | os.PathLike, out_dir: str | os.PathLike, *,
+                   batch_size: int = 64, part_size: int = 4096, rank: int = 0,
+                   world_size: int = 1, progress: bool = True) -> PartsReport:
+    """Embed ``data`` into a folder of parts, written as they are computed and resumable.
+
+    Memory stays at one part whatever the data's size. Rank ``r`` of ``world_size`` embeds the
+    contiguous share ``[N*r // W, N*(r+1) // W)`` of the samples (the loaders' rank split,
+    :func:`loaders.sharding.rank_range`) and writes ``part-r<rank>-<n>.npz`` (each covers
+    ``part_size`` consecutive samples of its share, written atomically), then
+    ``done-r<rank>-of-<W>.json``. Rerunning the same command after a kill keeps the finished
+    parts and embeds the rest; :func:`load_embeddings` reads the folder as one set once every
+    rank is done. Samples before a rank's share (or a resumed run's finished parts) are read
+    but not decoded.
+
+    Args:
+        model: the backbone (on this rank's device).
+        data: shards, a CSV/JSONL manifest or an image folder (see :func:`iter_data`).
+        out_dir: the parts folder (created).
+        batch_size: images per forward pass.
+        part_size: samples per part.
+        rank: this process's rank.
+        world_size: how many processes share the data (needs a known sample count when > 1).
+        progress: show a tqdm bar.
+
+    Returns:
+        A :class:`PartsReport`.
+
+    Raises:
+        ValueError: bad sizes or rank, an unknown sample count with several ranks, a folder
+            holding parts of another model, data or split, or nothing to embed.
+        DiskFullError: the disk filled up (no partial file is left).
+    """
+    from itertools import islice
+
+    from tqdm.auto import tqdm
+
+    from loaders.manifest import write_json_atomic
+    from loaders.sharding import check_rank, rank_range
+
+    check_rank(rank, world_size)
+    if batch_size < 1 or part_size < 1:
+        raise ValueError(f"batch_size and part_size must be >= 1; got {batch_size}, {part_size}")
+    total = count_samples(data)
+    if total is None and world_size > 1:
+        raise ValueError(f"{data}: the number of samples is unknown (shards without a manifest or "
+                         ".idx), so it cannot be split across {world_size} ranks")
+    start, stop = rank_range(total, rank, world_size) if total is not None else (0, None)
+    folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(20, "--out for parts must be a folder", str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {**model.info(), "data": os.path.abspath(os.fspath(data)) if "://" not in
+                os.fspath(data) else os.fspath(data), "world_size": world_size,
+                "part_size": part_size, "stream_total": total}
+    for other in folder.glob("done-r*-of-*.json"):
+        if not other.name.endswith(f"-of-{world_size:05d}.json"):
+            raise ValueError(f"{folder}: holds parts of a run split {other.stem.split('-of-')[1]} "
+                             f"ways, not {world_size}; use another --out")
+    for stale in folder.glob(f".part-r{rank:05d}-*.tmp.npz"):
+        stale.unlink()  # left by a kill in the middle of a write
+    done_parts, rows, duplicates, earlier_skipped = 0, 0, 0, []
+    while (folder / PART_PATTERN.format(rank=rank, part=done_parts)).is_file():
+        info = _part_info(folder / PART_PATTERN.format(rank=rank, part=done_parts))
+        different = [k for k in settings if info.get(k) != settings[k]]
+        if different:
+            raise ValueError(f"{folder}: its parts were made with another {different[0]} "
+                             f"({info.get(different[0])!r}, now {settings[different[0]]!r}); use "
+                             "another --out or remove it")
+        rows += info["rows"]
+        duplicates += info["duplicates"]
+        earlier_skipped.extend(info["skipped"])
+        done_parts += 1
+    resumed = done_parts
+    report = ReadReport()
+    position = start + done_parts * part_size
+    stream = islice(iter_data(data, report=report), position, stop)
+    bar = tqdm(total=None if stop is None else stop - start, initial=position - start,
+               desc=f"embed r{rank}", unit="img", disable=not progress)
+    dim = 0
+
+    def write_part(first: int, last: int, chunks: list[torch.Tensor], keys: list[str],
+                   meta: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> None:
+        nonlocal done_parts, rows, duplicates, dim
+        width = chunks[0].shape[1] if chunks else dim
+        vectors = torch.cat(chunks) if chunks else torch.zeros((0, width))
+        dups = sum(1 for row in meta if "duplicate_of" in row)
+        info = {**settings, "rank": rank, "part": done_parts, "stream_start": first,
+                "stream_stop": last, "rows": len(keys), "duplicates": dups, "skipped": skipped}
+        Embeddings(vectors=vectors, keys=keys, meta=meta, info=info).save(
+            folder / PART_PATTERN.format(rank=rank, part=done_parts))
+        done_parts += 1
+        rows += len(keys)
+        duplicates += dups
+
+    part_start = position
+    chunks: list[torch.Tensor] = []
+    pending: list[torch.Tensor] = []
+    keys: list[str] = []
+    meta: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for key, row, image in stream:
+        try:
+            pending.append(prepare(image, model.input_size))
+            keys.append(key)
+            meta.append(row)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            skipped.append({"where": row.get("source", key), "key": key, "position": position,
+                            "reason": f"cannot decode ({_reason(error)})"})
+        position += 1
+        bar.update(1)
+        if len(pending) == batch_size or position - part_start == part_size:
+            if pending:
+                chunks.append(model.embed(torch.stack(pending)).cpu())
+                dim = chunks[-1].shape[1]
+                pending = []
+        if position - part_start == part_size:
+            write_part(part_start, position, chunks, keys, meta, skipped)
+            part_start, chunks, keys, meta, skipped = position, [], [], [], []
+    if pending:
+        chunks.append(model.embed(torch.stack(pending)).cpu())
+        dim = chunks[-1].shape[1]
+    if position > part_start:
+        write_part(part_start, position, chunks, keys, meta, skipped)
+    bar.close()
+    last_rank = rank == world_size - 1
+    read_skips = [record for record in report.skipped if record["position"] >= start and
+                  (last_rank or stop is None or record["position"] < stop)]
+    all_skipped = earlier_skipped + [s for p in range(resumed, done_parts) for s in
+                                     _part_info(folder / PART_PATTERN.format(rank=rank, part=p))
+                                     ["skipped"]] + read_skips
+    if rows == 0 and world_size == 1:
+        raise ValueError(f"{data}: no images to embed ({len(all_skipped)} skipped, see "
+                         f"{folder}/skipped-r{rank:05d}.jsonl)" if all_skipped else
+                         f"{data}: no images to embed")
+    if not dim and rows:
+        dim = _part_dim(folder, rank, done_parts)
+    with open(folder / f"skipped-r{rank:05d}.jsonl", "w", encoding="utf-8") as stream_out:
+        for record in all_skipped:
+            stream_out.write(json.dumps(record, sort_keys=True) + "\n")
+    seen = position - start
+    write_json_atomic(folder / DONE_PATTERN.format(rank=rank, world_size=world_size),
+                      {"rank": rank, "world_size": world_size, "rows": rows, "parts": done_parts,
+                       "seen": seen, "skipped": len(all_skipped), "duplicate_keys": duplicates,
+                       "dim": dim, **{k: settings[k] for k in ("model", "source", "data")}})
+    return PartsReport(folder=folder, rank=rank, world_size=world_size, rows=rows,
+                       parts=done_parts, resumed_parts=resumed, seen=seen, skipped=all_skipped,
+                       duplicate_keys=duplicates, dim=dim)
+
+
+def _part_dim(folder: Path, rank: int, parts: int) -> int:
+    """The vectors' width in a rank's parts (a resumed run may compute none itself)."""
+    for part in range(parts):
+        with np.load(folder / PART_PATTERN.format(rank=rank, part=part), allow_pickle=False) as data:
+            if data["vectors"].shape[0]:
+                return int(data["vectors"].shape[1])
+    return 0
 
 
 def resolve_device(name: str) -> torch.device:
