@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,11 +78,17 @@ class TrainConfig:
     checkpoint_every: int = _option(500, "steps between checkpoints (one is also written every epoch end)")
     keep_last: int = _option(3, "checkpoints kept")
     resume: str | None = _option(None, "'auto' (newest valid checkpoint in OUT, if any) or a checkpoint path")
+    overwrite: bool = _option(False, "start again in an OUT that holds a run: its checkpoints, metrics, "
+                                     "TensorBoard logs and export are deleted first")
     knn_every: int = _option(1, "epochs between kNN recall@1 checks on --val-data")
     export: bool = _option(True, "export the backbone to OUT/export at the end")
     progress: bool = _option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{item.name.replace('_', '-')} must be a finite number, got {value}")
         for name in ("crop_size", "dim", "hidden_dim", "queue_size", "epochs", "batch_size",
                      "log_every", "checkpoint_every", "keep_last", "knn_every", "shuffle_buffer"):
             if getattr(self, name) < 1:
@@ -99,6 +106,13 @@ class TrainConfig:
             raise ValueError("--warmup-epochs, --weight-decay and --min-lr must be >= 0")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"--clip-grad must be > 0, got {self.clip_grad}")
+        if self.overwrite and self.resume is not None:
+            raise ValueError(f"--overwrite and --resume {self.resume} contradict each other: --resume "
+                             f"continues the run in {self.out}, --overwrite deletes it; give one")
+        if not str(self.out).strip():
+            raise ValueError("--out must name a directory, got an empty string")
+        if not str(self.device).strip():
+            raise ValueError("--device must be auto, cpu, cuda or cuda:N, got an empty string")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
         for item in dataclasses.fields(self):
@@ -160,9 +174,20 @@ def _converter(hint: Any):
     return convert
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing the usage and exiting, like every other command."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ValueError(f"{message} (`{self.prog} --help` lists the flags)")
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    """The command line of ``train.py`` / ``ecomaug train``: one flag per :class:`TrainConfig` field."""
-    parser = argparse.ArgumentParser(
+    """The command line of ``train.py`` / ``ecomaug train``: one flag per :class:`TrainConfig` field.
+
+    A bad flag or value raises :class:`ValueError` (one line, no usage dump); ``--help`` still
+    prints the help and exits 0.
+    """
+    parser = _Parser(
         prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="MoCo training with a timm backbone, on one device or many (torchrun).",
         epilog="examples:\n"
@@ -202,7 +227,11 @@ def resolve_config(flags: dict[str, Any]) -> TrainConfig:
 
 
 def parse_config(argv: Sequence[str] | None = None, *, prog: str | None = None) -> TrainConfig:
-    """Parse command-line flags into a frozen :class:`TrainConfig` (argparse exits 2 on bad flags)."""
+    """Parse command-line flags into a frozen :class:`TrainConfig`.
+
+    Raises:
+        ValueError: an unknown flag, a value of the wrong type, or a value the config refuses.
+    """
     return resolve_config(vars(build_parser(prog).parse_args(argv)))
 
 
