@@ -14,7 +14,7 @@ from loaders.manifest import ShardSet, load_shard_set
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "dali", "torch")
+BACKENDS = ("auto", "dali", "dali-gpu", "dali-cpu", "torch")
 CORRUPT_POLICIES = ("skip", "raise")
 MODES = ("train", "eval")
 
@@ -121,7 +121,13 @@ def choose_backend(backend: str, device: torch.device, shard_set: ShardSet) -> s
 
     ``auto`` takes DALI with ``mixed`` (GPU) decode when the device is CUDA and DALI is
     installed, DALI on the CPU when only DALI is, and the PyTorch backend otherwise (also for
-    remote shards, which DALI cannot read).
+    remote shards, which DALI cannot read). ``dali`` is DALI decoding where the device is;
+    ``dali-gpu`` insists on ``mixed`` decode (a CUDA device); ``dali-cpu`` runs DALI's CPU
+    graph whatever the device (the views are then copied to it).
+
+    Raises:
+        ValueError: an unknown backend, DALI asked for but not installed or given URLs, or
+            ``dali-gpu`` with a device that is not CUDA.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -129,16 +135,20 @@ def choose_backend(backend: str, device: torch.device, shard_set: ShardSet) -> s
     if backend == "torch":
         logger.info("loader backend: torch (asked for)")
         return "torch"
-    if backend == "dali":
+    if backend in ("dali", "dali-gpu", "dali-cpu"):
+        if backend == "dali-gpu" and device.type != "cuda":
+            raise ValueError(f"backend='dali-gpu' decodes on a CUDA device (DALI mixed decode) but the "
+                             f"device is {device}; use a CUDA device, or backend='dali-cpu' or 'torch'")
         if not dali_available():
-            raise ValueError("backend='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda120 "
+            raise ValueError(f"backend={backend!r} needs NVIDIA DALI: pip install nvidia-dali-cuda120 "
                              "(or nvidia-dali-cuda130), or use backend='torch'")
         if not shard_set.all_local:
             remote = next(s.url for s in shard_set.shards if not s.is_local)
             raise ValueError(f"the DALI backend reads local files only, got {remote!r}; copy the "
                              f"shards to a local disk or use backend='torch' for URLs")
-        logger.info("loader backend: %s (asked for)", dali_kind)
-        return dali_kind
+        chosen = dali_kind if backend == "dali" else backend
+        logger.info("loader backend: %s (asked for)", chosen)
+        return chosen
     if not shard_set.all_local:
         logger.info("loader backend: torch (auto: remote shards, DALI needs local files)")
         return "torch"
@@ -163,7 +173,8 @@ def build_loader(shards: str | os.PathLike | Sequence[str | os.PathLike] | Shard
         shards: a shard directory, ``manifest.json``, ``.tar``, brace pattern, URL
             (``s3://``, ``gs://``, ``https://``, ``pipe:``; PyTorch backend only), a list of
             these, or a :class:`~loaders.ShardSet`.
-        backend: ``"auto"``, ``"dali"`` or ``"torch"`` (see :func:`choose_backend`).
+        backend: ``"auto"``, ``"dali"``, ``"dali-gpu"``, ``"dali-cpu"`` or ``"torch"`` (see
+            :func:`choose_backend`).
         device: where the views land (``cuda:k`` gives DALI ``mixed`` decode on GPU ``k``).
         batch_size: samples per batch on this rank.
         views: independently cropped views of every image (eval: always 1).
@@ -221,4 +232,4 @@ def build_loader(shards: str | os.PathLike | Sequence[str | os.PathLike] | Shard
         return TorchLoader(options)
     from loaders.dali_backend import DaliLoader
 
-    return DaliLoader(options, variant=dali_variant)
+    return DaliLoader(options, variant=dali_variant, on_gpu=chosen == "dali-gpu")

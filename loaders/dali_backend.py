@@ -128,9 +128,14 @@ def shard_pipeline(*, paths: list[str], index_paths: list[str], shard_id: int, n
 class DaliLoader:
     """One rank's epoch through a DALI pipeline (see :func:`loaders.build_loader`)."""
 
-    def __init__(self, options: LoaderOptions, *, variant: str | None = None) -> None:
+    def __init__(self, options: LoaderOptions, *, variant: str | None = None,
+                 on_gpu: bool | None = None) -> None:
         self.options = options
-        self.on_gpu = options.device.type == "cuda"
+        # on_gpu: mixed decode on the device's GPU (None: where the device is); False on a CUDA
+        # device runs the CPU graph and copies the views (backend "dali-cpu")
+        self.on_gpu = options.device.type == "cuda" if on_gpu is None else on_gpu
+        if self.on_gpu and options.device.type != "cuda":
+            raise ValueError(f"DALI mixed decode needs a CUDA device, got {options.device}")
         self.backend = "dali-gpu" if self.on_gpu else "dali-cpu"
         self.variant = variant or DEFAULT_VARIANT["gpu" if self.on_gpu else "cpu"]
         if self.variant not in DECODE_VARIANTS:

@@ -15,15 +15,22 @@ Shard format (``ecomaug-shards`` version 1), written by ``ecomaug shard``:
 from __future__ import annotations
 
 import json
+import logging
 import os
+import tarfile
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable, Sequence
+
+from loaders.remote import (WEBDATASET_SCHEMES, filesystem, open_regular_file, read_text,
+                            register_webdataset_handlers, url_scheme)
+
+logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "ecomaug-shards"
 FORMAT_VERSION = 1
-REMOTE_PREFIXES = ("s3://", "gs://", "gcs://", "http://", "https://", "pipe:", "hf://", "az://")
+INDEX_HEAD_BYTES = 64  # the first line of a DALI index ("v1.2 <count>") fits in this
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,7 @@ class ShardInfo:
 
     @property
     def is_local(self) -> bool:
-        return not self.url.startswith(REMOTE_PREFIXES)
+        return url_scheme(self.url) is None
 
 
 @dataclass(frozen=True)
@@ -73,51 +80,228 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
         raise
 
 
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check one ``manifest.json``.
+# ----------------------------------------------------------------------------- manifest schema
+def check_entry_name(name: Any, *, where: str) -> str:
+    """Return ``name`` if it is a plain relative file name inside the manifest's folder.
+
+    A manifest is data, and data never chooses how it is opened: a URL scheme (``pipe:`` runs
+    a shell command through webdataset, ``s3://`` reaches elsewhere), an absolute path or a
+    ``..`` step would let a manifest read or run what its folder does not hold.
 
     Raises:
-        ValueError: if the file is not an ecomaug shard manifest of a known version.
+        ValueError: naming ``where`` and the entry.
     """
-    path = Path(path)
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from error
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{where} must be a file name (a non-empty string), got {name!r}")
+    posix = PurePosixPath(name)
+    unsafe = (url_scheme(name) is not None or "\0" in name or "\\" in name or posix.is_absolute()
+              or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive
+              or ".." in posix.parts or name.startswith("~"))
+    if unsafe:
+        raise ValueError(f"{where} {name!r} is not a plain relative file name inside the manifest's "
+                         f"folder (no URL scheme such as pipe: or s3://, no absolute path, no '..'); "
+                         f"a URL is only taken from what you pass as --data yourself")
+    return name
+
+
+def _check_count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def validate_manifest(manifest: Any, *, where: str) -> dict[str, Any]:
+    """Check the structure of a parsed ``manifest.json`` and return it.
+
+    Checks what the readers rely on: the format and version, ``shards`` a list of objects
+    each with a safe ``tar`` name (:func:`check_entry_name`), a ``count`` >= 0, an optional
+    safe ``index`` name and ``bytes``; ``totals`` (if present) an object.
+
+    Raises:
+        ValueError: one message naming ``where`` and the first field that is wrong.
+    """
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path}: not an {FORMAT_NAME} manifest (missing 'format': '{FORMAT_NAME}')")
+        raise ValueError(f"{where}: not an {FORMAT_NAME} manifest (missing 'format': '{FORMAT_NAME}')")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: manifest format_version {manifest.get('format_version')!r} is not "
+        raise ValueError(f"{where}: manifest format_version {manifest.get('format_version')!r} is not "
                          f"supported (this ecomaug reads version {FORMAT_VERSION})")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise ValueError(f"{where}: malformed manifest: 'shards' must be a list of shard entries, "
+                         f"got {type(shards).__name__} {shards!r:.60}")
+    for number, entry in enumerate(shards):
+        label = f"{where}: malformed manifest: shards[{number}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{label} must be an object with 'tar' and 'count', got {entry!r:.60}")
+        if "tar" not in entry or "count" not in entry:
+            missing = [name for name in ("tar", "count") if name not in entry]
+            raise ValueError(f"{label} has no {' and no '.join(repr(m) for m in missing)}")
+        check_entry_name(entry["tar"], where=f"{label}.tar")
+        _check_count(entry["count"], f"{label}.count")
+        if entry.get("index") is not None:
+            check_entry_name(entry["index"], where=f"{label}.index")
+        if entry.get("bytes") is not None:
+            _check_count(entry["bytes"], f"{label}.bytes")
+    if "totals" in manifest and not isinstance(manifest["totals"], dict):
+        raise ValueError(f"{where}: malformed manifest: 'totals' must be an object")
     return manifest
 
 
-def _shards_from_manifest(manifest: dict[str, Any], directory: Path) -> list[ShardInfo]:
-    shards = []
-    for entry in manifest["shards"]:
-        index = entry.get("index")
-        shards.append(ShardInfo(url=str(directory / entry["tar"]),
-                                index_path=str(directory / index) if index else None,
-                                count=int(entry["count"]), bytes=entry.get("bytes")))
-    return shards
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check one ``manifest.json`` (a local path or an fsspec URL such as ``s3://``).
+
+    Only a regular file is read (a FIFO is refused rather than waited on).
+
+    Raises:
+        ValueError: not a regular file, not JSON, not an ecomaug shard manifest of a known
+            version, or malformed (see :func:`validate_manifest`).
+        FileNotFoundError: it does not exist.
+    """
+    where = os.fspath(path)
+    try:
+        manifest = json.loads(read_text(where))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON ({error.msg} at line {error.lineno})") from error
+    return validate_manifest(manifest, where=where)
 
 
-def _count_from_index(index_path: Path) -> int:
+# ----------------------------------------------------------------------------- counts
+def _parse_index_head(head: bytes, where: str) -> int:
     # A DALI index starts with "v1.2 <number of samples>" (or a bare count in old versions).
-    with open(index_path, encoding="utf-8") as stream:
-        first = stream.readline().split()
+    first = head.split(b"\n", 1)[0].decode("ascii", "replace").split()
     if not first:
-        raise ValueError(f"{index_path}: empty DALI index file")
-    return int(first[-1]) if first[0].startswith("v") else int(first[0])
+        raise ValueError(f"{where}: empty DALI index file")
+    try:
+        return int(first[-1]) if first[0].startswith("v") else int(first[0])
+    except ValueError:
+        raise ValueError(f"{where}: not a DALI index (its first line is {' '.join(first)[:40]!r})") from None
+
+
+def _count_from_index(index_path: str | os.PathLike) -> int:
+    with open_regular_file(index_path) as stream:
+        return _parse_index_head(stream.read(INDEX_HEAD_BYTES), os.fspath(index_path))
+
+
+def _count_from_tar(path: Path) -> int | None:
+    """Samples in a local tar, from its member headers only (tarfile seeks over the data);
+    None if the tar cannot be read (the loader then reports it when it reads the shard)."""
+    from webdataset.tariterators import base_plus_ext
+
+    count, previous = 0, None
+    try:
+        with open_regular_file(path) as stream, tarfile.open(fileobj=stream, mode="r:") as archive:
+            for member in archive:
+                prefix, _ = base_plus_ext(member.name)
+                if member.isreg() and prefix is not None and prefix != previous:
+                    count, previous = count + 1, prefix
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        return None
+    return count
+
+
+def _agreed_count(declared: int, found: int | None, *, tar: str, source: str, where: str) -> int:
+    """The count to plan with: what the shard holds where that is known, with a warning when
+    the manifest says otherwise (a loader that trusted it would silently run short or skip)."""
+    if found is None or found == declared:
+        return declared
+    logger.warning("%s: the manifest says %s holds %d samples but %s says %d; using %d (the manifest "
+                   "is stale or was edited)", where, tar, declared, source, found, found)
+    return found
+
+
+def _local_entry_shard(entry: dict[str, Any], directory: Path, where: str) -> ShardInfo:
+    tar = directory / entry["tar"]
+    try:
+        size = os.stat(tar).st_size
+    except FileNotFoundError:
+        raise FileNotFoundError(2, f"No such shard (listed in {where})", str(tar)) from None
+    if not tar.is_file():
+        raise ValueError(f"{tar}: not a regular file (listed as a shard in {where})")
+    index = directory / entry["index"] if entry.get("index") else None
+    if index is not None and index.is_file():
+        found, source = _count_from_index(index), f"its index {index.name}"
+    else:
+        found, source = _count_from_tar(tar), "the tar itself"
+    count = _agreed_count(entry["count"], found, tar=entry["tar"], source=source, where=where)
+    return ShardInfo(url=str(tar), index_path=str(index) if index is not None and index.is_file() else None,
+                     count=count, bytes=size)
+
+
+def _remote_entry_shards(manifest: dict[str, Any], base_url: str, where: str) -> list[ShardInfo]:
+    base = base_url.rstrip("/")
+    entries = manifest["shards"]
+    found: list[int | None] = [None] * len(entries)
+    indexed = [number for number, entry in enumerate(entries) if entry.get("index")]
+    if indexed:
+        # One small ranged read per index, issued concurrently by fsspec's async stores.
+        fs, _ = filesystem(base_url)
+        paths = [filesystem(f"{base}/{entries[n]['index']}")[1] for n in indexed]
+        try:
+            heads = fs.cat_ranges(paths, [0] * len(paths), [INDEX_HEAD_BYTES] * len(paths), on_error="return")
+        except Exception as error:  # noqa: BLE001 -- any store error: fall back to the manifest's counts
+            logger.warning("%s: could not read the shards' indexes (%s); trusting the manifest's counts",
+                           where, error)
+            heads = [None] * len(paths)
+        for number, head in zip(indexed, heads):
+            if isinstance(head, (bytes, bytearray)):
+                found[number] = _parse_index_head(bytes(head), f"{base}/{entries[number]['index']}")
+    return [ShardInfo(url=f"{base}/{entry['tar']}", index_path=None,
+                      count=_agreed_count(entry["count"], found[number], tar=entry["tar"],
+                                          source=f"its index {entry['index']}", where=where),
+                      bytes=entry.get("bytes"))
+            for number, entry in enumerate(entries)]
+
+
+def _shards_from_manifest(manifest: dict[str, Any], directory: str | Path, where: str) -> list[ShardInfo]:
+    if isinstance(directory, str) and url_scheme(directory) is not None:
+        return _remote_entry_shards(manifest, directory, where)
+    return [_local_entry_shard(entry, Path(directory), where) for entry in manifest["shards"]]
 
 
 def _local_shard(path: Path) -> ShardInfo:
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(2, "No such shard", str(path))
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file, so not a shard")
     index = path.with_suffix(".idx")
     count = _count_from_index(index) if index.is_file() else None
     return ShardInfo(url=str(path), index_path=str(index) if index.is_file() else None,
                      count=count, bytes=path.stat().st_size)
+
+
+# ----------------------------------------------------------------------------- resolving --data
+def _remote_shard_set(url: str) -> ShardSet:
+    """A URL: a brace pattern or ``.tar`` (counts unknown), a ``manifest.json``, or a folder
+    (``s3://bucket/shards/``) whose ``manifest*.json`` are read as for a local folder."""
+    import braceexpand
+
+    register_webdataset_handlers()  # any webdataset reader of these URLs streams through fsspec too
+    scheme = url_scheme(url)
+    if "{" in url or url.endswith(".tar") or scheme in WEBDATASET_SCHEMES and not url.endswith(".json"):
+        return ShardSet(shards=tuple(ShardInfo(url=u, index_path=None, count=None)
+                                     for u in braceexpand.braceexpand(url)))
+    try:
+        if url.endswith(".json"):
+            manifest = read_manifest(url)
+            return ShardSet(shards=tuple(_shards_from_manifest(manifest, url.rsplit("/", 1)[0], url)),
+                            manifests=(manifest,))
+        fs, path = filesystem(url)
+        folder = path.rstrip("/")
+        manifest_urls = sorted(fs.unstrip_protocol(p) for p in fs.glob(f"{folder}/manifest*.json"))
+        if manifest_urls:
+            manifests = [read_manifest(u) for u in manifest_urls]
+            shards = [s for u, m in zip(manifest_urls, manifests) for s in _shards_from_manifest(m, url, u)]
+            return ShardSet(shards=tuple(shards), manifests=tuple(manifests))
+        tars = sorted(fs.unstrip_protocol(p) for p in fs.glob(f"{folder}/*.tar"))
+    except (ValueError, FileNotFoundError, ImportError):
+        raise
+    except Exception as error:  # noqa: BLE001 -- a store's own errors (credentials, network) as one line
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(f"{url}: cannot read from the object store ({type(error).__name__}"
+                         f"{': ' + message if message else ''})") from error
+    if not tars:
+        raise ValueError(f"{url}: no manifest.json and no .tar shards at this URL")
+    return ShardSet(shards=tuple(ShardInfo(url=u, index_path=None, count=None) for u in tars))
 
 
 def load_shard_set(source: str | os.PathLike | Sequence[str | os.PathLike]) -> ShardSet:
@@ -128,15 +312,22 @@ def load_shard_set(source: str | os.PathLike | Sequence[str | os.PathLike]) -> S
             merged, so the output of a split ``--num-jobs`` conversion reads as one set); a
             ``manifest.json`` path; a ``.tar`` path or brace pattern
             (``shards/shard-{000000..000009}.tar``); a remote URL (``s3://``, ``gs://``,
-            ``https://``, ``pipe:``) or a list of any of these.
+            ``https://``, ``pipe:``) of a tar or brace pattern, a remote ``manifest.json`` or
+            a remote folder (``s3://bucket/shards/``, read like a local one through fsspec);
+            or a list of any of these.
 
     Returns:
-        The shards in a stable order. Local tars without a manifest take their counts from
-        their ``.idx`` file when present; remote shards have ``count=None``.
+        The shards in a stable order. A manifest's entries must be plain file names inside
+        its folder. A manifest's counts are checked against each shard's ``.idx`` (or, with
+        no index, the tar's member headers): where they disagree the shard's own count is
+        used and a warning names both. Local tars without a manifest take their counts from
+        their ``.idx`` file when present; remote tars given directly have ``count=None``.
 
     Raises:
-        FileNotFoundError: a local path does not exist.
-        ValueError: a directory holds no manifest and no shards, or a manifest is malformed.
+        FileNotFoundError: a local path, or a shard a manifest lists, does not exist.
+        ValueError: a directory holds no manifest and no shards, a manifest is malformed or
+            lists an unsafe entry, or a path is not a regular file (a FIFO, a device).
+        ImportError: a URL's fsspec backend (``s3fs``, ``gcsfs``) is not installed.
     """
     if isinstance(source, (list, tuple)):
         parts = [load_shard_set(item) for item in source]
@@ -145,11 +336,8 @@ def load_shard_set(source: str | os.PathLike | Sequence[str | os.PathLike]) -> S
         return ShardSet(shards=tuple(s for part in parts for s in part.shards),
                         manifests=tuple(m for part in parts for m in part.manifests))
     text = os.fspath(source)
-    if text.startswith(REMOTE_PREFIXES):
-        import braceexpand
-
-        return ShardSet(shards=tuple(ShardInfo(url=url, index_path=None, count=None)
-                                     for url in braceexpand.braceexpand(text)))
+    if url_scheme(text) is not None:
+        return _remote_shard_set(text)
     if "{" in text:
         import braceexpand
 
@@ -159,7 +347,7 @@ def load_shard_set(source: str | os.PathLike | Sequence[str | os.PathLike]) -> S
         manifest_paths = sorted(path.glob("manifest*.json"))
         if manifest_paths:
             manifests = [read_manifest(p) for p in manifest_paths]
-            shards = [s for m in manifests for s in _shards_from_manifest(m, path)]
+            shards = [s for p, m in zip(manifest_paths, manifests) for s in _shards_from_manifest(m, path, str(p))]
             return ShardSet(shards=tuple(shards), manifests=tuple(manifests))
         tars = sorted(path.glob("*.tar"))
         if not tars:
@@ -168,8 +356,9 @@ def load_shard_set(source: str | os.PathLike | Sequence[str | os.PathLike]) -> S
     if not path.exists():
         raise FileNotFoundError(2, "No such file or directory", str(path))
     if path.suffix == ".json":
-        return ShardSet(shards=tuple(_shards_from_manifest(read_manifest(path), path.parent)),
-                        manifests=(read_manifest(path),))
+        manifest = read_manifest(path)
+        return ShardSet(shards=tuple(_shards_from_manifest(manifest, path.parent, str(path))),
+                        manifests=(manifest,))
     return ShardSet(shards=(_local_shard(path),))
 
 

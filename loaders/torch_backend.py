@@ -18,6 +18,8 @@ import json
 import logging
 import math
 import random
+import tarfile
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -28,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from loaders.batch import Batch
 from loaders.build import LoaderOptions
 from loaders.crops import intra_op_threads, resize_crop
+from loaders.remote import WEBDATASET_SCHEMES, filesystem, open_shard, url_scheme
 from loaders.sharding import (EpochPlan, Segment, check_start_batch, derive_seed, plan_epoch,
                               shard_order, split_for_workers)
 
@@ -37,6 +40,38 @@ Box = tuple[float, float, float, float]  # left, top, width, height in source pi
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 FOREVER = 1 << 62  # the stop of a segment whose sample count is unknown: read the whole shard
+# What reading a broken shard raises: tarfile's errors, I/O errors (a missing object, a
+# truncated stream), and ValueError (webdataset on a duplicate member, a non-regular file).
+SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
+MISSING = "__missing__"  # a placeholder for a position a broken shard could not fill
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's own message (webdataset appends the stream to ``args``)."""
+    if isinstance(error, OSError) and error.strerror:
+        text = error.strerror
+    else:
+        text = str(error.args[0]) if error.args else ""
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+def shard_samples(url: str) -> Iterator[dict[str, Any]]:
+    """The samples of one shard, in tar order: ``{"__key__": key, "jpg": bytes, ...}``.
+
+    The stream is opened by :func:`loaders.remote.open_shard` (regular local files, fsspec
+    URLs, a typed ``pipe:``) and grouped into samples by webdataset's tar stages.
+
+    Raises:
+        tarfile.TarError, OSError, EOFError, ValueError: the shard cannot be read (lazily, as
+            the samples are read).
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    stream = open_shard(url)
+    try:
+        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+    finally:
+        stream.close()
 
 
 def random_resized_box(rng: random.Random, width: int, height: int, scale: tuple[float, float],
@@ -120,6 +155,7 @@ class ShardStream(IterableDataset):
                  worker_skips: list[int], options: LoaderOptions, *, base_seed: int,
                  repeat: bool) -> None:
         self.urls = list(urls)
+        self.counts = [shard.count for shard in options.shard_set.shards]
         self.worker_segments = worker_segments
         self.worker_skips = worker_skips
         self.options = options
@@ -127,18 +163,44 @@ class ShardStream(IterableDataset):
         self.repeat = repeat
 
     def _records(self, segments: list[Segment]) -> Iterator[tuple[str, dict[str, Any]]]:
-        from webdataset.tariterators import tarfile_samples
+        """This worker's samples of ``segments``, in order.
 
+        A shard that cannot be read to the end of its segment (zero bytes, truncated, not a
+        tar, or shorter than its count) stands for its missing positions with placeholders
+        that :meth:`_decode` rejects, so they are skipped and counted like corrupt samples
+        and the epoch keeps the length it promised (``corrupt="raise"``: a ValueError naming
+        the shard). A shard longer than its count is read up to the count, with a warning.
+        """
         for segment in segments:
             url = self.urls[segment.shard]
-            samples = tarfile_samples([{"url": url}])
-            for index, sample in enumerate(samples):
-                if index >= segment.stop:
-                    break
-                if index >= segment.start:
-                    yield url, sample
-            if hasattr(samples, "close"):
+            read, problem = 0, None
+            samples = shard_samples(url)
+            try:
+                for index, sample in enumerate(samples):
+                    if index >= segment.stop:
+                        if segment.stop == self.counts[segment.shard]:
+                            logger.warning("shard %s holds more samples than its count %d; the rest are "
+                                           "not read (rewrite its manifest entry and index)", url, segment.stop)
+                        break
+                    read = index + 1
+                    if index >= segment.start:
+                        yield url, sample
+            except SHARD_ERRORS as error:
+                problem = f"unreadable after {read} samples ({type(error).__name__}: {first_line(error)})"
+            finally:
                 samples.close()
+            if problem is None and segment.stop != FOREVER and read < segment.stop:
+                problem = f"ends after {read} samples, its count says {self.counts[segment.shard]}"
+            if problem is None:
+                continue
+            if self.options.corrupt == "raise":
+                raise ValueError(f"shard {url} is {problem}" if problem.startswith("unreadable")
+                                 else f"shard {url} {problem}")
+            logger.warning("shard %s: %s; the rest of it is skipped and counted as corrupt", url, problem)
+            # the positions this segment still owed (unknown count: one, for the count)
+            missing = range(max(read, segment.start), segment.stop) if segment.stop != FOREVER else range(1)
+            for index in missing:
+                yield url, {"__key__": f"{Path(url).name}#{index}", MISSING: f"shard {problem}"}
 
     def _shuffled(self, records: Iterator[Any], rng: random.Random) -> Iterator[Any]:
         size = self.options.shuffle_buffer if self.options.shuffle else 0
@@ -166,6 +228,8 @@ class ShardStream(IterableDataset):
     def _decode(self, url: str, sample: dict[str, Any], position_seed: int
                 ) -> tuple[list[np.ndarray], dict[str, Any]]:
         key = sample["__key__"]
+        if MISSING in sample:
+            raise ValueError(sample[MISSING])
         data = _image_bytes(sample)
         if data is None:
             raise ValueError(f"no image member (.{'/.'.join(IMAGE_EXTENSIONS)})")
@@ -176,20 +240,37 @@ class ShardStream(IterableDataset):
         with intra_op_threads(1):  # a no-op in DataLoader workers, which run one thread already
             return decode_views(data, self.options.crop_size, self._boxes(position_seed)), meta
 
+    def _laps(self, segments: list[Segment], rng: random.Random) -> Iterator[tuple[str, dict[str, Any]]]:
+        # one lap over the segments; remote shards of unknown length are read lap after lap, each
+        # lap shuffled on its own so a lap holds every sample once -- until a lap reads nothing
+        for _ in itertools.count() if self.repeat else range(1):
+            readable = 0
+            for record in self._shuffled(self._records(segments), rng):
+                readable += MISSING not in record[1]
+                yield record
+            if self.repeat and not readable:
+                logger.warning("no readable sample in %d shard(s) of this worker; its share of the "
+                               "epoch ends here", len(segments))
+                return
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            yield from self._chunks()
+        except ValueError as error:
+            if get_worker_info() is None:
+                raise
+            # A worker's exception reaches the main process re-wrapped ("Caught ValueError in
+            # DataLoader worker process 0" on the first line); hand the message over instead.
+            yield {"error": str(error)}
+
+    def _chunks(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         seed = info.seed if info is not None else self.base_seed
         options = self.options
         chunk_size = options.batch_size
         skip = self.worker_skips[worker]
-        shuffle_rng = random.Random(seed)
-        # one lap over the segments; remote shards of unknown length are read lap after lap, each
-        # lap shuffled on its own so a lap holds every sample once
-        laps = itertools.count() if self.repeat else range(1)
-        segments = self.worker_segments[worker]
-        records = itertools.chain.from_iterable(self._shuffled(self._records(segments), shuffle_rng)
-                                                for _ in laps)
+        records = self._laps(self.worker_segments[worker], random.Random(seed))
 
         chunk: list[tuple[list[np.ndarray], str, dict[str, Any]]] = []
         corrupt: list[str] = []
@@ -211,7 +292,8 @@ class ShardStream(IterableDataset):
         for position, (url, sample) in enumerate(records):
             position_seed = (seed << 32) + position
             if position < skip:  # resume: keep the position (and its crops' seed), skip the decode
-                last_good = (url, sample)
+                if MISSING not in sample:
+                    last_good = (url, sample)
                 out = resolve(None)
                 if out is not None:
                     yield out
@@ -305,6 +387,9 @@ class TorchLoader:
             self.repeat = True
         check_start_batch(options.start_batch, self.plan.num_batches)
         self.num_workers = min(options.num_workers, len(self.plan.segments))
+        for scheme in {url_scheme(url) for url in self.urls} - {None, *WEBDATASET_SCHEMES}:
+            # here, not in a worker: a missing s3fs/gcsfs is one ImportError naming the extra
+            filesystem(next(url for url in self.urls if url_scheme(url) == scheme))
 
     def _nominal_plan(self) -> EpochPlan:
         # Counts unknown (remote shards): ranks take whole shards round robin and read them
@@ -368,6 +453,8 @@ class TorchLoader:
         yielded = 0
         size = options.batch_size
         for chunk in chunks:
+            if "error" in chunk:
+                raise ValueError(chunk["error"])
             self._corrupt_count += len(chunk["corrupt"])
             if not chunk["keys"]:
                 continue
