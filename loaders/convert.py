@@ -18,20 +18,25 @@ manifest is written.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
+import errno
+import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
 import random
 import re
+import shutil
+import socket
 import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from loaders.images import HygieneOptions, ImageHook, Prepared, Rejected, prepare_image
+from loaders.images import HygieneOptions, ImageHook, Prepared, Rejected, prepare_image, use_one_torch_thread
 from loaders.inputs import InputItem, InputListing, read_inputs
 from loaders.manifest import FORMAT_NAME, FORMAT_VERSION, read_manifest, write_json_atomic
 
@@ -43,6 +48,19 @@ DEFAULT_QUALITY = 90
 DEFAULT_MIN_SIZE = 32
 DEFAULT_MAX_PIXELS = 89_478_485
 RESERVED_META = ("key", "source", "width", "height")
+DISK_FULL_ERRNOS = tuple(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None)
+
+
+class OutDirLocked(FileExistsError):
+    """Another run of the same conversion job holds OUT_DIR's lock (``OUT_DIR/.lock``)."""
+
+
+class DiskFullError(OSError):
+    """The disk holding OUT_DIR filled up; this job's temporary files were removed and the
+    journal kept, so the same command resumes once there is space."""
+
+    def __str__(self) -> str:
+        return self.strerror or "No space left on device"
 
 
 @dataclass
@@ -84,6 +102,7 @@ class _Names:
     manifest: Path
     skipped: Path
     journal: Path
+    lock: Path
     shard_pattern: re.Pattern
 
 
@@ -94,7 +113,7 @@ def _job_names(out_dir: Path, prefix: str, num_jobs: int, job_index: int) -> _Na
         job_prefix, suffix = prefix, ""
     return _Names(prefix=job_prefix, manifest=out_dir / f"manifest{suffix}.json",
                   skipped=out_dir / f"skipped{suffix}.jsonl",
-                  journal=out_dir / f".convert-journal{suffix}.jsonl",
+                  journal=out_dir / f".convert-journal{suffix}.jsonl", lock=out_dir / f".lock{suffix}",
                   shard_pattern=re.compile(rf"^\.?{re.escape(job_prefix)}-\d{{6}}\.(tar|idx)(\..*\.tmp)?$"))
 
 
@@ -102,9 +121,11 @@ def _job_names(out_dir: Path, prefix: str, num_jobs: int, job_index: int) -> _Na
 _WORKER_STATE: dict[str, Any] = {}
 
 
-def _init_worker(options: HygieneOptions, image_hook: ImageHook | None) -> None:
+def _init_worker(options: HygieneOptions, image_hook: ImageHook | None, pooled: bool = False) -> None:
     _WORKER_STATE["options"] = options
     _WORKER_STATE["hook"] = image_hook
+    if pooled:  # a process per core: more intra-op threads would only compete
+        use_one_torch_thread()
 
 
 def _process_one(path: str) -> Prepared | Rejected:
@@ -278,10 +299,11 @@ class _ShardWriter:
     def abandon(self) -> None:
         try:
             self.writer.close()
-        except Exception:  # the file goes anyway
+            self.stream.close()
+        except Exception:  # the file goes anyway (closing flushes, which fails on a full disk)
             pass
-        self.stream.close()
-        self.temporary.unlink(missing_ok=True)
+        finally:
+            self.temporary.unlink(missing_ok=True)
 
 
 def _padded(size: int) -> int:
@@ -363,6 +385,80 @@ def _raise_if_different(expected: dict[str, Any], found: dict[str, Any], where: 
                          f"({'; '.join(differences[:3])}); use an empty OUT_DIR or the same options")
 
 
+@contextlib.contextmanager
+def _out_dir_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``path`` (``OUT_DIR/.lock``, ``.lock-jNNN`` for a
+    split job) while one run converts; a second run of the same job fails at once naming the
+    holder (pid, host, start time, which the file holds). The file is removed on release; a
+    run that locked a file a releasing holder had just removed locks the new one instead.
+
+    Raises:
+        OutDirLocked: another run holds the lock.
+    """
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = os.pread(descriptor, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(descriptor)
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            try:
+                held = json.loads(holder)
+                who = f"pid {held['pid']} on host {held['host']} since {held['started']}"
+            except (ValueError, KeyError, TypeError):
+                who = "a run that is still starting"
+            raise OutDirLocked(errno.EEXIST, f"OUT_DIR is being written by another `ecomaug shard` "
+                                             f"({who}); wait for it or use another OUT_DIR; lock",
+                               str(path)) from None
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(descriptor).st_ino:
+            break
+        os.close(descriptor)  # the holder removed this file as we opened it: lock the new one
+    try:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        try:
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, json.dumps(holder).encode("utf-8") + b"\n", 0)
+        except OSError:  # a full disk: the lock holds without the note
+            pass
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(descriptor)
+
+
+def _remove_temporaries(out_dir: Path, names: _Names) -> list[str]:
+    """Remove this job's temporary files (shards, indexes, skipped.jsonl, manifest being
+    written); only this job's lock holder writes them. Returns their names."""
+    removed = []
+    for path in out_dir.iterdir():
+        name = path.name
+        if name.endswith(".tmp") and (names.shard_pattern.match(name)
+                                      or name.startswith((f".{names.skipped.name}", f".{names.manifest.name}."))):
+            path.unlink(missing_ok=True)
+            removed.append(name)
+    return removed
+
+
+def _disk_full(error: OSError, out_dir: Path, names: _Names) -> DiskFullError:
+    _remove_temporaries(out_dir, names)
+    try:
+        free = f"{shutil.disk_usage(out_dir).free / 1e6:.1f} MB free there now"
+    except OSError:
+        free = "free space unknown"
+    where = f" ({error.filename})" if error.filename else ""
+    return DiskFullError(error.errno, f"the disk is full: no space left on the device holding OUT_DIR "
+                                      f"{out_dir}{where}, {free}; temporary files removed. Free space or "
+                                      f"pick another OUT_DIR, then run the same command again to resume",
+                         str(out_dir))
+
+
 def convert_to_shards(input_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                       prefix: str = "shard", shard_size: int = DEFAULT_SHARD_SIZE,
                       shard_bytes: int | None = None, max_size: int = DEFAULT_MAX_SIZE,
@@ -417,6 +513,9 @@ def convert_to_shards(input_path: str | os.PathLike, out_dir: str | os.PathLike,
         ValueError: bad options, an empty input, an unknown manifest column, or an ``out_dir``
             that holds a conversion with different input or options.
         PermissionError: ``out_dir`` cannot be written.
+        OutDirLocked: another run of this job is writing into ``out_dir`` (a FileExistsError).
+        DiskFullError: the disk filled up (an OSError; temporary files are removed and the
+            same command resumes).
     """
     started = time.perf_counter()
     workers = (os.cpu_count() or 1) if workers is None else workers
@@ -456,6 +555,34 @@ def convert_to_shards(input_path: str | os.PathLike, out_dir: str | os.PathLike,
     out_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise PermissionError(13, "Permission denied (OUT_DIR is not writable)", str(out_dir))
+    try:
+        with _out_dir_lock(names.lock):
+            if names.manifest.exists():  # another run finished while this one was starting
+                return _finished_report(names, fingerprint, len(tasks), started)
+            try:
+                return _convert_job(tasks, names, out_dir=out_dir, fingerprint=fingerprint,
+                                    recorded_options=recorded_options, num_jobs=num_jobs,
+                                    job_index=job_index, group_columns=group_columns, options=options,
+                                    image_hook=image_hook, shard_size=shard_size, shard_bytes=shard_bytes,
+                                    workers=workers, progress=progress, start_method=start_method,
+                                    started=started)
+            except OSError as error:
+                if error.errno not in DISK_FULL_ERRNOS or isinstance(error, DiskFullError):
+                    raise
+                raise _disk_full(error, out_dir, names) from error
+    except OSError as error:  # the lock file itself could not be made
+        if error.errno not in DISK_FULL_ERRNOS or isinstance(error, DiskFullError):
+            raise
+        raise _disk_full(error, out_dir, names) from error
+
+
+def _convert_job(tasks: list[_Task], names: _Names, *, out_dir: Path, fingerprint: dict[str, Any],
+                 recorded_options: dict[str, Any], num_jobs: int, job_index: int,
+                 group_columns: list[str], options: HygieneOptions, image_hook: ImageHook | None,
+                 shard_size: int, shard_bytes: int | None, workers: int, progress: bool,
+                 start_method: str, started: float) -> ConvertReport:
+    """The conversion proper, run while this job holds OUT_DIR's lock: resume or start the
+    journal, write the shards, then skipped.jsonl and manifest.json."""
     _check_siblings(out_dir, names, fingerprint)
 
     header = {"journal": JOURNAL_NAME, "version": 1, "fingerprint": fingerprint,
@@ -534,7 +661,7 @@ def _results(tasks: Sequence[_Task], start: int, options: HygieneOptions, image_
     # the workers evenly busy to the very end.
     chunk_size = max(1, min(4, remaining // (workers * 64)))
     pool = multiprocessing.get_context(start_method).Pool(workers, initializer=_init_worker,
-                                                          initargs=(options, image_hook))
+                                                          initargs=(options, image_hook, True))
     try:
         in_flight: collections.deque = collections.deque()
         position = start

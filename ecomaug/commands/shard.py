@@ -68,14 +68,18 @@ def shard(input_path: str, out_dir: str, max_size: int, resize_side: str, qualit
       ecomaug shard items.csv ./shards --balance-by region --per-group 1000000 --seed 0
       ecomaug shard items.csv ./shards --num-jobs 16 --job-index $SLURM_ARRAY_TASK_ID
     """
-    from loaders.convert import convert_to_shards
+    from ecomaug.cli import CommandError
+    from loaders.convert import DiskFullError, convert_to_shards
 
-    report = convert_to_shards(
-        input_path, out_dir, prefix=prefix, shard_size=shard_size, shard_bytes=parse_size(shard_bytes),
-        max_size=max_size, resize_side=resize_side, quality=quality, min_size=min_size,
-        max_pixels=max_pixels, path_column=path_column, balance_by=balance_by, per_group=per_group,
-        seed=seed, shuffle=shuffle, num_jobs=num_jobs, job_index=job_index, workers=workers,
-        progress=progress)
+    try:
+        report = convert_to_shards(
+            input_path, out_dir, prefix=prefix, shard_size=shard_size, shard_bytes=parse_size(shard_bytes),
+            max_size=max_size, resize_side=resize_side, quality=quality, min_size=min_size,
+            max_pixels=max_pixels, path_column=path_column, balance_by=balance_by, per_group=per_group,
+            seed=seed, shuffle=shuffle, num_jobs=num_jobs, job_index=job_index, workers=workers,
+            progress=progress)
+    except DiskFullError as error:  # an OSError, which the CLI otherwise leaves as a traceback
+        raise CommandError(str(error)) from error
     reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(report.skipped_by_reason.items()))
     if report.already_complete:
         click.echo(f"already complete: {report.manifest_path} ({report.written} written, "
