@@ -2,8 +2,9 @@
 
 :func:`convert_to_shards` lists the inputs (a folder or a CSV/JSONL manifest), optionally
 samples them evenly per group and keeps this job's share, cleans every image in worker
-processes (:mod:`loaders.images`) and writes ``{prefix}-{NNNNNN}.tar`` shards with webdataset's
-``TarWriter`` plus a DALI index per shard, then ``manifest.json`` and ``skipped.jsonl``
+processes (:mod:`loaders.images`) and writes ``{prefix}-{NNNNNN}.tar`` shards (byte for byte what
+webdataset's ``TarWriter`` writes) plus a DALI index per shard, then ``manifest.json`` and
+``skipped.jsonl``
 (format: ``docs/architecture.md``, "Shard format").
 
 Crash safety: a shard is written under a hidden temporary name and renamed when complete; then
@@ -23,6 +24,7 @@ import datetime
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -37,8 +39,9 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from loaders.images import HygieneOptions, ImageHook, Prepared, Rejected, prepare_image, use_one_torch_thread
-from loaders.inputs import InputItem, InputListing, read_inputs
+from loaders.inputs import NOT_REGULAR, InputItem, InputListing, read_inputs
 from loaders.manifest import FORMAT_NAME, FORMAT_VERSION, read_manifest, write_json_atomic
+from loaders.remote import open_regular_file
 
 JOURNAL_NAME = "ecomaug-convert-journal"
 TAR_BLOCK = 512
@@ -130,10 +133,12 @@ def _init_worker(options: HygieneOptions, image_hook: ImageHook | None, pooled: 
 
 def _process_one(path: str) -> Prepared | Rejected:
     try:
-        with open(path, "rb") as stream:
+        with open_regular_file(path) as stream:  # a FIFO named in a manifest would block open()
             data = stream.read()
     except FileNotFoundError:
         return Rejected("missing file", path)
+    except ValueError as error:
+        return Rejected(NOT_REGULAR, str(error).rsplit("(", 1)[-1].rstrip(")"))
     except OSError as error:
         return Rejected("unreadable file", f"{type(error).__name__}: {error}".splitlines()[0])
     return prepare_image(data, _WORKER_STATE["options"], _WORKER_STATE["hook"])
@@ -152,7 +157,9 @@ def _plan(listing: InputListing, *, balance_by: str | None, per_group: int | Non
     for item in listing.items:
         key = item.key
         task = _Task(item=item, key=key)
-        if key in first_of:
+        if item.problem is not None:  # a FIFO, device, dangling link or link loop in a folder
+            task.skip = {"reason": NOT_REGULAR, "detail": item.problem}
+        elif key in first_of:
             task.skip = {"reason": "repeated input", "duplicate_of": key,
                          "detail": "the same path is listed more than once"}
         else:
@@ -241,32 +248,36 @@ class _ShardWriter:
     """Writes one shard under a temporary name, builds its DALI index, renames when closed."""
 
     def __init__(self, out_dir: Path, name: str):
-        from webdataset import TarWriter
-
         self.out_dir = out_dir
         self.tar_name = f"{name}.tar"
         self.index_name = f"{name}.idx"
         self.temporary = out_dir / f".{self.tar_name}.{os.getpid()}.tmp"
         self.stream = open(self.temporary, "wb")
-        # encoder=False: we hand over bytes; a fixed mtime makes reruns byte-identical.
-        self.writer = TarWriter(self.stream, encoder=False, mtime=0)
+        # tarfile as webdataset's TarWriter(encoder=False, mtime=0) drives it, without importing
+        # webdataset, which imports torch (seconds of start-up this process has no use for); a
+        # fixed mtime makes reruns byte-identical.
+        self.writer = tarfile.open(fileobj=self.stream, mode="w|", format=tarfile.USTAR_FORMAT)
         self.index_lines: list[str] = []
         self.count = 0
         self.groups: dict[str, dict[str, int]] = {}
 
     @property
     def bytes(self) -> int:
-        return self.writer.tarstream.offset
+        return self.writer.offset
 
     def write(self, key: str, jpeg: bytes, meta_json: bytes) -> None:
-        start = self.writer.tarstream.offset
-        self.writer.write({"__key__": key, "jpg": jpeg, "json": meta_json})
-        # TarWriter writes members in sorted order (jpg, json), each a 512-byte ustar header and
+        start = self.writer.offset
+        for extension, data in (("jpg", jpeg), ("json", meta_json)):
+            member = tarfile.TarInfo(f"{key}.{extension}")
+            member.size, member.mtime, member.mode = len(data), 0, 0o444
+            member.uname = member.gname = "bigdata"
+            self.writer.addfile(member, io.BytesIO(data))
+        # Members in sorted order (jpg, json), as TarWriter writes them, each a 512-byte ustar header and
         # its data padded to 512 bytes; DALI's index lists the data offsets.
         jpg_data = start + TAR_BLOCK
         json_data = jpg_data + _padded(len(jpeg)) + TAR_BLOCK
-        if self.writer.tarstream.offset != json_data + _padded(len(meta_json)):
-            raise RuntimeError("unexpected tar layout from webdataset.TarWriter; cannot index the shard")
+        if self.writer.offset != json_data + _padded(len(meta_json)):
+            raise RuntimeError("unexpected tar layout from tarfile; cannot index the shard")
         self.index_lines.append(f"jpg {jpg_data} {len(jpeg)} {key}.jpg "
                                 f"json {json_data} {len(meta_json)} {key}.json")
         self.count += 1

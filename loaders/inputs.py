@@ -7,24 +7,35 @@ written) from which its shard key is derived, so keys are stable across runs, jo
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loaders.remote import file_kind
+
 MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 KEY_LENGTH = 20
+NOT_REGULAR = "not a regular file"  # the skip reason of a folder entry that is not an image file
 
 
 @dataclass(frozen=True)
 class InputItem:
-    """One input: its identity (and key), where its bytes are, and its manifest columns."""
+    """One input: its identity (and key), where its bytes are, and its manifest columns.
+
+    ``problem`` says why a folder entry cannot be read as a file (``"FIFO"``, ``"dangling
+    symlink"``, ``"symlink loop"``...); such an input is listed so that it is skipped with that
+    reason, and inputs = written + skipped still holds.
+    """
 
     identity: str
     path: str
     meta: dict[str, Any]
+    problem: str | None = None
 
     @property
     def key(self) -> str:
@@ -46,18 +57,37 @@ def input_key(identity: str) -> str:
     return hashlib.sha1(identity.encode("utf-8")).hexdigest()[:KEY_LENGTH]
 
 
+def entry_problem(path: str | os.PathLike) -> str | None:
+    """Why a folder entry is not a readable regular file (None when it is one; a symlink to a
+    regular file is one). Nothing is opened, so a FIFO cannot block."""
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks
+    except FileNotFoundError:
+        return "dangling symlink" if os.path.islink(path) else "vanished while listing"
+    except OSError as error:
+        return "symlink loop" if error.errno == errno.ELOOP else f"cannot stat ({error.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "symlink to a folder (not followed)"
+    return file_kind(mode)
+
+
 def _walk_folder(root: Path) -> list[InputItem]:
     items = []
     for directory, subdirectories, files in os.walk(root):
         # Hidden files and folders (.DS_Store, .git, our own temporaries) are not inputs.
         subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
-        for name in sorted(files):
+        # os.walk lists a symlink to a folder among the folders and does not follow it: an
+        # input to skip with its reason, not a silent gap in the counts
+        linked = [d for d in subdirectories if os.path.islink(os.path.join(directory, d))]
+        subdirectories[:] = [d for d in subdirectories if d not in linked]
+        for name in sorted([*files, *linked]):
             if name.startswith("."):
                 continue
             path = Path(directory) / name
-            if path.is_file():
-                identity = path.relative_to(root).as_posix()
-                items.append(InputItem(identity=identity, path=str(path), meta={}))
+            identity = path.relative_to(root).as_posix()
+            items.append(InputItem(identity=identity, path=str(path), meta={}, problem=entry_problem(path)))
     items.sort(key=lambda item: item.identity)
     return items
 
@@ -136,6 +166,8 @@ def read_inputs(source: str | os.PathLike, *, path_column: str = "path") -> Inpu
         if not items:
             raise ValueError(f"{path}: the input folder holds no files")
         return InputListing(source=path, kind="folder", items=items, columns=())
+    if not path.is_file():  # a FIFO would block the read forever
+        raise ValueError(f"{path}: INPUT is not a regular file or a folder (a {file_kind(path.stat().st_mode)})")
     kind = MANIFEST_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise ValueError(f"{path}: INPUT must be a folder or a manifest ending in "
