@@ -1,8 +1,17 @@
 """Bytes to pixels: image folders -> WebDataset shards -> uint8 crops on the training device."""
 
-from loaders.batch import Batch
-from loaders.build import build_loader
-from loaders.convert import ConvertReport, convert_to_shards
-from loaders.manifest import ShardInfo, ShardSet, load_shard_set
+# Public names, imported on first use: ``ecomaug shard`` (loaders.convert) must not pay for
+# importing torch in its parent process, which never needs it.
+_LAZY_EXPORTS = {"Batch": "loaders.batch", "build_loader": "loaders.build",
+                 "ConvertReport": "loaders.convert", "convert_to_shards": "loaders.convert",
+                 "ShardInfo": "loaders.manifest", "ShardSet": "loaders.manifest",
+                 "load_shard_set": "loaders.manifest"}
+__all__ = list(_LAZY_EXPORTS)
 
-__all__ = ["Batch", "build_loader", "ConvertReport", "convert_to_shards", "ShardInfo", "ShardSet", "load_shard_set"]
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+    raise AttributeError(f"module 'loaders' has no attribute {name!r}")

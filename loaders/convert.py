@@ -4,8 +4,7 @@
 samples them evenly per group and keeps this job's share, cleans every image in worker
 processes (:mod:`loaders.images`) and writes ``{prefix}-{NNNNNN}.tar`` shards (byte for byte what
 webdataset's ``TarWriter`` writes) plus a DALI index per shard, then ``manifest.json`` and
-``skipped.jsonl``
-(format: ``docs/architecture.md``, "Shard format").
+``skipped.jsonl`` (format: ``docs/architecture.md``, "Shard format").
 
 Crash safety: a shard is written under a hidden temporary name and renamed when complete; then
 one line is appended to a per-job journal (``.convert-journal*.jsonl``) saying how many inputs
@@ -41,7 +40,7 @@ from typing import Any, Iterator, Sequence
 from loaders.images import HygieneOptions, ImageHook, Prepared, Rejected, prepare_image, use_one_torch_thread
 from loaders.inputs import NOT_REGULAR, InputItem, InputListing, read_inputs
 from loaders.manifest import FORMAT_NAME, FORMAT_VERSION, read_manifest, write_json_atomic
-from loaders.remote import open_regular_file
+from loaders.remote import NotRegularFileError, open_regular_file
 
 JOURNAL_NAME = "ecomaug-convert-journal"
 TAR_BLOCK = 512
@@ -137,8 +136,8 @@ def _process_one(path: str) -> Prepared | Rejected:
             data = stream.read()
     except FileNotFoundError:
         return Rejected("missing file", path)
-    except ValueError as error:
-        return Rejected(NOT_REGULAR, str(error).rsplit("(", 1)[-1].rstrip(")"))
+    except NotRegularFileError as error:
+        return Rejected(NOT_REGULAR, error.kind)
     except OSError as error:
         return Rejected("unreadable file", f"{type(error).__name__}: {error}".splitlines()[0])
     return prepare_image(data, _WORKER_STATE["options"], _WORKER_STATE["hook"])

@@ -1,11 +1,17 @@
-"""Image hygiene for shard conversion: any image file's bytes -> one clean RGB baseline JPEG.
+"""Image hygiene: any image file's bytes -> clean RGB pixels, and for a shard one baseline JPEG.
 
-One function, :func:`prepare_image`, runs in the conversion's worker processes. It decides the
-type by content (never by extension), refuses decompression bombs before decoding, applies the
-EXIF orientation, turns every colour mode into RGB (alpha is composited on white), keeps the
-first frame of animations, shrinks with the JPEG decoder's DCT scaling (Pillow's ``draft``) and
-a resampling filter, and re-encodes as JPEG -- unless the input already is a baseline RGB JPEG
-that needs no change, whose bytes then pass through untouched.
+:func:`prepare_image` runs in the conversion's worker processes. It decides the type by content
+(never by extension), refuses decompression bombs before decoding and JPEGs whose data is far
+too small for the size they declare, applies the EXIF orientation, turns every colour mode into
+RGB (alpha is composited on white, CMYK converted), keeps the first frame of animations, shrinks
+with the JPEG decoder's DCT scaling (Pillow's ``draft``) and torch's antialiased bicubic kernel
+(:func:`loaders.crops.resize_image`), and re-encodes as JPEG -- unless the input already is a
+baseline RGB JPEG that needs no change, whose bytes then pass through without what follows its
+end-of-image marker.
+
+:func:`read_image` is the same reading for everything else that opens image files (``preview
+--images``, ``embed`` on a folder), and :func:`list_image_files` the same choice of files, so a
+folder is seen as its shards are.
 """
 
 from __future__ import annotations
@@ -13,17 +19,22 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from loaders.jpeg_structure import JpegLayout, JpegStructureError, jpeg_layout, too_little_data
+
 RESIZE_SIDES = ("longer", "shorter")
 ORIENTATION_TAG = 0x0112
 # Modes whose alpha channel is composited on white rather than dropped.
 ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
 
 # image_hook(rgb image) -> (image, metadata to merge into the sample's json, changed?)
 ImageHook = Callable[[Image.Image], "tuple[Image.Image, dict[str, Any], bool]"]
@@ -37,7 +48,7 @@ class HygieneOptions:
     resize_side: str = "longer"
     quality: int = 90
     min_size: int = 32
-    max_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         if self.max_size < 1:
@@ -113,24 +124,147 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _open(data: bytes, options: HygieneOptions) -> Image.Image | Rejected:
+class UnreadableImage(ValueError):
+    """An image file :func:`read_image` cannot read; ``reason`` is the short stable reason."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+def _open(data: bytes, max_pixels: int, min_size: int = 1) -> tuple[Image.Image, JpegLayout | None]:
+    """Open (header only) and vet an image; its JPEG layout when it is a sound JPEG."""
+    if not data:
+        raise UnreadableImage("empty file", "0 bytes")
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check below replaces Pillow's global bomb warning.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
-        return Rejected("too many pixels", str(error).splitlines()[0])
+        raise UnreadableImage("too many pixels", str(error).splitlines()[0]) from None
     except UnidentifiedImageError:
-        return Rejected("not an image", "content is not a known image format")
+        raise UnreadableImage("not an image", "content is not a known image format") from None
     except Exception as error:  # a malformed header of a known format
-        return Rejected("corrupt image", f"{type(error).__name__}: {error}".splitlines()[0])
+        raise UnreadableImage("corrupt image", _one_line(error)) from None
     width, height = image.size
-    if width * height > options.max_pixels:
-        return Rejected("too many pixels", f"{width}x{height} > {options.max_pixels} pixels")
-    if min(width, height) < options.min_size:
-        return Rejected("too small", f"{width}x{height}, shorter side < {options.min_size} px")
-    return image
+    if width * height > max_pixels:
+        raise UnreadableImage("too many pixels", f"{width}x{height} > {max_pixels} pixels")
+    if min(width, height) < min_size:
+        raise UnreadableImage("too small", f"{width}x{height}, shorter side < {min_size} px")
+    layout = None
+    if image.format in ("JPEG", "MPO"):
+        try:
+            layout = jpeg_layout(data)
+        except JpegStructureError:
+            pass  # the decoder has the last word; such bytes are never passed through
+        if layout is not None:
+            # A decoder pads missing data out to a flat grey image without failing.
+            shortfall = too_little_data(layout.frame, layout.entropy_bytes)
+            if shortfall is not None:
+                raise UnreadableImage("corrupt image", shortfall)
+    return image, layout
+
+
+def _decode_rgb(image: Image.Image, draft_size: tuple[int, int] | None, orientation: int) -> Image.Image:
+    """Decode (a JPEG with DCT scaling to no less than ``draft_size``, in stored orientation),
+    orient, convert to RGB."""
+    try:
+        if draft_size is not None and image.format in ("JPEG", "MPO"):
+            # DCT-domain downscale by 1/2, 1/4 or 1/8 while decoding: the largest speed win.
+            image.draft(None, draft_size)
+        image.load()  # decodes now: truncated or corrupt data raises here
+        if orientation != 1:
+            image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    except Exception as error:  # truncated, corrupt, or an unsupported mode
+        raise UnreadableImage("corrupt image", _one_line(error)) from None
+
+
+def read_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> Image.Image:
+    """Any image file's bytes -> RGB pixels, read exactly as the shard conversion reads them.
+
+    The type is decided by content, the EXIF orientation applied, alpha (RGBA, LA, P with
+    transparency) composited on white, CMYK and 16-bit modes converted, an animation's first
+    frame kept.
+
+    Args:
+        data: the whole file.
+        max_pixels: decompression-bomb limit, checked before decoding.
+        min_side: optional: the caller needs the shorter side no longer than this, so a JPEG
+            may be decoded with DCT scaling (faster) as long as its shorter side stays >= it.
+
+    Returns:
+        An RGB Pillow image, upright.
+
+    Raises:
+        UnreadableImage: (a ``ValueError``) with ``reason`` ``empty file``, ``not an image``,
+            ``corrupt image`` or ``too many pixels``.
+    """
+    image, _ = _open(data, max_pixels)
+    try:
+        orientation = image.getexif().get(ORIENTATION_TAG, 1)
+    except Exception as error:
+        raise UnreadableImage("corrupt image", _one_line(error)) from None
+    return _decode_rgb(image, None if min_side is None else (min_side, min_side), orientation)
+
+
+def list_image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files under ``folder`` (recursive), chosen by content as a conversion would.
+
+    Hidden files and folders are left out, as :func:`loaders.inputs.read_inputs` leaves them
+    out; a file counts as an image when Pillow recognises its header, whatever its name.
+
+    Returns:
+        The paths, sorted by their path relative to ``folder``.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a directory.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(2, "No such image directory", str(root))
+    found = []
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+        for name in files:
+            path = Path(directory) / name
+            if name.startswith(".") or not path.is_file():
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    with Image.open(path):
+                        pass
+            except Exception:  # not an image (or not readable): not one of the folder's images
+                continue
+            found.append(path)
+    return sorted(found, key=lambda path: path.relative_to(root).as_posix())
+
+
+_ONE_TORCH_THREAD = [False]
+
+
+def use_one_torch_thread() -> None:
+    """Make this process's resizes single-threaded: call in each process of a pool with one
+    process per core (set when the first resize imports torch, not before)."""
+    _ONE_TORCH_THREAD[0] = True
+
+
+def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    from loaders.crops import resize_image  # imports torch: only when an image needs a resize
+
+    if _ONE_TORCH_THREAD[0]:
+        import torch
+
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+    return Image.fromarray(resize_image(np.array(image), *size), "RGB")
 
 
 def prepare_image(data: bytes, options: HygieneOptions,
@@ -148,33 +282,23 @@ def prepare_image(data: bytes, options: HygieneOptions,
         (``empty file``, ``not an image``, ``corrupt image``, ``too many pixels``, ``too small``,
         ``image_hook failed``).
     """
-    if not data:
-        return Rejected("empty file", "0 bytes")
-    opened = _open(data, options)
-    if isinstance(opened, Rejected):
-        return opened
-    image = opened
     try:
+        image, layout = _open(data, options.max_pixels, options.min_size)
         stored_size = image.size
         target = output_size(*stored_size, options.max_size, options.resize_side)
-        needs_resize = target != stored_size
         orientation = image.getexif().get(ORIENTATION_TAG, 1)
         # Animations are decoded as their first frame (Pillow opens frame 0); MPO is not "JPEG".
-        untouched_jpeg = (image.format == "JPEG" and image.mode == "RGB" and not needs_resize
-                          and orientation == 1
+        untouched_jpeg = (image.format == "JPEG" and image.mode == "RGB" and target == stored_size
+                          and orientation == 1 and layout is not None
                           and not image.info.get("progressive") and not image.info.get("progression"))
-        if needs_resize and image.format in ("JPEG", "MPO"):
-            # DCT-domain downscale by 1/2, 1/4 or 1/8 while decoding: the largest speed win.
-            image.draft(None, target)
-        image.load()  # decodes now: truncated or corrupt data raises here
-        if orientation != 1:
-            image = ImageOps.exif_transpose(image)
-        image = _to_rgb(image)
+        image = _decode_rgb(image, target if target != stored_size else None, orientation)
         final_size = output_size(*image.size, options.max_size, options.resize_side)
         if final_size != image.size:
-            image = image.resize(final_size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    except Exception as error:  # truncated, corrupt, or an unsupported mode
-        return Rejected("corrupt image", f"{type(error).__name__}: {error}".splitlines()[0])
+            image = _resize(image, final_size)
+    except UnreadableImage as error:
+        return Rejected(error.reason, error.detail)
+    except Exception as error:  # an unsupported mode, a failing resize
+        return Rejected("corrupt image", _one_line(error))
 
     pixel_digest = _digest(f"{image.size}".encode() + image.tobytes())
     meta: dict[str, Any] = {}
@@ -190,7 +314,8 @@ def prepare_image(data: bytes, options: HygieneOptions,
             return Rejected("image_hook failed", f"{type(error).__name__}: {error}".splitlines()[0])
 
     if untouched_jpeg and not changed:
-        jpeg = data
+        # a trailer after the EOI (a motion photo's video, a camera's maker data) is no image
+        jpeg = data[:layout.end] if layout.end < len(data) else data
     else:
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=options.quality, optimize=False, progressive=False)
