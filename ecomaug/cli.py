@@ -6,6 +6,7 @@ timm or DALI. Library code raises; this module turns those errors into one line 
 
 from __future__ import annotations
 
+import errno
 import importlib
 import importlib.util
 
@@ -21,11 +22,19 @@ COMMANDS: dict[str, str] = {
     "bench": "ecomaug.commands.bench:bench",
     "embed": "ecomaug.commands.embed:embed",
     "eval": "ecomaug.commands.evaluate:evaluate",
+    "match": "ecomaug.commands.match:match",
 }
 
 # Errors that mean "the user asked for something that cannot be done": one line, exit 2.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
                IsADirectoryError, PermissionError, ImportError)
+# A full disk (or quota) is the user's to fix too; other OSErrors (an I/O error) keep their traceback.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_user_error(error: BaseException) -> bool:
+    """True for what :data:`USER_ERRORS` lists and for a full disk."""
+    return isinstance(error, USER_ERRORS) or (isinstance(error, OSError) and error.errno in DISK_FULL)
 
 
 class CommandError(click.ClickException):
@@ -51,13 +60,18 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as error:
+        except (*USER_ERRORS, OSError) as error:
+            if not is_user_error(error):
+                raise
             raise CommandError(one_line(error)) from error
 
 
 def one_line(error: BaseException) -> str:
     """Render an exception as a single line (the first line of its message)."""
     text = str(error).strip() or type(error).__name__
+    if type(error) is OSError and error.errno in DISK_FULL:  # a raw ENOSPC: say it plainly, and where
+        where = f" while writing {error.filename}" if error.filename else ""
+        text = f"disk full{where}: {error.strerror or 'no space left on device'}"
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError,
                           NotADirectoryError, FileExistsError)) and error.filename:
         text = f"{error.strerror or type(error).__name__}: {error.filename}"

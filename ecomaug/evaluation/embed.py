@@ -615,8 +615,10 @@ def embed_data(model: EmbeddingModel, data: str | os.PathLike, *, batch_size: in
                              "(use loader='builtin')")
         return embed_with_loader(model, data, batch_size=batch_size, backend=loader,
                                  progress=progress)
-    return embed_samples(model, iter_data(data), batch_size=batch_size, progress=progress,
-                         total=count_samples(data), description="embed")
+    embeddings = embed_samples(model, iter_data(data), batch_size=batch_size, progress=progress,
+                               total=count_samples(data), description="embed")
+    embeddings.info["data"] = os.fspath(data)  # where the images are, for thumbnails later
+    return embeddings
 
 
 @dataclass

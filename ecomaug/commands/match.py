@@ -1,0 +1,111 @@
+"""``ecomaug match``: two catalogues -> same-item pairs (pairs.csv) and gap items (gaps.csv)."""
+
+from __future__ import annotations
+
+import click
+
+from ecomaug.matching.search import EXACT_LIMIT, METHODS
+
+
+@click.command("match")
+@click.option("--a", "a_source", type=str, required=True,
+              help="Our catalogue: shards, an image folder, a .csv/.jsonl manifest, or what "
+                   "ecomaug embed wrote (.npz or a parts folder).")
+@click.option("--b", "b_source", type=str, required=True, help="Their catalogue (as --a).")
+@click.option("--model", "model_path", type=str, default=None,
+              help="Export dir, run dir or checkpoint; not needed when both sides are embeddings.")
+@click.option("--random-init", type=str, default=None, metavar="TIMM_NAME",
+              help="Instead of --model: a random-init timm backbone (a baseline).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=str), required=True,
+              help="Output folder: pairs.csv, gaps.csv, report.html, scores.png, summary.json.")
+@click.option("--top-k", type=int, default=10, show_default=True,
+              help="Neighbours of each A listing considered as pairs.")
+@click.option("--threshold", type=float, default=None,
+              help="Fixed cosine threshold (default: calibrated, stored with the model, or an "
+                   "uncalibrated 0.8).")
+@click.option("--calibrate", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Labelled pairs CSV (a, b, same) to choose the threshold; it is stored next "
+                   "to the model for later runs.")
+@click.option("--precision", type=float, default=0.95, show_default=True,
+              help="Precision the calibrated threshold must reach.")
+@click.option("--mutual-only", is_flag=True, help="Keep only mutual nearest neighbours.")
+@click.option("--rerank", type=int, default=0, show_default=True,
+              help="Neighbourhood re-ranking (query expansion + database-side augmentation) "
+                   "with this many neighbours; 0 = off.")
+@click.option("--index", type=click.Choice(METHODS), default="auto", show_default=True,
+              help="auto: exact up to --exact-limit database vectors, else a faiss IVF index.")
+@click.option("--exact-limit", type=int, default=EXACT_LIMIT, show_default=True,
+              help="Largest catalogue searched exactly with --index auto.")
+@click.option("--shop-column", type=str, default=None,
+              help="B's column counted per gap cluster (default: shop, when present).")
+@click.option("--input-size", type=int, default=None, help="Crop side for checkpoints / --random-init.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
+@click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds --random-init weights, index training and the report's samples.")
+@click.option("--report/--no-report", default=True, show_default=True,
+              help="Write report.html and scores.png.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+def match(a_source: str, b_source: str, model_path: str | None, random_init: str | None, out: str,
+          top_k: int, threshold: float | None, calibrate: str | None, precision: float,
+          mutual_only: bool, rerank: int, index: str, exact_limit: int, shop_column: str | None,
+          input_size: int | None, batch_size: int, device: str, seed: int, report: bool,
+          progress: bool) -> None:
+    """Find which listings of B are the same item as ours (A), and what B sells that A lacks.
+
+    \b
+    Examples:
+      ecomaug match --a ./ours --b ./theirs --model runs/r50/export --out match/ \\
+          --calibrate labelled.csv --precision 0.95
+      ecomaug embed --model runs/r50/export --data ./theirs_shards --out emb/theirs
+      ecomaug match --a emb/ours --b emb/theirs --out match/ --rerank 2
+    """
+    from ecomaug.commands.embed import raise_disk_full
+    from ecomaug.evaluation.embed import random_init_model, resolve_device, load_model
+    from ecomaug.matching.catalogue import is_embeddings, load_catalogue
+    from ecomaug.matching.match import MatchOptions, match_catalogues
+
+    if model_path is not None and random_init is not None:
+        raise ValueError("give at most one of --model and --random-init")
+    options = MatchOptions(top_k=top_k, threshold=threshold, calibrate=calibrate,
+                           precision=precision, mutual_only=mutual_only, rerank=rerank,
+                           index=index, exact_limit=exact_limit, shop_column=shop_column, seed=seed)
+    options.validate()
+    target = resolve_device(device)
+    model = None
+    needs_model = not (is_embeddings(a_source) and is_embeddings(b_source))
+    if needs_model and model_path is None and random_init is None:
+        raise ValueError("--a or --b holds images: give --model (or pass what ecomaug embed wrote)")
+    if needs_model or model_path is not None:
+        model = (random_init_model(random_init, device=target, input_size=input_size or 224,
+                                   seed=seed) if random_init is not None else
+                 load_model(model_path, device=target, input_size=input_size))
+    try:
+        a = load_catalogue(a_source, name="a", model=model, work_dir=out, batch_size=batch_size,
+                           progress=progress)
+        b = load_catalogue(b_source, name="b", model=model, work_dir=out, batch_size=batch_size,
+                           progress=progress)
+        model_source = model.source if model is not None else a.embeddings.info.get("source")
+        result = match_catalogues(a, b, out, options=options, model_source=model_source,
+                                  device=target, report=report)
+    except OSError as error:
+        if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError,
+                              NotADirectoryError, FileExistsError)):
+            raise
+        raise_disk_full(error)
+    state = ("calibrated" if result.calibrated else
+             "given" if result.threshold_source == "given" else
+             "UNCALIBRATED: pass --calibrate LABELLED.csv to choose it for a precision")
+    click.echo(f"threshold {result.threshold:.4f} ({result.threshold_source}; {state})")
+    if result.calibration is not None and result.threshold_source == "calibrated":
+        c = result.calibration
+        click.echo(f"calibration: precision {c.precision:.3f} (asked {c.precision_target}), "
+                   f"recall {c.recall:.3f} on {c.pairs} labelled pairs ({c.unresolved} unresolved)")
+    for name, info in result.searches.items():
+        recall = (f", recall@{info.get('recall_k')} vs exact {info['recall_vs_exact']:.3f}"
+                  if "recall_vs_exact" in info else "")
+        click.echo(f"search {name}: {info['method']}{recall}, "
+                   f"{info['queries_per_second']:.0f} queries/s")
+    click.echo(f"{result.pairs} pairs ({result.mutual_pairs} mutual) of {result.a_listings} A and "
+               f"{result.b_listings} B listings; {result.b_matched} B listings matched, "
+               f"{result.gap_listings} in {result.gap_clusters} gap clusters -> {result.out_dir}")

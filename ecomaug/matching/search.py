@@ -1,0 +1,232 @@
+"""Nearest neighbours of one catalogue in another: exact chunked search, or a faiss index.
+
+The rule (``method="auto"``): a database of up to ``exact_limit`` vectors is searched exactly, in
+chunks on the device (:func:`ecomaug.evaluation.retrieval.retrieve`); above it, an IVF-Flat
+index with ``nlist = 4 * sqrt(N)`` lists (a power of two, 16 .. 65536) is trained on a seeded
+sample of ``min(N, 64 * nlist)`` vectors, and ``nprobe`` is doubled from 8 until recall@k against
+exact search, measured on a sample of queries, reaches ``recall_target`` (0.95). ``method="hnsw"``
+builds HNSW32 instead (no training, more memory). The index is saved with the outputs and reused
+when the database is the same (same keys, same shape).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+METHODS = ("auto", "exact", "ivf", "hnsw")
+# Above this many database vectors, auto uses an index. Measured with python -m bench.match on
+# 2 CPU cores (README, "Matching benchmark"): exact search of 10^5 x 512 answers ~100 queries/s.
+EXACT_LIMIT = 200_000
+RECALL_SAMPLE = 500
+
+
+@dataclass
+class SearchResult:
+    """The ``k`` best database rows of every query, best first.
+
+    Attributes:
+        scores: cosine similarities (``-inf`` where there is no neighbour).
+        indices: database rows (-1 where there is none).
+        method: ``"exact"``, ``"ivf"`` or ``"hnsw"``.
+        info: for an index: its parameters, ``recall_vs_exact`` (recall@k of the index against
+            exact search on a query sample), build/search seconds, queries/s, whether reused.
+
+    Shape:
+        - scores, indices: :math:`(Q, k)`.
+    """
+
+    scores: np.ndarray
+    indices: np.ndarray
+    method: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def fingerprint(keys: Sequence[str], vectors: torch.Tensor) -> str:
+    """What identifies a database for index reuse: its keys, shape and a checksum of its rows."""
+    digest = hashlib.sha1(f"{tuple(vectors.shape)}".encode())
+    for key in keys:
+        digest.update(key.encode("utf-8") + b"\0")
+    digest.update(np.ascontiguousarray(vectors[:: max(1, len(keys) // 1000)].numpy()).tobytes())
+    return digest.hexdigest()
+
+
+def exact_search(query: torch.Tensor, database: torch.Tensor, *, k: int,
+                 device: torch.device | None = None, query_chunk: int = 1024,
+                 gallery_chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine top-k in chunks (memory about ``query_chunk x gallery_chunk`` floats).
+
+    Returns:
+        ``(scores, indices)``, each :math:`(Q, k)`.
+    """
+    from ecomaug.evaluation.retrieval import retrieve
+
+    device = device or torch.device("cpu")
+    # retrieve() ranks by item; one shared gallery label that no query carries makes it a plain
+    # top-k search with no relevance bookkeeping.
+    result = retrieve(query.to(device), [1] * query.shape[0], database, [0] * database.shape[0],
+                      depth=k, compute_map=False, query_chunk=query_chunk,
+                      gallery_chunk=gallery_chunk)
+    return result.topk_scores, result.topk_indices
+
+
+def ivf_lists(num_vectors: int) -> int:
+    """``nlist`` of the rule: 4 * sqrt(N) rounded to a power of two, within 16 .. 65536."""
+    return int(min(65536, max(16, 2 ** round(math.log2(4 * math.sqrt(max(num_vectors, 1)))))))
+
+
+def choose_method(num_vectors: int, *, method: str = "auto", exact_limit: int = EXACT_LIMIT) -> str:
+    """Apply the rule: ``exact`` up to ``exact_limit`` vectors, else ``ivf``."""
+    if method not in METHODS:
+        raise ValueError(f"search method must be one of {METHODS}; got {method!r}")
+    if method != "auto":
+        return method
+    return "exact" if num_vectors <= exact_limit else "ivf"
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError("an index needs faiss: pip install 'ecomaug[faiss]' (faiss-cpu), or "
+                          "faiss-gpu on a GPU machine; or use --index exact") from error
+    return faiss
+
+
+def _build(vectors: np.ndarray, method: str, seed: int) -> tuple[Any, dict[str, Any]]:
+    faiss = _faiss()
+    count, dim = vectors.shape
+    if method == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 80
+        index.add(vectors)
+        return index, {"kind": "HNSW32", "efConstruction": 80}
+    nlist = min(ivf_lists(count), max(1, count // 39))  # faiss wants >= 39 training points a list
+    index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+    sample = min(count, 64 * nlist)
+    rows = np.random.default_rng(seed).choice(count, size=sample, replace=False)
+    index.train(vectors[np.sort(rows)])
+    index.add(vectors)
+    return index, {"kind": f"IVF{nlist},Flat", "nlist": nlist, "train_sample": int(sample)}
+
+
+def _set_probe(index: Any, info: dict[str, Any], value: int) -> None:
+    if "nlist" in info:
+        _faiss().extract_index_ivf(index).nprobe = value
+        info["nprobe"] = value
+    else:
+        index.hnsw.efSearch = value
+        info["efSearch"] = value
+
+
+def _index_search(index: Any, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores, indices = index.search(query, k)
+    scores = np.where(indices >= 0, scores, -np.inf).astype(np.float32)
+    return scores, indices.astype(np.int64)
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """Fraction of the exact top-k that the index's top-k holds."""
+    hits = sum(len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist())) for f, t in zip(found, truth))
+    total = int((truth >= 0).sum())
+    return hits / total if total else 1.0
+
+
+def search(query: torch.Tensor, database: torch.Tensor, *, k: int, method: str = "auto",
+           exact_limit: int = EXACT_LIMIT, index_path: str | os.PathLike | None = None,
+           database_id: str | None = None, recall_target: float = 0.95, seed: int = 0,
+           device: torch.device | None = None, query_chunk: int = 1024,
+           gallery_chunk: int = 65536) -> SearchResult:
+    """The ``k`` nearest database rows of every query by cosine (rows must be unit vectors).
+
+    Args:
+        query: unit query vectors (CPU).
+        database: unit database vectors (CPU).
+        k: neighbours per query.
+        method: ``auto`` (the module's rule), ``exact``, ``ivf`` or ``hnsw``.
+        exact_limit: auto's largest database searched exactly.
+        index_path: where the index is saved (``.faiss`` + ``.json``) and reused from.
+        database_id: :func:`fingerprint` of the database; an index saved for another is rebuilt.
+        recall_target: IVF's nprobe (HNSW's efSearch) grows until recall@k against exact search
+            on a query sample reaches this.
+        seed: seeds the training sample and the query sample.
+        device: where exact search runs.
+        query_chunk: exact search: queries per chunk.
+        gallery_chunk: exact search: database rows per chunk.
+
+    Raises:
+        ValueError: bad k, method or shapes. ImportError: an index without faiss.
+    """
+    if query.ndim != 2 or database.ndim != 2 or query.shape[1] != database.shape[1]:
+        raise ValueError(f"query {tuple(query.shape)} and database {tuple(database.shape)} must be "
+                         "N x D with one D")
+    if k < 1:
+        raise ValueError(f"k must be >= 1; got {k}")
+    if database.shape[0] == 0:
+        raise ValueError("the database is empty")
+    chosen = choose_method(database.shape[0], method=method, exact_limit=exact_limit)
+    if chosen == "exact":
+        started = time.perf_counter()
+        scores, indices = exact_search(query, database, k=k, device=device,
+                                       query_chunk=query_chunk, gallery_chunk=gallery_chunk)
+        seconds = time.perf_counter() - started
+        return SearchResult(scores, indices, "exact",
+                            {"search_seconds": seconds,
+                             "queries_per_second": query.shape[0] / max(seconds, 1e-9)})
+    faiss = _faiss()
+    base = np.ascontiguousarray(database.float().numpy())
+    queries = np.ascontiguousarray(query.float().numpy())
+    k_index = min(k, base.shape[0])
+    saved = Path(index_path) if index_path is not None else None
+    index, info = None, {}
+    if saved is not None and saved.with_suffix(".json").is_file() and saved.is_file():
+        recorded = json.loads(saved.with_suffix(".json").read_text(encoding="utf-8"))
+        if recorded.get("database_id") == database_id and recorded.get("method") == chosen \
+                and database_id is not None:
+            index, info = faiss.read_index(str(saved)), {**recorded, "reused": True}
+    if index is None:
+        started = time.perf_counter()
+        index, info = _build(base, chosen, seed)
+        info.update(method=chosen, database_id=database_id, build_seconds=time.perf_counter() - started,
+                    reused=False)
+        # Tune the probe depth on a query sample against exact search.
+        rows = np.random.default_rng(seed + 1).choice(
+            queries.shape[0], size=min(RECALL_SAMPLE, queries.shape[0]), replace=False)
+        _, truth = exact_search(query[np.sort(rows)], database, k=k_index, device=device,
+                                query_chunk=query_chunk, gallery_chunk=gallery_chunk)
+        probe, ceiling = (8, info["nlist"]) if "nlist" in info else (32, 4096)
+        while True:
+            _set_probe(index, info, min(probe, ceiling))
+            _, found = _index_search(index, queries[np.sort(rows)], k_index)
+            info["recall_vs_exact"] = _recall(found, truth)
+            info["recall_sample"] = int(len(rows))
+            if info["recall_vs_exact"] >= recall_target or probe >= ceiling:
+                break
+            probe *= 2
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            faiss.write_index(index, str(saved))
+            from loaders.manifest import write_json_atomic
+
+            write_json_atomic(saved.with_suffix(".json"), {key: info[key] for key in info
+                                                           if key != "reused"})
+    else:
+        _set_probe(index, info, info.get("nprobe", info.get("efSearch", 8)))
+    started = time.perf_counter()
+    scores, indices = _index_search(index, queries, k_index)
+    seconds = time.perf_counter() - started
+    if k_index < k:
+        scores = np.pad(scores, ((0, 0), (0, k - k_index)), constant_values=-np.inf)
+        indices = np.pad(indices, ((0, 0), (0, k - k_index)), constant_values=-1)
+    info.update(search_seconds=seconds, queries_per_second=query.shape[0] / max(seconds, 1e-9),
+                recall_k=k_index)
+    return SearchResult(scores, indices, chosen, info)
