@@ -307,13 +307,12 @@ class _ShardWriter:
                 "bytes": size, "groups": self.groups}
 
     def abandon(self) -> None:
-        try:
-            self.writer.close()
-            self.stream.close()
-        except Exception:  # the file goes anyway (closing flushes, which fails on a full disk)
-            pass
-        finally:
-            self.temporary.unlink(missing_ok=True)
+        for close in (self.writer.close, self.stream.close):
+            try:  # the file goes anyway; closing flushes, which fails again on a full disk
+                close()
+            except Exception:  # noqa: BLE001
+                pass
+        self.temporary.unlink(missing_ok=True)
 
 
 def _padded(size: int) -> int:

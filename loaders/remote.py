@@ -41,6 +41,14 @@ def file_kind(mode: int) -> str:
     return "special file"
 
 
+class NotRegularFileError(ValueError):
+    """A local path is a FIFO, socket, device or directory where a file was expected."""
+
+    def __init__(self, path: str, kind: str) -> None:
+        super().__init__(f"{path}: not a regular file (a {kind})")
+        self.kind = kind
+
+
 def open_regular_file(path: str | os.PathLike) -> IO[bytes]:
     """Open a local file for reading, refusing anything that is not a regular file.
 
@@ -50,14 +58,14 @@ def open_regular_file(path: str | os.PathLike) -> IO[bytes]:
 
     Raises:
         FileNotFoundError: no such file (or a dangling symlink).
-        ValueError: a FIFO, socket, device or directory.
+        NotRegularFileError: a FIFO, socket, device or directory (a ValueError).
         OSError: a symlink loop or another failure of ``open``.
     """
     descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         mode = os.fstat(descriptor).st_mode
         if not stat.S_ISREG(mode):
-            raise ValueError(f"{os.fspath(path)}: not a regular file (a {file_kind(mode)})")
+            raise NotRegularFileError(os.fspath(path), file_kind(mode))
         if hasattr(os, "set_blocking"):
             os.set_blocking(descriptor, True)
         return os.fdopen(descriptor, "rb")
