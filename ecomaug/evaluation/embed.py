@@ -709,7 +709,7 @@ def embed_to_parts(model: EmbeddingModel, data: str | os.PathLike, out_dir: str 
                 "part_size": part_size, "stream_total": total}
     for other in folder.glob("done-r*-of-*.json"):
         if not other.name.endswith(f"-of-{world_size:05d}.json"):
-            raise ValueError(f"{folder}: holds parts of a run split {other.stem.split('-of-')[1]} "
+            raise ValueError(f"{folder}: holds parts of a run split {int(other.stem.split('-of-')[1])} "
                              f"ways, not {world_size}; use another --out")
     for stale in folder.glob(f".part-r{rank:05d}-*.tmp.npz"):
         stale.unlink()  # left by a kill in the middle of a write
