@@ -1,11 +1,15 @@
 """Export a trained backbone for use outside ecomaug: safetensors weights plus a small config.
 
-``OUT/backbone.safetensors`` holds exactly the state dict of
-``timm.create_model(name, pretrained=False, num_classes=0)``; ``OUT/config.json`` says which
-model that is and how its inputs were prepared::
+``OUT/backbone.safetensors`` holds exactly the state dict of :func:`create_backbone`, i.e.
+``timm.create_model(name, pretrained=False, num_classes=0)`` (with ``img_size=S`` for models
+that take one, such as ViTs); ``OUT/config.json`` says which model that is and how its inputs
+were prepared::
 
     {"model": "resnet50", "num_features": 2048, "input_size": [3, 224, 224],
      "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"}
+
+Both files are staged beside the old ones and renamed together, so a failed export (a full
+disk) leaves the previous export as it was.
 """
 
 from __future__ import annotations
@@ -22,6 +26,47 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHTS_NAME = "backbone.safetensors"
 CONFIG_NAME = "config.json"
+
+
+def check_model_name(model_name: str) -> None:
+    """Raise ValueError, with similar names, unless timm knows ``model_name`` (cheap: nothing is built)."""
+    import timm
+
+    if ":" not in model_name and not timm.is_model(model_name):  # "hf-hub:..." names are resolved by timm
+        close = timm.list_models(f"*{model_name[:6]}*")[:5] if model_name else []
+        raise ValueError(f"unknown timm model {model_name!r}" + (f"; similar names: {close}" if close else ""))
+
+
+def create_backbone(model_name: str, *, img_size: int | None = None) -> nn.Module:
+    """The one way a backbone is created: ``timm.create_model(name, pretrained=False, num_classes=0)``.
+
+    Args:
+        model_name: a timm model name.
+        img_size: side of the square inputs; passed to models that take it (ViTs and other
+            models with position embeddings are built for one input size), ignored by the rest
+            (CNNs take any size).
+
+    Returns:
+        The model, randomly initialised from torch's global generator.
+
+    Raises:
+        ValueError: an unknown name, or an ``img_size`` the model cannot be built for.
+    """
+    import timm
+
+    check_model_name(model_name)
+    try:
+        if img_size is not None:
+            try:
+                return timm.create_model(model_name, pretrained=False, num_classes=0, img_size=img_size)
+            except TypeError as error:  # the model has no img_size argument: it takes any size
+                if "img_size" not in str(error):
+                    raise
+        return timm.create_model(model_name, pretrained=False, num_classes=0)
+    except (RuntimeError, AssertionError) as error:  # timm: unknown name; a model: a size it cannot take
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cannot create timm model {model_name!r}"
+                         + (f" for {img_size}-pixel inputs" if img_size else "") + f": {detail}") from error
 
 
 def export_backbone(backbone: nn.Module | dict[str, torch.Tensor], out_dir: str | os.PathLike, *,
@@ -42,14 +87,15 @@ def export_backbone(backbone: nn.Module | dict[str, torch.Tensor], out_dir: str 
 
     Raises:
         ValueError: if ``verify`` and the weights do not fit ``model_name``.
+        DiskFullError: the disk filled up; the previous export is intact and no temporary file is left.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as serialise
 
-    import timm
+    from ecomaug.checkpoint import stage_file
 
     state = backbone.state_dict() if isinstance(backbone, nn.Module) else backbone
     state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
-    reference = timm.create_model(model_name, pretrained=False, num_classes=0)
+    reference = create_backbone(model_name, img_size=input_size)
     if verify:
         try:
             reference.load_state_dict(state, strict=True)
@@ -58,7 +104,7 @@ def export_backbone(backbone: nn.Module | dict[str, torch.Tensor], out_dir: str 
                              f"{str(error).splitlines()[0]}") from error
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out_dir / WEIGHTS_NAME), metadata={"model": model_name, "format": "pt"})
+    weights = serialise(state, metadata={"model": model_name, "format": "pt"})
     config: dict[str, Any] = {
         "model": model_name,
         "num_features": int(reference.num_features),
@@ -67,9 +113,16 @@ def export_backbone(backbone: nn.Module | dict[str, torch.Tensor], out_dir: str 
         "std": list(IMAGENET_STD),
         "interpolation": interpolation,
     }
-    from loaders.manifest import write_json_atomic
-
-    write_json_atomic(out_dir / CONFIG_NAME, config)
+    text = (json.dumps(config, indent=2) + "\n").encode("utf-8")
+    staged: dict[Path, Path] = {}
+    try:  # stage both files, then rename both: the old export stays whole if anything fails
+        staged[out_dir / WEIGHTS_NAME] = stage_file(out_dir / WEIGHTS_NAME, lambda stream: stream.write(weights))
+        staged[out_dir / CONFIG_NAME] = stage_file(out_dir / CONFIG_NAME, lambda stream: stream.write(text))
+        for target, temporary in staged.items():
+            os.replace(temporary, target)
+    finally:
+        for temporary in staged.values():
+            temporary.unlink(missing_ok=True)
     return out_dir
 
 
@@ -103,17 +156,18 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike)
     from ecomaug.checkpoint import load_checkpoint
 
     model_name, weights, config = backbone_state_from_checkpoint(load_checkpoint(checkpoint))
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(20, "--out is a file, not a directory", str(out_dir))
     return export_backbone(weights, out_dir, model_name=model_name, input_size=int(config.get("crop_size", 224)))
 
 
 def load_exported(export_dir: str | os.PathLike, *, device: torch.device | str = "cpu") -> nn.Module:
-    """Create the timm model an export describes and load its weights (in eval mode)."""
+    """Create the timm model an export describes (at its input size) and load its weights, in eval mode."""
     from safetensors.torch import load_file
-
-    import timm
 
     export_dir = Path(export_dir)
     config = json.loads((export_dir / CONFIG_NAME).read_text(encoding="utf-8"))
-    model = timm.create_model(config["model"], pretrained=False, num_classes=0)
+    model = create_backbone(config["model"], img_size=int(config.get("input_size", [3, 224, 224])[-1]))
     model.load_state_dict(load_file(str(export_dir / WEIGHTS_NAME)))
     return model.to(device).eval()
