@@ -12,7 +12,6 @@ import copy
 import math
 from dataclasses import dataclass
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,17 +45,19 @@ def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, *, layers: int = 
 class Encoder(nn.Module):
     """A timm backbone (``pretrained=False``, no classifier) followed by a projection head.
 
+    The backbone comes from :func:`ecomaug.export.create_backbone`, so that an export and the
+    evaluation loaders rebuild exactly the same model (``img_size`` included).
+
     Shape:
         - input: :math:`(N, 3, H, W)` normalised float; output: :math:`(N, D)`.
     """
 
     def __init__(self, model_name: str, *, dim: int = 128, hidden_dim: int = 2048,
-                 head_layers: int = 2, head_batch_norm: bool = False) -> None:
+                 head_layers: int = 2, head_batch_norm: bool = False, img_size: int | None = None) -> None:
         super().__init__()
-        try:
-            self.backbone = timm.create_model(model_name, pretrained=False, num_classes=0)
-        except RuntimeError as error:  # timm's message for an unknown name
-            raise ValueError(f"unknown timm model {model_name!r}: {error}") from error
+        from ecomaug.export import create_backbone
+
+        self.backbone = create_backbone(model_name, img_size=img_size)  # ValueError for an unknown name
         self.head = projection_mlp(self.backbone.num_features, hidden_dim, dim, layers=head_layers,
                                    batch_norm=head_batch_norm, last_batch_norm=head_batch_norm)
 
@@ -167,6 +168,7 @@ class MoCo(nn.Module):
             ``bn_splits > 1``, the shuffle moves keys into other BN sub-batches.
         bn_splits: sub-batches per device normalised separately (split-batch/ghost BN); 1 off.
         seed: seeds the queue's initial content and the shuffle's generator.
+        img_size: side of the training crops, for backbones built for one input size (ViTs).
 
     Shape:
         - view_q, view_k: :math:`(N, 3, H, W)` normalised float.
@@ -174,7 +176,7 @@ class MoCo(nn.Module):
 
     def __init__(self, model_name: str, *, dim: int = 128, hidden_dim: int = 2048, K: int = 65536,
                  m: float = 0.999, T: float = 0.2, version: str = "v2", shuffle_bn: bool = True,
-                 bn_splits: int = 1, seed: int = 0) -> None:
+                 bn_splits: int = 1, seed: int = 0, img_size: int | None = None) -> None:
         super().__init__()
         if version not in VERSIONS:
             raise ValueError(f"MoCo version must be one of {VERSIONS}, got {version!r}")
@@ -189,7 +191,7 @@ class MoCo(nn.Module):
         self.shuffle_bn = shuffle_bn and version == "v2"
         v3 = version == "v3"
         self.encoder_q = Encoder(model_name, dim=dim, hidden_dim=hidden_dim,
-                                 head_layers=3 if v3 else 2, head_batch_norm=v3)
+                                 head_layers=3 if v3 else 2, head_batch_norm=v3, img_size=img_size)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for param in self.encoder_k.parameters():
             param.requires_grad = False

@@ -76,18 +76,19 @@ class Siamese(nn.Module):
         hidden_dim: hidden size of the projection MLP.
         T: temperature of the supervised contrastive loss.
         bn_splits: sub-batches normalised separately (ghost BN), as in :class:`~ecomaug.moco.MoCo`.
+        img_size: side of the training crops, for backbones built for one input size (ViTs).
 
     Shape:
         - view_1, view_2: :math:`(N, 3, H, W)`; labels: :math:`(N,)`.
     """
 
     def __init__(self, model_name: str, *, dim: int = 128, hidden_dim: int = 2048, T: float = 0.2,
-                 bn_splits: int = 1) -> None:
+                 bn_splits: int = 1, img_size: int | None = None) -> None:
         super().__init__()
         if T <= 0:
             raise ValueError(f"temperature T must be > 0, got {T}")
         self.model_name, self.T, self.bn_splits = model_name, T, bn_splits
-        self.encoder = Encoder(model_name, dim=dim, hidden_dim=hidden_dim)
+        self.encoder = Encoder(model_name, dim=dim, hidden_dim=hidden_dim, img_size=img_size)
 
     @property
     def backbone(self) -> nn.Module:
