@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,16 +29,79 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ecomaug.checkpoint import find_latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ecomaug.checkpoint import (CHECKPOINT_DIR, find_latest_checkpoint, list_checkpoints, load_checkpoint,
+                                rng_state, save_checkpoint, set_rng_state)
 from ecomaug.config import TrainConfig, parse_config
 from ecomaug.distributed import all_reduce_mean, get_rank, get_world_size, is_distributed
-from ecomaug.export import IMAGENET_MEAN, IMAGENET_STD, export_backbone
+from ecomaug.export import (CONFIG_NAME, IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_NAME, check_model_name,
+                            export_backbone)
 from ecomaug.moco import MoCo, momentum_at, resolve_queue_size
 from ecomaug.siamese import Siamese, item_labels
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped and its last good checkpoint was kept."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT stopped the run at a step boundary, after saving a checkpoint there."""
+
+    def __init__(self, signal_number: int, step: int, checkpoint: Path | None) -> None:
+        self.signal_number, self.step, self.checkpoint = signal_number, step, checkpoint
+        name = signal.Signals(signal_number).name
+        saved = (f"checkpoint {checkpoint}; continue with --resume auto" if checkpoint is not None
+                 else "no step done, nothing to save")
+        super().__init__(f"stopped by {name} at step {step}: {saved}")
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, as a shell reports a process the signal ended (130, 143)."""
+        return 128 + self.signal_number
+
+
+class TrainingAborted(BaseException):
+    """A second stop signal arrived before the first one's checkpoint was written: stop at once.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``) so that no ``except Exception`` swallows it.
+    """
+
+    def __init__(self, signal_number: int) -> None:
+        self.signal_number = signal_number
+        super().__init__(f"aborted by a second {signal.Signals(signal_number).name}: nothing more "
+                         f"was saved (the run's earlier checkpoints are intact)")
+
+
+class StopSignals:
+    """SIGTERM/SIGINT set a flag that the loop reads at a step boundary; a second one aborts at once.
+
+    Schedulers send SIGTERM before they preempt a job, so the first signal must not kill the run
+    in the middle of a step: the loop saves a checkpoint where it is and stops. Handlers are only
+    installed in the main thread, and a signal the parent set to be ignored (SIGINT in a shell's
+    background job) stays ignored. Used as a context manager; the old handlers come back on exit.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                previous = signal.getsignal(number)
+                if previous is not signal.SIG_IGN:
+                    self._previous[number] = previous
+                    signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous.clear()
+
+    def _handle(self, signal_number: int, frame: Any) -> None:
+        if self.received is not None:
+            raise TrainingAborted(signal_number)
+        self.received = signal_number
 
 
 @dataclass
@@ -55,21 +120,72 @@ class TrainResult:
 
 
 def setup_distributed(device_name: str) -> torch.device:
-    """Join the process group when started by torchrun (NCCL on GPU, gloo on CPU); pick the device."""
+    """Join the process group when started by torchrun (NCCL on GPU, gloo on CPU); pick the device.
+
+    Raises:
+        ValueError: an unknown device, CUDA asked for where there is none, or no such GPU.
+    """
+    from ecomaug.evaluation.embed import resolve_device
+
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device_name == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_name)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank)
+    device = resolve_device(device_name)  # "auto": CUDA when present, else CPU
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device_name!r}: training runs on cpu, cuda or cuda:N")
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device_name} asked for CUDA, but no CUDA device is available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device_name}: no {device} here, this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+def previous_run(run_dir: Path) -> list[str]:
+    """What an earlier run left in ``run_dir``: checkpoints, metrics, TensorBoard logs, an export."""
+    found = []
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        found.append(f"{len(checkpoints)} checkpoint(s) up to step {checkpoints[0][0]}")
+    if (run_dir / "metrics.jsonl").is_file():
+        found.append("metrics.jsonl")
+    if any((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        found.append("tensorboard/")
+    if (run_dir / "export" / WEIGHTS_NAME).is_file():
+        found.append("export/")
+    return found
+
+
+def check_run_dir(config: TrainConfig) -> None:
+    """Refuse an ``--out`` that holds a run unless ``--resume`` or ``--overwrite`` says what to do with it.
+
+    Without this a rerun restarted at step 0, overwrote the checkpoints and appended a second run
+    to the metrics; ``python train.py`` (``--out runs/sample``) is rerun often.
+
+    Raises:
+        NotADirectoryError: ``--out`` is a file.
+        FileExistsError: ``--out`` holds a run and neither flag was given.
+    """
+    run_dir = config.out_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(20, "--out is a file, not a directory", str(run_dir))
+    found = previous_run(run_dir) if config.resume is None and not config.overwrite else []
+    if found:
+        raise FileExistsError(f"{run_dir} already holds a run ({', '.join(found)}): add --resume auto to "
+                              f"continue it, or --overwrite to start again from step 0 (deletes its "
+                              f"checkpoints, metrics, TensorBoard logs and export)")
+
+
+def clear_run(run_dir: Path) -> None:
+    """``--overwrite``: delete the files an earlier run wrote (only those; shards and other files stay)."""
+    for _, path in list_checkpoints(run_dir):
+        path.unlink(missing_ok=True)
+    for path in [*(run_dir / CHECKPOINT_DIR).glob(".ckpt-*.tmp"),
+                 *(run_dir / "tensorboard").glob("events.out.tfevents.*"),
+                 run_dir / "metrics.jsonl", run_dir / "export" / WEIGHTS_NAME, run_dir / "export" / CONFIG_NAME]:
+        path.unlink(missing_ok=True)
 
 
 def barrier() -> None:
@@ -110,10 +226,10 @@ def build_model(config: TrainConfig, *, queue_size: int, bn_splits: int) -> MoCo
     torch.manual_seed(config.seed)
     if config.objective == "siamese":
         return Siamese(config.model, dim=config.dim, hidden_dim=config.hidden_dim, T=config.temperature,
-                       bn_splits=bn_splits)
+                       bn_splits=bn_splits, img_size=config.crop_size)
     return MoCo(config.model, dim=config.dim, hidden_dim=config.hidden_dim, K=queue_size,
                 m=config.momentum, T=config.temperature, version=config.moco_version,
-                shuffle_bn=config.shuffle_bn, bn_splits=bn_splits, seed=config.seed)
+                shuffle_bn=config.shuffle_bn, bn_splits=bn_splits, seed=config.seed, img_size=config.crop_size)
 
 
 def parameter_fingerprint(model: torch.nn.Module) -> str:
@@ -197,7 +313,18 @@ def knn_recall_at_1(backbone: torch.nn.Module, shards: str | os.PathLike, *, con
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Run (or resume) the training described by ``config``; see the module docstring."""
+    """Run (or resume) the training described by ``config``; see the module docstring.
+
+    Raises:
+        TrainingInterrupted: SIGTERM/SIGINT stopped the run; it saved a checkpoint at that step.
+        TrainingAborted: a second signal arrived before that checkpoint was written.
+        FileExistsError: ``--out`` holds a run and neither ``--resume`` nor ``--overwrite`` was given.
+    """
+    with StopSignals() as stops:
+        return _train(config, stops)
+
+
+def _train(config: TrainConfig, stops: StopSignals) -> TrainResult:
     from ecomaug.recipes import build_recipe
     from loaders.build import build_loader
     from loaders.manifest import load_shard_set
@@ -206,15 +333,19 @@ def train(config: TrainConfig) -> TrainResult:
     rank, world_size = get_rank(), get_world_size()
     is_main = rank == 0
     run_dir = config.out_dir
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "config.json")
-    barrier()
+    # Every input is checked before any work: a typo fails here, in one line, and creates nothing.
+    check_run_dir(config)
+    check_model_name(config.model)
+    shard_set = load_shard_set(config.data) if config.data is not None else None
+    if config.val_data is not None:
+        load_shard_set(config.val_data)
+    resume_from = None if config.resume in (None, "auto") else (Path(config.resume), load_checkpoint(config.resume))
 
     # -- data ----------------------------------------------------------------------------------
     data = config.data if config.data is not None else sample_shards(run_dir, progress=config.progress and is_main)
     val_data = config.val_data if config.val_data is not None or config.data is not None else data
-    shard_set = load_shard_set(data)
+    if shard_set is None:
+        shard_set = load_shard_set(data)
 
     def epoch_loader(epoch: int, start_batch: int = 0):
         return build_loader(shard_set, backend=config.backend, device=device, batch_size=config.batch_size,
@@ -262,6 +393,13 @@ def train(config: TrainConfig) -> TrainResult:
     if getattr(model, "shuffle_generator", None) is not None:
         generators["shuffle"] = model.shuffle_generator
 
+    if is_main:  # the run directory appears only once the run can start
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if config.overwrite:
+            clear_run(run_dir)
+        config.save(run_dir / "config.json")
+    barrier()
+
     # -- resume ---------------------------------------------------------------------------------
     step, start_epoch, start_batch = 0, 0, 0
     metrics = MetricsLog(run_dir, enabled=is_main)
@@ -270,8 +408,8 @@ def train(config: TrainConfig) -> TrainResult:
         resumed = find_latest_checkpoint(run_dir)
         if resumed is None and is_main:
             print(f"--resume auto: no checkpoint in {run_dir / 'checkpoints'} yet, starting fresh")
-    elif config.resume is not None:
-        resumed = (Path(config.resume), load_checkpoint(config.resume))
+    elif resume_from is not None:
+        resumed = resume_from
     if resumed is not None:
         resume_path, state = resumed
         model.load_state_dict(state["model"])
@@ -345,6 +483,26 @@ def train(config: TrainConfig) -> TrainResult:
                                      f"stopped and the last good checkpoint is kept ({last_checkpoint}); "
                                      f"try a lower --base-lr, --clip-grad 1.0 or --amp bf16")
 
+    def stop_requested() -> bool:
+        """A stop signal arrived; under DDP all ranks agree, at metric steps (a sync point anyway)."""
+        if not is_distributed():
+            return stops.received is not None
+        if step % config.log_every:
+            return False
+        return float(all_reduce_mean(torch.tensor(float(stops.received is not None), device=device))) > 0
+
+    def interrupted(epoch: int, batch_in_epoch: int) -> TrainingInterrupted:
+        """Save where the loop stands (as the periodic checkpoints do: resuming is exact) and say so."""
+        if step > 0 and last_saved_step != step:
+            save(epoch, batch_in_epoch)
+        number = stops.received or signal.SIGTERM  # a rank that only heard of it from the others
+        checkpoint = last_checkpoint if step > 0 else None
+        metrics.write("interrupted", step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
+                      signal=signal.Signals(number).name, checkpoint=str(checkpoint) if checkpoint else None)
+        metrics.close()
+        bar.close()
+        return TrainingInterrupted(number, step, checkpoint)
+
     # -- the loop -------------------------------------------------------------------------------
     from tqdm.auto import tqdm
 
@@ -359,6 +517,8 @@ def train(config: TrainConfig) -> TrainResult:
     while step < total_steps and epoch < config.epochs:
         batches = iter(epoch_loader(epoch, batch_in_epoch))
         while step < total_steps and batch_in_epoch < steps_per_epoch:
+            if stop_requested():  # the step boundary: the last step is complete, the next not begun
+                raise interrupted(epoch, batch_in_epoch)
             wait_start = time.perf_counter()
             batch = next(batches, None)
             window_wait += time.perf_counter() - wait_start
@@ -458,12 +618,20 @@ def run(argv: Sequence[str] | None = None, *, prog: str | None = None) -> TrainR
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python train.py``: errors become one line and exit code 2."""
-    from ecomaug.cli import USER_ERRORS, one_line
+    """``python train.py``: errors become one line and exit code 2; SIGTERM/SIGINT exit 143/130."""
+    from ecomaug.cli import USER_ERRORS, is_user_error, one_line
 
     try:
         run(argv)
-    except (*USER_ERRORS, NonFiniteLossError) as error:
+    except TrainingInterrupted as stop:
+        print(stop, file=sys.stderr)
+        return stop.exit_code
+    except TrainingAborted as abort:
+        print(f"Error: {abort}", file=sys.stderr)
+        return 128 + abort.signal_number
+    except (*USER_ERRORS, OSError, NonFiniteLossError) as error:
+        if not (is_user_error(error) or isinstance(error, NonFiniteLossError)):
+            raise
         print(f"Error: {one_line(error)}", file=sys.stderr)
         return 2
     return 0
