@@ -23,8 +23,9 @@ from ecomaug.evaluation.disturbances import DISTURBANCES
                    "crop size; random-init: the first model's, else 224).")
 @click.option("--max-items", type=int, default=None, help="Evaluate a seeded subset of items.")
 @click.option("--max-queries-per-item", type=int, default=None, help="Cap on an item's queries.")
-@click.option("--group-by", type=str, default="region", show_default=True,
-              help="Comma-separated query metadata columns to break metrics down by.")
+@click.option("--group-by", type=str, default=None,
+              help="Comma-separated query metadata columns to break metrics down by; each must "
+                   "exist (default: region, where the queries have it).")
 @click.option("--backend", type=click.Choice(["torch", "faiss"]), default="torch", show_default=True,
               help="torch: exact top-k in chunks on the device; faiss: IndexFlatIP (if installed).")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
@@ -36,7 +37,7 @@ from ecomaug.evaluation.disturbances import DISTURBANCES
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
 def evaluate(gallery: str, models: tuple[str, ...], random_inits: tuple[str, ...], out: str,
              disturbances: tuple[str, ...], input_size: int | None, max_items: int | None,
-             max_queries_per_item: int | None, group_by: str, backend: str, batch_size: int,
+             max_queries_per_item: int | None, group_by: str | None, backend: str, batch_size: int,
              examples: int, device: str, seed: int, progress: bool) -> None:
     """Robustness report: recall@1/5/10 and mAP by item_id per query disturbance.
 
@@ -56,6 +57,11 @@ def evaluate(gallery: str, models: tuple[str, ...], random_inits: tuple[str, ...
 
     if not models and not random_inits:
         raise ValueError("nothing to evaluate: give --model PATH and/or --random-init TIMM_NAME")
+    columns = None
+    if group_by is not None:
+        columns = tuple(column.strip() for column in group_by.split(",") if column.strip())
+        if not columns:
+            raise ValueError(f"--group-by {group_by!r} names no column (give e.g. --group-by region,shop)")
     target = resolve_device(device)
     specs = [model_spec(text, device=target, input_size=input_size) for text in models]
     baseline_size = input_size or 224
@@ -64,7 +70,6 @@ def evaluate(gallery: str, models: tuple[str, ...], random_inits: tuple[str, ...
         baseline_size = specs[0].load().input_size
     specs += [random_init_spec(name, device=target, input_size=baseline_size, seed=seed)
               for name in random_inits]
-    columns = tuple(column.strip() for column in group_by.split(",") if column.strip())
     table, paths = robustness_report(
         gallery, specs, out, disturbances=disturbances or None, seed=seed, max_items=max_items,
         max_queries_per_item=max_queries_per_item, batch_size=batch_size, group_by=columns,

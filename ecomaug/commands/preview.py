@@ -45,8 +45,12 @@ def preview(recipe: str, shards: str | None, images: str | None, out: str, count
       ecomaug preview --recipe ecom --images ecomaug/assets/sample/images --out grid.png \\
           --set watermark_p=1.0 --set watermark_dir=./my_logos
     """
+    from ecomaug.evaluation.embed import resolve_device
     from ecomaug.preview import make_preview
 
+    target = resolve_device(device)  # a bad name or CUDA without CUDA: one line, before any work
+    if target.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: the preview runs on cpu, cuda or cuda:N")
     path = make_preview(out, recipe=recipe, shards=shards, images=images, count=count, size=size, seed=seed,
-                        device=device, overrides=parse_overrides(settings))
+                        device=str(target), overrides=parse_overrides(settings))
     click.echo(f"wrote {path}")

@@ -301,7 +301,7 @@ def robustness_report(gallery: str | os.PathLike, models: Sequence[ModelSpec],
                       out_dir: str | os.PathLike, *, disturbances: Sequence[str] | None = None,
                       seed: int = 0, max_items: int | None = None,
                       max_queries_per_item: int | None = None, batch_size: int = 64,
-                      group_by: Sequence[str] = ("region",), backend: str = "torch",
+                      group_by: Sequence[str] | None = None, backend: str = "torch",
                       examples_per_disturbance: int = 3, progress: bool = True
                       ) -> tuple[str, dict[str, Path]]:
     """From shards (or an ``items.csv``) with ``item_id`` to the written report.
@@ -315,13 +315,17 @@ def robustness_report(gallery: str | os.PathLike, models: Sequence[ModelSpec],
         max_items: evaluate on a seeded subset of this many items.
         max_queries_per_item: cap on an item's queries.
         batch_size: images per forward pass.
-        group_by: query metadata columns for the per-group breakdown.
+        group_by: query metadata columns for the per-group breakdown; each must exist (checked
+            before any model runs). None: ``region`` where the queries have it.
         backend: ``"torch"`` (exact, chunked) or ``"faiss"``.
         examples_per_disturbance: example queries per disturbance on the examples page.
         progress: show progress bars.
 
     Returns:
         ``(table text, {"json", "table", "chart", "examples"} -> path)``.
+
+    Raises:
+        ValueError: a ``group_by`` column that no query has (the message lists those that exist).
     """
     from ecomaug.evaluation.disturbances import DISTURBANCES
     from ecomaug.evaluation.embed import iter_data
@@ -332,6 +336,13 @@ def robustness_report(gallery: str | os.PathLike, models: Sequence[ModelSpec],
     eval_set = build_eval_set(list(iter_data(gallery)), disturbances=disturbances or DISTURBANCES,
                               seed=seed, max_items=max_items,
                               max_queries_per_item=max_queries_per_item, progress=progress)
+    columns = sorted({name for samples in eval_set.queries.values() for _, meta, _ in samples for name in meta})
+    if group_by is None:
+        group_by = tuple(name for name in ("region",) if name in columns)
+    unknown = [name for name in group_by if name not in columns]
+    if unknown:
+        raise ValueError(f"--group-by {','.join(unknown)}: no such column in the queries' metadata; "
+                         f"the columns are {', '.join(columns) or '(none)'}")
     results = evaluate_models(eval_set, models, batch_size=batch_size, group_by=group_by,
                               backend=backend, progress=progress)
     paths = write_report(eval_set, results, out_dir,
