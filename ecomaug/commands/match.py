@@ -62,7 +62,7 @@ def match(a_source: str, b_source: str, model_path: str | None, random_init: str
     """
     from ecomaug.commands.embed import raise_disk_full
     from ecomaug.evaluation.embed import random_init_model, resolve_device, load_model
-    from ecomaug.matching.catalogue import is_embeddings, load_catalogue
+    from ecomaug.matching.catalogue import check_source, is_embeddings, load_catalogue
     from ecomaug.matching.match import MatchOptions, match_catalogues
 
     if model_path is not None and random_init is not None:
@@ -73,6 +73,8 @@ def match(a_source: str, b_source: str, model_path: str | None, random_init: str
     options.validate()
     target = resolve_device(device)
     model = None
+    check_source(a_source, name="a")
+    check_source(b_source, name="b")
     needs_model = not (is_embeddings(a_source) and is_embeddings(b_source))
     if needs_model and model_path is None and random_init is None:
         raise ValueError("--a or --b holds images: give --model (or pass what ecomaug embed wrote)")

@@ -80,6 +80,18 @@ def is_embeddings(source: str | os.PathLike) -> bool:
     return (path.is_file() and path.suffix == ".npz") or is_parts_folder(path)
 
 
+def check_source(source: str | os.PathLike, *, name: str) -> str:
+    """``source`` as text, once it is known to exist (local paths; URLs and patterns pass).
+
+    Raises:
+        FileNotFoundError: a local path that does not exist.
+    """
+    text = os.fspath(source)
+    if "://" not in text and "{" not in text and not Path(text).exists():
+        raise FileNotFoundError(2, f"No such catalogue (--{name})", text)
+    return text
+
+
 def load_catalogue(source: str | os.PathLike, *, name: str, model: EmbeddingModel | None,
                    work_dir: str | os.PathLike, batch_size: int = 64, part_size: int = 4096,
                    progress: bool = True) -> Catalogue:
@@ -100,9 +112,7 @@ def load_catalogue(source: str | os.PathLike, *, name: str, model: EmbeddingMode
         FileNotFoundError: ``source`` does not exist.
         ValueError: no model for images, or an empty catalogue.
     """
-    text = os.fspath(source)
-    if "://" not in text and not Path(text).exists() and "{" not in text:
-        raise FileNotFoundError(2, f"No such catalogue (--{name})", text)
+    text = check_source(source, name=name)
     if is_embeddings(text):
         embeddings = load_embeddings(text)
         data = embeddings.info.get("data")
