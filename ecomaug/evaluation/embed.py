@@ -82,13 +82,10 @@ def _input_side(value: Any) -> int:
     return side
 
 
-def _create(model_name: str) -> torch.nn.Module:
-    import timm
+def _create(model_name: str, img_size: int | None = None) -> torch.nn.Module:
+    from ecomaug.export import create_backbone  # as training built it (img_size for ViTs)
 
-    try:
-        return timm.create_model(model_name, pretrained=False, num_classes=0)
-    except RuntimeError as error:  # timm raises RuntimeError for unknown names
-        raise ValueError(f"unknown timm model {model_name!r} ({error})") from error
+    return create_backbone(model_name, img_size=img_size)
 
 
 def load_export(directory: str | os.PathLike, *, device: torch.device) -> EmbeddingModel:
@@ -103,7 +100,7 @@ def load_export(directory: str | os.PathLike, *, device: torch.device) -> Embedd
     config = json.loads(config_path.read_text(encoding="utf-8"))
     if "model" not in config:
         raise ValueError(f"{config_path}: no 'model' (timm name) in the export config")
-    backbone = _create(config["model"])
+    backbone = _create(config["model"], _input_side(config.get("input_size", 224)))
     backbone.load_state_dict(load_file(str(weights_path)))
     return EmbeddingModel(backbone=backbone.to(device).eval(), model_name=config["model"],
                           input_size=_input_side(config.get("input_size", 224)),
@@ -128,7 +125,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: torch.device,
         model_name, state, config = backbone_state_from_checkpoint(read_checkpoint(path))
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
-    backbone = _create(model_name)
+    backbone = _create(model_name, config.get("crop_size"))
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: backbone weights do not fit {model_name} ({len(missing)} missing, "
@@ -144,7 +141,7 @@ def random_init_model(model_name: str, *, device: torch.device, input_size: int 
     # timm initialises from the global generator; fork it so the caller's stream is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        backbone = _create(model_name)
+        backbone = _create(model_name, _input_side(input_size))
     return EmbeddingModel(backbone=backbone.to(device).eval(), model_name=model_name,
                           input_size=_input_side(input_size), source=f"random-init:{model_name}")
 
