@@ -264,7 +264,8 @@ def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
         if torch.get_num_threads() != 1:
             torch.set_num_threads(1)
-    return Image.fromarray(resize_image(np.array(image), *size), "RGB")
+    planes = resize_image(np.array(image), *size)
+    return Image.merge("RGB", [Image.fromarray(plane, "L") for plane in planes])
 
 
 def prepare_image(data: bytes, options: HygieneOptions,
