@@ -223,8 +223,14 @@ def _read_journal(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any
     return header, entries, good
 
 
+# A file name that is not UTF-8 reaches us surrogate-escaped (os.fsdecode); "backslashreplace"
+# writes each such surrogate as the JSON escape \udcXX, so every JSON we write stays valid UTF-8
+# and json.loads + os.fsencode give back the name's exact bytes.
+NAME_ERRORS = "backslashreplace"
+
+
 def _append_journal(stream, record: dict[str, Any]) -> None:
-    stream.write((json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8"))
+    stream.write((json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8", NAME_ERRORS))
     stream.flush()
     os.fsync(stream.fileno())
 
@@ -752,7 +758,7 @@ def _run(tasks: Sequence[_Task], state: _State, journal, *, out_dir: Path, names
                         if key not in RESERVED_META}
                 meta = {"key": task.key, "source": task.item.identity, "width": outcome.width,
                         "height": outcome.height, **meta}
-                meta_json = json.dumps(meta, ensure_ascii=False, sort_keys=False).encode("utf-8")
+                meta_json = json.dumps(meta, ensure_ascii=False, sort_keys=False).encode("utf-8", NAME_ERRORS)
                 sample_bytes = 2 * TAR_BLOCK + _padded(len(outcome.jpeg)) + _padded(len(meta_json))
                 if (writer is not None and writer.count and shard_bytes is not None
                         and _final_tar_size(writer.bytes + sample_bytes) > shard_bytes):
@@ -799,7 +805,7 @@ def _write_outputs(names: _Names, recorded_options: dict[str, Any], fingerprint:
     totals = {"inputs": inputs, "written": 0, "skipped": 0, "bytes": 0, "skipped_by_reason": {},
               "changed": 0, "passed_through": 0}
     temporary = names.skipped.with_name(f".{names.skipped.name}.tmp")
-    with open(temporary, "w", encoding="utf-8") as skipped_stream:
+    with open(temporary, "w", encoding="utf-8", errors=NAME_ERRORS) as skipped_stream:
         for entry in _iter_entries(names.journal):
             for record in entry["skipped"]:
                 skipped_stream.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -53,8 +53,12 @@ class InputListing:
 
 
 def input_key(identity: str) -> str:
-    """The shard key of an input: the first 20 hex digits of sha1 of its identity."""
-    return hashlib.sha1(identity.encode("utf-8")).hexdigest()[:KEY_LENGTH]
+    """The shard key of an input: the first 20 hex digits of sha1 of its identity.
+
+    A folder file name that is not UTF-8 arrives surrogate-escaped (``os.fsdecode``); its key
+    is that of the name's raw bytes, so every other name keeps the key it always had.
+    """
+    return hashlib.sha1(identity.encode("utf-8", "surrogateescape")).hexdigest()[:KEY_LENGTH]
 
 
 def entry_problem(path: str | os.PathLike) -> str | None:
