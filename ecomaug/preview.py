@@ -16,32 +16,40 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ecomaug.recipes import AugmentationRecipe, build_recipe
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _LABEL_HEIGHT = 46
 
 
 def images_from_folder(folder: str | Path, count: int, *, size: int = 224, seed: int = 0) -> torch.Tensor:
     """``count`` images picked with ``seed`` from ``folder`` (searched recursively), centre-cropped to ``size``.
 
+    Files are chosen by content and read as the shard conversion reads them
+    (:func:`loaders.images.read_image`: EXIF orientation, alpha on white, CMYK to RGB), so a
+    folder previews as its shards would.
+
     Shape:
-        - returns :math:`(N, 3, S, S)` uint8, ``N = min(count, images found)``.
+        - returns :math:`(N, 3, S, S)` uint8, ``N = min(count, readable images found)``.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(2, "No such image directory", str(folder))
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    from loaders.images import list_image_files, read_image
+
+    paths = list_image_files(folder)
     if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-    chosen = random.Random(seed).sample(paths, min(count, len(paths)))
+        raise ValueError(f"no images under {folder} (files are recognised by content)")
+    order = random.Random(seed).sample(paths, len(paths))
     crops = []
-    for path in chosen:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            scale = size / min(image.size)
-            image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
-                                 Image.Resampling.BILINEAR)
-            left, top = (image.width - size) // 2, (image.height - size) // 2
-            crops.append(np.asarray(image.crop((left, top, left + size, top + size))))
+    for path in order:
+        if len(crops) == count:
+            break
+        try:
+            image = read_image(path.read_bytes(), min_side=size)
+        except (OSError, ValueError):  # unreadable or corrupt: the conversion would skip it too
+            continue
+        scale = size / min(image.size)
+        image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                             Image.Resampling.BILINEAR)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        crops.append(np.asarray(image.crop((left, top, left + size, top + size))))
+    if not crops:
+        raise ValueError(f"none of the {len(paths)} images under {folder} could be read")
     return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
 
 

@@ -11,7 +11,6 @@ result is saved as one ``.npz`` holding the embeddings, their keys and each samp
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import tarfile
@@ -185,7 +184,9 @@ def prepare(image: Image.Image | bytes, size: int) -> torch.Tensor:
         - output: :math:`(3, size, size)` uint8.
     """
     if isinstance(image, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(image))
+        from loaders.images import read_image  # as the shard conversion reads: EXIF, alpha on white
+
+        image = read_image(bytes(image))
     image = image.convert("RGB")
     width, height = image.size
     scale = size / min(width, height)
