@@ -170,6 +170,8 @@ class DaliLoader:
         paths, index_paths, counts, corrupt = [], [], [], []
         for number, shard in enumerate(shards):
             kept, bad = checks[number]
+            kept, beyond = _inside_tar(kept, os.path.getsize(shard.url))
+            bad = [*bad, *((key, "beyond the end of the shard (the tar is truncated)") for key in beyond)]
             index_path = shard.index_path
             if bad:
                 if self.options.corrupt == "raise":
@@ -292,6 +294,20 @@ class DaliLoader:
     def _named_error(self, error: RuntimeError, index: int) -> RuntimeError:
         return RuntimeError(f"DALI failed in epoch {self.options.epoch}, batch {index} on rank "
                             f"{self.options.rank}{_named_source(str(error))}: {_first_line(error)}")
+
+
+def _inside_tar(lines: Sequence[str], tar_size: int) -> tuple[list[str], list[str]]:
+    """Split DALI index lines into those whose members all lie inside a tar of ``tar_size``
+    bytes and the keys of the rest: DALI would read past the end of a truncated shard."""
+    inside, beyond = [], []
+    for line in lines:
+        parts = line.split()  # ext offset size name, per member
+        end = max((int(parts[i + 1]) + int(parts[i + 2]) for i in range(0, len(parts) - 3, 4)), default=0)
+        if end <= tar_size:
+            inside.append(line)
+        else:
+            beyond.append(parts[3].split(".", 1)[0] if len(parts) > 3 else "?")
+    return inside, beyond
 
 
 def resize_crops(images: Sequence[torch.Tensor], windows: Sequence[tuple[np.ndarray, np.ndarray]],

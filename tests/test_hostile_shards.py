@@ -201,6 +201,17 @@ def test_a_broken_tar_is_skipped_and_counted_and_the_epoch_keeps_its_length(tmp_
     assert loader.corrupt_count == 10 - readable
 
 
+@needs_dali
+@pytest.mark.parametrize("how", ["truncated", "zero-byte", "random"])
+def test_dali_skips_and_counts_what_a_broken_tar_lost(tmp_path, how):
+    make_shards(tmp_path, [10, 10])
+    break_tar(tmp_path / "shard-000001.tar", how)
+    loader, batches = read_all(tmp_path, backend="dali", batch_size=5, num_workers=1, mode="eval")
+    readable = {"truncated": 5, "zero-byte": 0, "random": 0}[how]
+    assert sorted(key for batch in batches for key in batch.keys) == keys([10]) + keys([0, readable])[:readable]
+    assert loader.corrupt_count == 10 - readable
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_broken_tar_with_corrupt_raise_is_one_error_naming_the_shard(tmp_path, workers):
     make_shards(tmp_path, [4, 4])
