@@ -10,10 +10,17 @@ Shard format (``ecomaug-shards`` version 1), written by ``ecomaug shard``:
 * ``manifest.json`` (or ``manifest-*.json``, one per job of a split conversion): format,
   versions, options used, per-shard ``count`` and ``bytes``, per-group counts and totals.
 * ``skipped.jsonl``: one line per input that was not written, with the reason.
+
+A manifest is data: its ``tar``/``index`` entries must be plain relative names inside its
+folder (a ``pipe:`` entry would be run by webdataset's shell), its structure is checked once
+here for every reader, and its counts are checked against each shard's ``.idx`` (or the tar)
+so a stale or edited count cannot make a loader run short or skip samples. A remote folder
+(``s3://bucket/shards/``) is read the same way through fsspec (:mod:`loaders.remote`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -365,7 +372,7 @@ def load_shard_set(source: str | os.PathLike | Sequence[str | os.PathLike]) -> S
 def iter_skipped(directory: str | os.PathLike) -> Iterable[dict[str, Any]]:
     """Yield the records of every ``skipped*.jsonl`` in a shard directory."""
     for path in sorted(Path(directory).glob("skipped*.jsonl")):
-        with open(path, encoding="utf-8") as stream:
+        with io.TextIOWrapper(open_regular_file(path), encoding="utf-8") as stream:
             for line in stream:
                 if line.strip():
                     yield json.loads(line)

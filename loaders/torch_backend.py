@@ -8,6 +8,12 @@ and copies them to the device (pinned memory, non-blocking). Randomness: the shu
 uses ``worker_info.seed`` (from a generator seeded by seed/epoch/rank) and each sample's crops
 use a generator seeded by its position in the worker's stream, so a resumed epoch draws the
 same crops without decoding the skipped samples.
+
+Shards are opened by :func:`loaders.remote.open_shard` (local regular files, ``s3://``/``gs://``
+streamed through fsspec, a ``pipe:`` the user typed). A shard that breaks part-way (zero
+bytes, truncated, not a tar, shorter than its count) has the rest of its segment skipped and
+counted in ``corrupt_count`` (train: stand-ins keep ``len(loader)`` batches), or, with
+``corrupt="raise"``, one ValueError naming the shard.
 """
 
 from __future__ import annotations
