@@ -55,7 +55,7 @@ def test_the_size_rule():
     assert choose_method(10**6) == "ivf"
     assert choose_method(10**6, exact_limit=2 * 10**6) == "exact"
     assert choose_method(10, method="hnsw") == "hnsw"
-    assert ivf_lists(10**6) == 4096 and ivf_lists(10) == 16 and ivf_lists(10**12) == 65536
+    assert ivf_lists(10**6) == 1024 and ivf_lists(10) == 16 and ivf_lists(10**12) == 65536
     with pytest.raises(ValueError, match="search method must be one of"):
         choose_method(10, method="annoy")
 
