@@ -533,3 +533,27 @@ def test_train_py_trains_on_s3_shards(s3_shards, tmp_path):
     train_script.train(config)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum(record["event"] == "train" for record in records) >= 1
+
+
+def test_a_remote_shard_longer_than_its_unindexed_count_warns(s3_shards, caplog):
+    url, local, client = s3_shards
+    manifest = json.loads((local / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        entry["index"] = None
+    manifest["shards"][0]["count"] = 3  # holds 5; with no index only reading the tar can tell
+    client.put_object(Bucket=url.split("/")[2], Key="shards/manifest.json", Body=json.dumps(manifest).encode())
+    with caplog.at_level(logging.WARNING, logger="loaders.torch_backend"):
+        loader, batches = read_all(url, mode="eval")
+    assert len([key for batch in batches for key in batch.keys]) == 10
+    assert "shard-000000.tar holds more samples than its count 3" in caplog.text
+
+
+def test_a_scheme_whose_fsspec_package_is_missing_names_the_extra():
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("gcsfs is installed here")
+    with pytest.raises(ImportError, match=r"gcsfs: pip install 'ecomaug\[gcs\]'"):
+        load_shard_set("gs://bucket/shards/")
