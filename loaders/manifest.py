@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable, Sequence
 
 from loaders.remote import (WEBDATASET_SCHEMES, filesystem, open_regular_file, read_text,
-                            register_webdataset_handlers, url_scheme)
+                            register_webdataset_handlers, store_error, url_scheme)
 
 logger = logging.getLogger(__name__)
 
@@ -303,9 +303,7 @@ def _remote_shard_set(url: str) -> ShardSet:
     except (ValueError, FileNotFoundError, ImportError):
         raise
     except Exception as error:  # noqa: BLE001 -- a store's own errors (credentials, network) as one line
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ValueError(f"{url}: cannot read from the object store ({type(error).__name__}"
-                         f"{': ' + message if message else ''})") from error
+        raise store_error(url, error) from error
     if not tars:
         raise ValueError(f"{url}: no manifest.json and no .tar shards at this URL")
     return ShardSet(shards=tuple(ShardInfo(url=u, index_path=None, count=None) for u in tars))

@@ -121,6 +121,33 @@ def filesystem(url: str) -> tuple[Any, str]:
         raise
 
 
+def store_error(url: str, error: BaseException) -> ValueError:
+    """An object store's own exception (credentials, network, a missing bucket) as one line."""
+    text = str(error).strip()
+    message = f": {text.splitlines()[0]}" if text else ""
+    return ValueError(f"{url}: cannot read from the object store ({type(error).__name__}{message})")
+
+
+def check_readable(url: str) -> None:
+    """Ask the store for ``url``'s metadata once, so bad credentials or a wrong endpoint are one
+    error before any worker starts (``pipe:``/``http(s):`` are left to webdataset).
+
+    Raises:
+        FileNotFoundError: no such object.
+        ImportError: the scheme's fsspec package is missing.
+        ValueError: the store refused (credentials, network) or the scheme is unknown.
+    """
+    if url_scheme(url) in (None, *WEBDATASET_SCHEMES):
+        return
+    fs, path = filesystem(url)
+    try:
+        fs.info(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(2, "No such shard", url) from None
+    except Exception as error:  # noqa: BLE001 -- the store's own exception types
+        raise store_error(url, error) from error
+
+
 def _fsspec_open(url: str) -> IO[bytes]:
     fs, path = filesystem(url)
     return fs.open(path, "rb")

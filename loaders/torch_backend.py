@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from loaders.batch import Batch
 from loaders.build import LoaderOptions
 from loaders.crops import intra_op_threads, resize_crop
-from loaders.remote import WEBDATASET_SCHEMES, filesystem, open_shard, url_scheme
+from loaders.remote import WEBDATASET_SCHEMES, check_readable, open_shard, store_error, url_scheme
 from loaders.sharding import (EpochPlan, Segment, check_start_batch, derive_seed, plan_epoch,
                               shard_order, split_for_workers)
 
@@ -73,7 +73,12 @@ def shard_samples(url: str) -> Iterator[dict[str, Any]]:
     """
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    stream = open_shard(url)
+    try:
+        stream = open_shard(url)
+    except (OSError, ValueError, ImportError):
+        raise
+    except Exception as error:  # noqa: BLE001 -- a store's own exception: this shard is unreadable
+        raise store_error(url, error) from error
     try:
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
     finally:
@@ -394,8 +399,9 @@ class TorchLoader:
         check_start_batch(options.start_batch, self.plan.num_batches)
         self.num_workers = min(options.num_workers, len(self.plan.segments))
         for scheme in {url_scheme(url) for url in self.urls} - {None, *WEBDATASET_SCHEMES}:
-            # here, not in a worker: a missing s3fs/gcsfs is one ImportError naming the extra
-            filesystem(next(url for url in self.urls if url_scheme(url) == scheme))
+            # here, not in a worker: a missing s3fs/gcsfs, bad credentials or a wrong endpoint
+            # is one error naming the URL (the extra to install, the store's refusal)
+            check_readable(next(url for url in self.urls if url_scheme(url) == scheme))
 
     def _nominal_plan(self) -> EpochPlan:
         # Counts unknown (remote shards): ranks take whole shards round robin and read them

@@ -467,7 +467,12 @@ def s3_shards(s3_server, tmp_path, monkeypatch):
     client.create_bucket(Bucket=bucket)
     for path in local.iterdir():
         client.upload_file(str(path), bucket, f"shards/{path.name}")
-    return f"s3://{bucket}/shards", local, client
+    import fsspec
+
+    s3_class = fsspec.get_filesystem_class("s3")
+    s3_class.clear_instance_cache()  # s3fs keeps instances, with the endpoint they were made with
+    yield f"s3://{bucket}/shards", local, client
+    s3_class.clear_instance_cache()
 
 
 def test_an_s3_folder_reads_its_manifest_and_streams_every_sample(s3_shards):
@@ -557,3 +562,20 @@ def test_a_scheme_whose_fsspec_package_is_missing_names_the_extra():
         pytest.skip("gcsfs is installed here")
     with pytest.raises(ImportError, match=r"gcsfs: pip install 'ecomaug\[gcs\]'"):
         load_shard_set("gs://bucket/shards/")
+
+
+def test_a_missing_object_or_an_unreachable_store_is_one_error_before_any_worker(s3_shards, monkeypatch):
+    url, _, _ = s3_shards
+    with pytest.raises(FileNotFoundError) as caught:
+        read_all(f"{url}/shard-000009.tar", epoch_samples=4, num_workers=1)
+    assert caught.value.filename == f"{url}/shard-000009.tar"
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    import fsspec
+
+    fsspec.get_filesystem_class("s3").clear_instance_cache()  # s3fs caches the instance and its endpoint
+    with pytest.raises(ValueError, match="cannot read from the object store"):
+        read_all(f"{url}/shard-000000.tar", epoch_samples=4, num_workers=1)
