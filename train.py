@@ -43,6 +43,16 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped and its last good checkpoint was kept."""
 
 
+class OutOfMemoryError(RuntimeError):
+    """A batch did not fit in the device's (or the host's) memory."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError ("can't allocate memory")."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
 class TrainingInterrupted(Exception):
     """SIGTERM or SIGINT stopped the run at a step boundary, after saving a checkpoint there."""
 
@@ -318,10 +328,18 @@ def train(config: TrainConfig) -> TrainResult:
     Raises:
         TrainingInterrupted: SIGTERM/SIGINT stopped the run; it saved a checkpoint at that step.
         TrainingAborted: a second signal arrived before that checkpoint was written.
+        OutOfMemoryError: a batch did not fit (the message names the flags to lower).
         FileExistsError: ``--out`` holds a run and neither ``--resume`` nor ``--overwrite`` was given.
     """
     with StopSignals() as stops:
-        return _train(config, stops)
+        try:
+            return _train(config, stops)
+        except RuntimeError as error:
+            if not is_out_of_memory(error) or isinstance(error, OutOfMemoryError):
+                raise
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise OutOfMemoryError(f"out of memory with --batch-size {config.batch_size} and --crop-size "
+                                   f"{config.crop_size} on {config.device}: lower one of them ({detail})") from error
 
 
 def _train(config: TrainConfig, stops: StopSignals) -> TrainResult:
@@ -378,10 +396,12 @@ def _train(config: TrainConfig, stops: StopSignals) -> TrainResult:
 
     optimizer = create_optimizer_v2(model, opt=config.opt, lr=lr, weight_decay=config.weight_decay,
                                     **({"momentum": config.sgd_momentum} if config.opt in ("sgd", "lars") else {}))
-    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=config.epochs,
-                                       warmup_epochs=config.warmup_epochs, warmup_lr=lr * 1e-3,
-                                       min_lr=config.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=steps_per_epoch)
+    # The warm-up and the cosine span the steps the run will take, so --max-steps shortens the
+    # whole schedule (a cut run still ends at min_lr); timm counts them here in updates.
+    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps // 2)
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=total_steps,
+                                       warmup_epochs=warmup_steps, warmup_lr=lr * 1e-3,
+                                       min_lr=config.min_lr, step_on_epochs=False, updates_per_epoch=1)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
@@ -629,8 +649,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingAborted as abort:
         print(f"Error: {abort}", file=sys.stderr)
         return 128 + abort.signal_number
-    except (*USER_ERRORS, OSError, NonFiniteLossError) as error:
-        if not (is_user_error(error) or isinstance(error, NonFiniteLossError)):
+    except (*USER_ERRORS, OSError, NonFiniteLossError, OutOfMemoryError) as error:
+        if not (is_user_error(error) or isinstance(error, (NonFiniteLossError, OutOfMemoryError))):
             raise
         print(f"Error: {one_line(error)}", file=sys.stderr)
         return 2

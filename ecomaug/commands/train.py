@@ -19,11 +19,11 @@ def train(train_args: tuple[str, ...]) -> None:
       torchrun --nproc_per_node=8 -m ecomaug train --data ./shards --out runs/r50 --preset h100
     """
     from ecomaug.cli import CommandError, one_line
-    from train import NonFiniteLossError, TrainingAborted, TrainingInterrupted, run
+    from train import NonFiniteLossError, OutOfMemoryError, TrainingAborted, TrainingInterrupted, run
 
     try:
         run(list(train_args), prog="ecomaug train")
-    except NonFiniteLossError as error:
+    except (NonFiniteLossError, OutOfMemoryError) as error:
         raise CommandError(one_line(error)) from error
     except TrainingInterrupted as stop:  # SIGTERM/SIGINT: checkpoint saved; exit 143/130 as a shell expects
         click.echo(str(stop), err=True)
