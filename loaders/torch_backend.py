@@ -201,17 +201,16 @@ class ShardStream(IterableDataset):
             finally:
                 samples.close()
             if problem is None and segment.stop != FOREVER and read < segment.stop:
-                problem = f"ends after {read} samples, its count says {self.counts[segment.shard]}"
+                problem = f"short: it ends after {read} samples, its count says {self.counts[segment.shard]}"
             if problem is None:
                 continue
             if self.options.corrupt == "raise":
-                raise ValueError(f"shard {url} is {problem}" if problem.startswith("unreadable")
-                                 else f"shard {url} {problem}")
-            logger.warning("shard %s: %s; the rest of it is skipped and counted as corrupt", url, problem)
+                raise ValueError(f"shard {url} is {problem}")
+            logger.warning("shard %s is %s; the rest of it is skipped and counted as corrupt", url, problem)
             # the positions this segment still owed (unknown count: one, for the count)
             missing = range(max(read, segment.start), segment.stop) if segment.stop != FOREVER else range(1)
             for index in missing:
-                yield url, {"__key__": f"{Path(url).name}#{index}", MISSING: f"shard {problem}"}
+                yield url, {"__key__": f"{Path(url).name}#{index}", MISSING: f"the shard is {problem}"}
 
     def _shuffled(self, records: Iterator[Any], rng: random.Random) -> Iterator[Any]:
         size = self.options.shuffle_buffer if self.options.shuffle else 0
