@@ -11,6 +11,7 @@ shrinks whole images here (:func:`resize_image`): torch's antialiased bicubic ke
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -39,8 +40,8 @@ def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """A whole HWC uint8 image resized to ``width`` x ``height`` (antialiased bicubic, as PIL's).
 
     Args:
-        image: :math:`(H, W, 3)` uint8, C-contiguous and writable (e.g. ``np.array`` of a
-            Pillow image).
+        image: :math:`(H, W, 3)` uint8, C-contiguous (e.g. ``np.asarray`` of a Pillow image;
+            it may be read-only).
         width, height: the output size.
 
     Returns:
@@ -53,8 +54,11 @@ def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """
     if image.ndim != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, C) uint8 array, got {image.dtype} {image.shape}")
-    # HWC memory is NCHW channels_last: the kernel's fast layout, without a copy
-    pixels = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)
+    with warnings.catch_warnings():
+        # a read-only array (np.asarray of a Pillow image, no copy) is only read here
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        # HWC memory is NCHW channels_last: the kernel's fast layout, without a copy
+        pixels = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)
     resized = torch.nn.functional.interpolate(pixels, size=(height, width), mode="bicubic",
                                               antialias=True, align_corners=False)
     return resized[0].contiguous().numpy()

@@ -264,7 +264,7 @@ def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
         if torch.get_num_threads() != 1:
             torch.set_num_threads(1)
-    planes = resize_image(np.array(image), *size)
+    planes = resize_image(np.asarray(image), *size)
     return Image.merge("RGB", [Image.fromarray(plane, "L") for plane in planes])
 
 
