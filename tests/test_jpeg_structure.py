@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import loaders
+
+from loaders.build import dali_available
 from loaders.jpeg_structure import RESERVED, TRUNCATED, JpegStructureError, jpeg_layout, too_little_data
 from loaders.shard_check import check_shard, jpeg_problem  # the DALI backend's check
 
@@ -124,3 +127,23 @@ def test_the_shard_check_keeps_odd_widths_low_qualities_and_trailers(tmp_path):
     kept, corrupt = check_shard(str(shards / "shard-000000.tar"), str(shards / "shard-000000.idx"))
     assert corrupt == [("cut", TRUNCATED)]
     assert len(kept) == len(samples) - 1
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=pytest.mark.skipif(
+    not dali_available(), reason="NVIDIA DALI is not installed"))])
+def test_both_backends_yield_the_same_samples_from_odd_but_valid_jpegs(tmp_path, backend):
+    from test_loaders_corrupt import write_shards
+
+    samples = [("w255", photo_jpeg(255, 40, 85, 1)), ("q7", photo_jpeg(96, 80, 7, 2)),
+               ("trailer", photo_jpeg(96, 80, 85, 3) + b"ftypmp42" + bytes(range(256)) * 16),
+               ("plain", photo_jpeg(96, 80, 85, 4))]
+    bad = bytearray(photo_jpeg(96, 80, 85, 5))
+    frame = bad.find(b"\xff\xc0")
+    bad[frame + 5:frame + 7] = b"\0\0"  # zero height: the check finds it, Pillow fails on it
+    samples.append(("zero-height", bytes(bad)))
+    shards = write_shards(tmp_path, [samples])
+    loader = loaders.build_loader(shards, backend=backend, device="cpu", batch_size=2, crop_size=32,
+                                  mode="eval", num_workers=0 if backend == "torch" else 1)
+    keys = sorted(key for batch in loader for key in batch.keys)
+    assert keys == ["plain", "q7", "trailer", "w255"]
+    assert loader.corrupt_count == 1
