@@ -121,8 +121,9 @@ def jpeg_layout(data: bytes | bytearray | memoryview) -> JpegLayout:
     while True:
         # Like libjpeg's next_marker: stray bytes before a marker are skipped (it only warns),
         # as are fill bytes (FF FF ...).
-        while position < size and data[position] != 0xFF:
-            position += 1
+        position = data.find(b"\xff", position)
+        if position < 0:
+            raise JpegStructureError(TRUNCATED)
         while position < size and data[position] == 0xFF:
             position += 1
         if position >= size:
