@@ -95,9 +95,12 @@ def match(a_source: str, b_source: str, model_path: str | None, random_init: str
                               NotADirectoryError, FileExistsError)):
             raise
         raise_disk_full(error)
-    state = ("calibrated" if result.calibrated else
-             "given" if result.threshold_source == "given" else
-             "UNCALIBRATED: pass --calibrate LABELLED.csv to choose it for a precision")
+    if result.calibrated:
+        state = f"calibrated for precision {result.calibration.precision_target}"
+    elif result.threshold_source == "given":
+        state = "given with --threshold, not calibrated"
+    else:
+        state = "UNCALIBRATED default: pass --calibrate LABELLED.csv to choose it for a precision"
     click.echo(f"threshold {result.threshold:.4f} ({result.threshold_source}; {state})")
     if result.calibration is not None and result.threshold_source == "calibrated":
         c = result.calibration
