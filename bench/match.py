@@ -193,7 +193,8 @@ def _embed_line(r: dict[str, Any]) -> str:
 def _search_line(r: dict[str, Any]) -> str:
     extra = ""
     if "recall_vs_exact" in r:
-        extra = (f"  {r['kind']} nprobe={r.get('nprobe', r.get('efSearch'))} "
+        probe = f"nprobe={r['nprobe']}" if "nprobe" in r else f"efSearch={r.get('efSearch')}"
+        extra = (f"  {r['kind']} {probe} "
                  f"recall@10 vs exact {r['recall_vs_exact']:.3f}, build {r['build_seconds']:.1f} s")
     return (f"{r['method']:>5s} N={r['size']:>8d} D={r['dim']}: {r['median_per_s']:9.1f} queries/s "
             f"({r['min_per_s']:.1f}..{r['max_per_s']:.1f}), peak RSS {r['peak_rss_mib']:.0f} MiB "
