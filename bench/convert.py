@@ -13,6 +13,11 @@ kernel, bicubic quality at about bilinear cost. Measured against the limit:
   to exit -- imports, listing, worker start-up (each worker imports torch for its first resize)
   and the final manifest included. Goal: command >= 0.85 x limit.
 
+Wall-clock ratios hold on a quiet machine only: beside other work, a command with three
+processes gets a larger share of the cores than a loop with two. So the CPU time of every
+process involved (``getrusage``; the command's and the conversion's workers are reaped
+children) is reported too, as CPU ms per image: the cost, whatever the load.
+
     python -m bench.convert --workers 2                      # synthetic 1024x768 photos
     python -m bench.convert --input ./images --workers 2 --max-size 512 --json bench-convert.json
 """
@@ -24,7 +29,9 @@ import io
 import json
 import multiprocessing
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,8 +54,10 @@ def _load(paths: list[str], max_size: int, quality: int, resize_side: str) -> No
     _SETTINGS.update(max_size=max_size, quality=quality, resize_side=resize_side)
 
 
-def _decode_resize_encode(job: tuple[range, str]) -> int:
+def _decode_resize_encode(job: tuple[range, str]) -> float:
+    """Returns the CPU seconds this process spent on the job."""
     indices, resample = job
+    started = time.process_time()
     total = 0
     for index in indices:
         image = Image.open(io.BytesIO(_BYTES[index]))
@@ -62,7 +71,7 @@ def _decode_resize_encode(job: tuple[range, str]) -> int:
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=int(_SETTINGS["quality"]))
         total += buffer.tell()
-    return total
+    return time.process_time() - started
 
 
 def synthetic_photos(folder: Path, count: int, size: tuple[int, int] = (1024, 768), seed: int = 0) -> Path:
@@ -91,18 +100,34 @@ def _image_files(folder: Path) -> list[str]:
     return paths
 
 
-def _timed(step) -> float:
-    started = time.perf_counter()
-    step()
-    return time.perf_counter() - started
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(step) -> tuple[float, float]:
+    """Wall seconds and CPU seconds of one call: the CPU its pool workers report, else this
+    process's plus that of the children it reaped meanwhile."""
+    started, cpu_self, cpu_children = time.perf_counter(), time.process_time(), _children_cpu()
+    reported = step()
+    wall = time.perf_counter() - started
+    if isinstance(reported, list):
+        return wall, float(sum(reported))
+    return wall, time.process_time() - cpu_self + _children_cpu() - cpu_children
 
 
 def run_benchmark(folder: Path, paths: list[str], *, workers: int, max_size: int, quality: int,
-                  resize_side: str, repeats: int, scratch: Path) -> tuple[list[Measurement], dict]:
+                  resize_side: str, repeats: int, scratch: Path
+                  ) -> tuple[list[Measurement], dict[str, list[float]], dict]:
     """Limit and reference loops over ``paths`` split evenly over ``workers`` processes that hold
     the bytes in memory; ``convert_to_shards(folder)`` in this process and the ``ecomaug shard``
     command, each into a fresh folder. The four alternate, repetition by repetition, so that
-    load from elsewhere hits them alike."""
+    load from elsewhere hits them alike.
+
+    Returns:
+        One :class:`Measurement` per row (wall clock), the CPU seconds of each row's
+        repetitions, and the last conversion's counts.
+    """
     from loaders.convert import convert_to_shards
 
     runs: list[dict] = []
@@ -132,6 +157,7 @@ def run_benchmark(folder: Path, paths: list[str], *, workers: int, max_size: int
             shutil.rmtree(out, ignore_errors=True)
 
     seconds: dict[str, list[float]] = {name: [] for name in ("bilinear", "bicubic", "conversion", "command")}
+    cpu: dict[str, list[float]] = {name: [] for name in seconds}
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     with context.Pool(workers, initializer=_load, initargs=(paths, max_size, quality, resize_side)) as pool:
         parts = [range(start, len(paths), workers) for start in range(workers)]
@@ -142,10 +168,13 @@ def run_benchmark(folder: Path, paths: list[str], *, workers: int, max_size: int
             step()
         for _ in range(repeats):
             for name, step in steps.items():
-                seconds[name].append(_timed(step))
+                wall, cpu_seconds = _timed(step)
+                seconds[name].append(wall)
+                cpu[name].append(cpu_seconds)
     names = {"bilinear": "limit: decode+bilinear+encode", "bicubic": "reference: decode+bicubic+encode",
              "conversion": "conversion: convert_to_shards", "command": "command: ecomaug shard (all)"}
-    return [Measurement(names[key], len(paths), seconds[key]) for key in names], runs[-1]
+    return ([Measurement(names[key], len(paths), seconds[key]) for key in names],
+            {names[key]: cpu[key] for key in names}, runs[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,26 +205,31 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{folder}: no images")
         settings = dict(workers=args.workers, max_size=args.max_size, quality=args.quality,
                         resize_side=args.resize_side, repeats=args.repeats)
-        rows, last_run = run_benchmark(folder, paths, scratch=scratch, **settings)
+        rows, cpu, last_run = run_benchmark(folder, paths, scratch=scratch, **settings)
 
     limit, _, conversion, command = rows
     ratios = {"conversion": conversion.median_rate / limit.median_rate,
               "command": command.median_rate / limit.median_rate}
-    print(f"{'stage':34s} {'img/s median':>12s} {'min':>8s} {'max':>8s}")
+    cpu_ms = {row.name: 1000 * statistics.median(cpu[row.name]) / len(paths) for row in rows}
+    print(f"{'stage':34s} {'img/s median':>12s} {'min':>8s} {'max':>8s} {'CPU ms/img':>11s}")
     for row in rows:
         low, high = row.spread
-        print(f"{row.name:34s} {row.median_rate:12.1f} {low:8.1f} {high:8.1f}")
+        print(f"{row.name:34s} {row.median_rate:12.1f} {low:8.1f} {high:8.1f} {cpu_ms[row.name]:11.2f}")
     print(f"command / limit = {ratios['command']:.3f} (goal >= 0.85), conversion / limit = "
           f"{ratios['conversion']:.3f}; images {len(paths)}, workers {args.workers}, max size {args.max_size}, "
           f"quality {args.quality}, repeats {args.repeats}; passed through untouched "
           f"{last_run['passed_through']} of {last_run['written']} written")
+    print(f"CPU per image: command / limit = {cpu_ms[command.name] / cpu_ms[limit.name]:.3f}, conversion / "
+          f"limit = {cpu_ms[conversion.name] / cpu_ms[limit.name]:.3f} (below 1: cheaper than the limit); "
+          f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     facts = conditions()
     print("conditions: " + ", ".join(f"{k}={facts[k]}" for k in ("python", "cpu_count", "PIL", "webdataset")))
     if args.json is not None:
         payload = {"ratio": ratios["command"], "ratios": ratios, "goal": 0.85,
                    "settings": {**settings, "images": len(paths),
                                 "input": str(args.input) if args.input else f"synthetic {args.count} x 1024x768"},
-                   "limit": limit.as_dict(), "rows": [row.as_dict() for row in rows], "last_run": last_run,
+                   "limit": limit.as_dict(), "rows": [row.as_dict() for row in rows], "cpu_seconds": cpu,
+                   "cpu_ms_per_image": cpu_ms, "load_average": os.getloadavg(), "last_run": last_run,
                    "conditions": facts}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return 0
