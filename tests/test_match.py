@@ -121,7 +121,7 @@ def test_pairs_and_gaps_of_the_known_answer(case, tmp_path):
     assert {g["b_key"] for g in gaps} == {r["path"] for r in case["b_rows"]
                                           if r["item_id"] in gap_items}
     assert result.gap_listings == len(gaps) == 45 and result.b_matched == 30
-    assert result.a_listings + 0 == 50 and result.b_listings == result.b_matched + len(gaps)
+    assert result.a_listings == 50 and result.b_listings == result.b_matched + len(gaps) == 75
     for g in gaps:
         # B's metadata under its own names; a listing's copies are one cluster
         assert g["item_id"] in gap_items and g["shop"].startswith("gapshop")

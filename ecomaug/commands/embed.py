@@ -13,15 +13,17 @@ import os
 import click
 
 
-def raise_disk_full(error: OSError) -> None:
-    """Turn a full disk into the one-line user error; re-raise anything else."""
+def raise_disk_full(error: OSError, where: str) -> None:
+    """Turn a full disk into the one-line user error (exit 2); re-raise any other OSError."""
     from ecomaug.cli import CommandError
+    from ecomaug.evaluation.embed import DiskFullError
 
-    if error.errno == errno.ENOSPC:
-        raise CommandError(str(error) if error.filename is None or "disk full" in str(error)
-                           else f"disk full while writing {error.filename}: no space left on "
-                                "device; free some space or write elsewhere, then rerun") from error
-    raise error
+    if error.errno != errno.ENOSPC:
+        raise error
+    if isinstance(error, DiskFullError):
+        raise CommandError(str(error)) from error
+    raise CommandError(f"disk full while writing {error.filename or where}: no space left on "
+                       "device; free some space or write elsewhere, then rerun") from error
 
 
 def _env_int(name: str, default: int) -> int:
@@ -111,7 +113,7 @@ def embed(model_path: str | None, random_init: str | None, data: str, out: str, 
         if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError,
                               NotADirectoryError, FileExistsError)):
             raise
-        raise_disk_full(error)
+        raise_disk_full(error, out)
     resumed = f", {report.resumed_parts} of them from an earlier run" if report.resumed_parts else ""
     click.echo(f"rank {rank}/{world_size}: {report.rows} embeddings of size {report.dim} in "
                f"{report.parts} parts{resumed} ({model.model_name}, {model.input_size} px, "

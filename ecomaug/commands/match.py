@@ -94,7 +94,7 @@ def match(a_source: str, b_source: str, model_path: str | None, random_init: str
         if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError,
                               NotADirectoryError, FileExistsError)):
             raise
-        raise_disk_full(error)
+        raise_disk_full(error, out)
     if result.calibrated:
         state = f"calibrated for precision {result.calibration.precision_target}"
     elif result.threshold_source == "given":

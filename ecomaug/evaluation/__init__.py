@@ -7,7 +7,8 @@ ranks a gallery for each query by cosine similarity in chunks and scores recall@
 """
 
 from ecomaug.evaluation.disturbances import DISTURBANCES, apply_disturbance
-from ecomaug.evaluation.embed import (EmbeddingModel, Embeddings, embed_data, embed_samples,
+from ecomaug.evaluation.embed import (EmbeddingModel, Embeddings, PartsReport, ReadReport,
+                                      embed_data, embed_samples, embed_to_parts,
                                       load_embeddings, load_model, random_init_model)
 from ecomaug.evaluation.queries import EvalSet, build_eval_set, split_gallery
 from ecomaug.evaluation.report import (ModelSpec, evaluate_models, model_spec, random_init_spec,
@@ -16,6 +17,6 @@ from ecomaug.evaluation.retrieval import RetrievalResult, retrieval_metrics, ret
 
 __all__ = ["DISTURBANCES", "EmbeddingModel", "Embeddings", "EvalSet", "ModelSpec",
            "RetrievalResult", "apply_disturbance", "build_eval_set", "embed_data",
-           "embed_samples", "evaluate_models", "load_embeddings", "load_model", "model_spec",
+           "embed_samples", "embed_to_parts", "evaluate_models", "PartsReport", "ReadReport", "load_embeddings", "load_model", "model_spec",
            "random_init_model", "random_init_spec", "retrieval_metrics", "retrieve",
            "robustness_report", "split_gallery", "summarize", "write_report"]

@@ -5,7 +5,10 @@ directory (its ``export/``, else its newest ``checkpoints/ckpt-*.pt``), a checkp
 with ``weights_only=True``), or a timm name with random weights (the random-init baseline).
 Images are resized (shorter side to the input size) and centre-cropped like the loaders' eval
 mode, normalised with the model's mean/std and embedded in batches on the given device. The
-result is saved as one ``.npz`` holding the embeddings, their keys and each sample's metadata.
+result is saved as one ``.npz`` holding the embeddings, their keys and each sample's metadata,
+or streamed by :func:`embed_to_parts` into a folder of such files (resumable, split by rank),
+which :func:`load_embeddings` reads as one set. Readers record what they cannot read in a
+:class:`ReadReport` (or raise naming the shard) instead of failing with a traceback.
 """
 
 from __future__ import annotations
@@ -563,6 +566,12 @@ def iter_data(data: str | os.PathLike, *, report: ReadReport | None = None
     return iter_shard_samples(os.fspath(data), report=report)
 
 
+def _where(data: str | os.PathLike) -> str:
+    """``data`` as recorded in embeddings: absolute for a local path, as given for a URL."""
+    text = os.fspath(data)
+    return text if "://" in text or text.startswith("pipe:") else os.path.abspath(text)
+
+
 def _is_shards(data: str | os.PathLike) -> bool:
     return _kind(data) == "shards"
 
@@ -615,7 +624,7 @@ def embed_data(model: EmbeddingModel, data: str | os.PathLike, *, batch_size: in
                                  progress=progress)
     embeddings = embed_samples(model, iter_data(data), batch_size=batch_size, progress=progress,
                                total=count_samples(data), description="embed")
-    embeddings.info["data"] = os.fspath(data)  # where the images are, for thumbnails later
+    embeddings.info["data"] = _where(data)  # where the images are, for thumbnails later
     return embeddings
 
 
@@ -702,8 +711,7 @@ def embed_to_parts(model: EmbeddingModel, data: str | os.PathLike, out_dir: str 
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(20, "--out for parts must be a folder", str(folder))
     folder.mkdir(parents=True, exist_ok=True)
-    settings = {**model.info(), "data": os.path.abspath(os.fspath(data)) if "://" not in
-                os.fspath(data) else os.fspath(data), "world_size": world_size,
+    settings = {**model.info(), "data": _where(data), "world_size": world_size,
                 "part_size": part_size, "stream_total": total}
     for other in folder.glob("done-r*-of-*.json"):
         if not other.name.endswith(f"-of-{world_size:05d}.json"):
