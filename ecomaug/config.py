@@ -195,6 +195,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                "  python train.py --data ./shards --out runs/r50 --preset v100x8\n"
                "  torchrun --nproc_per_node=8 train.py --data ./shards --out runs/r50 --preset h100\n"
                "  python train.py --data ./shards --out runs/r50 --resume auto\n"
+               "  python train.py --overwrite                       # the sample again, from step 0\n"
                f"presets: {', '.join(sorted(PRESETS))}")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     hints = get_type_hints(TrainConfig)

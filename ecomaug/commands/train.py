@@ -16,6 +16,7 @@ def train(train_args: tuple[str, ...]) -> None:
       ecomaug train                                   # the bundled sample on CPU, a few minutes
       ecomaug train --data ./shards --out runs/r50 --preset v100x8
       ecomaug train --data ./shards --out runs/r50 --resume auto
+      ecomaug train --overwrite                       # the sample again, from step 0
       torchrun --nproc_per_node=8 -m ecomaug train --data ./shards --out runs/r50 --preset h100
     """
     from ecomaug.cli import CommandError, one_line
