@@ -280,3 +280,11 @@ def test_bad_inputs_are_one_line_errors(case, tmp_path):
         assert result.exit_code == 2, (arguments, result.output)
         assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
         assert message in result.output, (message, result.output)
+
+
+def test_pairs_parquet_when_pyarrow_is_installed(case, tmp_path):
+    parquet = pytest.importorskip("pyarrow.parquet")
+    result = _match(case, tmp_path, threshold=THRESHOLD)
+    assert "pairs.parquet" in result.files
+    table = parquet.read_table(tmp_path / "pairs.parquet")
+    assert table.num_rows == result.pairs == 30 and "price_ratio" in table.column_names
