@@ -741,7 +741,7 @@ def embed_to_parts(model: EmbeddingModel, data: str | os.PathLike, out_dir: str 
 
     def write_part(first: int, last: int, chunks: list[torch.Tensor], keys: list[str],
                    meta: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> None:
-        nonlocal done_parts, rows, duplicates, dim
+        nonlocal done_parts, rows, duplicates
         width = chunks[0].shape[1] if chunks else dim
         vectors = torch.cat(chunks) if chunks else torch.zeros((0, width))
         dups = sum(1 for row in meta if "duplicate_of" in row)

@@ -244,7 +244,7 @@ def match_catalogues(a: Catalogue, b: Catalogue, out_dir: str | os.PathLike, *,
     ab, ba, bb = found["a_to_b"], found["b_to_a"], found["b_to_b"]
 
     # Pairs: A's neighbours in B above the threshold.
-    a_best, b_best = ab.indices[:, 0], ba.indices[:, 0]
+    b_best = ba.indices[:, 0]  # each B listing's nearest A listing
     rank = np.broadcast_to(np.arange(1, options.top_k + 1), ab.indices.shape)
     is_pair = (ab.indices >= 0) & (ab.scores >= threshold)
     mutual = is_pair & (rank == 1) & (b_best[np.maximum(ab.indices, 0)] ==

@@ -4,8 +4,9 @@ The rule (``method="auto"``): a database of up to ``exact_limit`` vectors is sea
 chunks on the device (:func:`ecomaug.evaluation.retrieval.retrieve`); above it, an IVF-Flat
 index with ``nlist = sqrt(N)`` lists (rounded to a power of two, 16 .. 65536; faiss suggests up
 to 16 sqrt(N), but on a CPU fewer lists train and fill much faster and the probe depth below
-keeps the recall) is trained on a seeded sample of ``min(N, 64 * nlist)`` vectors, and ``nprobe`` is doubled from 8 until recall@k against
-exact search, measured on a sample of queries, reaches ``recall_target`` (0.95). ``method="hnsw"``
+keeps the recall) is trained on a seeded sample of ``min(N, 64 * nlist)`` vectors, and
+``nprobe`` is doubled from 8 until recall@k against exact search, measured on a sample of
+queries, reaches ``recall_target`` (0.95). ``method="hnsw"``
 builds HNSW32 instead (no training, more memory). The index is saved with the outputs and reused
 when the database is the same (same keys, same shape).
 """
