@@ -229,14 +229,23 @@ def test_shards_are_byte_for_byte_what_webdataset_writes(tmp_path):
     assert ours == stream.getvalue()
 
 
-def test_the_conversions_parent_process_never_imports_torch(tmp_path):
+def test_the_shard_command_imports_torch_only_to_start_its_workers(tmp_path):
+    """``import loaders.convert`` and ``ecomaug shard --help`` import no torch; a conversion imports
+    it once, in the parent, just before its workers fork (they share it), and not at all when
+    it runs in-process without a resize."""
     source = tmp_path / "in"
     source.mkdir()
     for index in range(4):
-        (source / f"{index}.jpg").write_bytes(jpeg_bytes(photo(600, 400, index)))  # resized: workers need torch
-    script = (f"import sys; from loaders.convert import convert_to_shards; "
-              f"r = convert_to_shards({str(source)!r}, {str(tmp_path / 'out')!r}, workers=2, max_size=300, "
-              f"progress=False); assert r.written == 4, r; print('torch' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                            cwd=Path(__file__).resolve().parents[1])
-    assert result.stdout.strip() == "False"
+        (source / f"{index}.jpg").write_bytes(jpeg_bytes(photo(200, 150, index)))
+    script = (f"import sys; from loaders.convert import convert_to_shards; print('torch' in sys.modules); "
+              f"r = convert_to_shards({str(source)!r}, {str(tmp_path / 'a')!r}, workers=0, max_size=300, "
+              f"progress=False); print('torch' in sys.modules, r.passed_through); "
+              f"r = convert_to_shards({str(source)!r}, {str(tmp_path / 'b')!r}, workers=2, max_size=100, "
+              f"progress=False); print('torch' in sys.modules, r.written)")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=root)
+    assert result.stdout.split() == ["False", "False", "4", "True", "4"]
+    script = "import sys; from ecomaug.cli import main; sys.argv = ['ecomaug', 'shard', '--help']\n" \
+             "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=root)
+    assert result.stdout.strip().endswith("False")
