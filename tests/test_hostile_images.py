@@ -181,7 +181,7 @@ def test_read_image_applies_the_conversions_hygiene(hostile_folder):
 
 def test_folder_and_shards_are_read_alike(hostile_folder, tmp_path):
     """preview --images, embed on a folder and the shards see the same pixels."""
-    from ecomaug.evaluation.embed import prepare
+    from ecomaug.evaluation.embed import count_samples, iter_folder_samples, prepare
     from ecomaug.preview import images_from_folder
 
     out = tmp_path / "shards"
@@ -189,6 +189,8 @@ def test_folder_and_shards_are_read_alike(hostile_folder, tmp_path):
     written = shard_samples(out)
     assert set(written) == {"cmyk.jpg", "no-extension", "palette.gif", "really-a-png.jpg", "rotated.jpg",
                             "transparent.png"}
+    assert [name for name, _, _ in iter_folder_samples(hostile_folder)] == sorted(written)
+    assert count_samples(hostile_folder) == len(written)
     for name, (_, jpeg) in written.items():
         from_folder = prepare((hostile_folder / name).read_bytes(), 48).float()
         from_shard = prepare(jpeg, 48).float()

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from loaders.images import list_image_files, read_image
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -187,9 +189,7 @@ def prepare(image: Image.Image | bytes, size: int) -> torch.Tensor:
         - output: :math:`(3, size, size)` uint8.
     """
     if isinstance(image, (bytes, bytearray)):
-        from loaders.images import read_image  # as the shard conversion reads: EXIF, alpha on white
-
-        image = read_image(bytes(image))
+        image = read_image(bytes(image))  # as the shard conversion reads: EXIF, alpha on white
     image = image.convert("RGB")
     width, height = image.size
     scale = size / min(width, height)
@@ -480,9 +480,9 @@ def iter_folder_samples(folder: str | os.PathLike, *, report: ReadReport | None 
                         ) -> Iterator[tuple[str, dict[str, Any], bytes]]:
     """Yield ``(relative path, {"source": ...}, bytes)`` for every image under ``folder``."""
     folder = Path(folder)
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = list_image_files(folder)  # chosen by content, hidden files left out, as ecomaug shard does
     if not paths:
-        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        raise ValueError(f"{folder}: no images in this folder (files are recognised by content)")
     position = 0
     for path in paths:
         relative = path.relative_to(folder).as_posix()
@@ -534,7 +534,7 @@ def count_samples(data: str | os.PathLike) -> int | None:
     """How many images ``data`` holds, where known without reading them."""
     kind = _kind(data)
     if kind == "folder":
-        return sum(1 for p in Path(data).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        return len(list_image_files(data))
     if kind == "manifest":
         from loaders.inputs import read_inputs
 
