@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -107,6 +108,11 @@ def test_sigterm_saves_the_step_and_resume_auto_continues_bit_exactly(sample_sha
     assert not different, f"an interrupted + resumed run differs from a straight one in {different[:5]}"
 
 
+main_thread_only = pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                                      reason="signal handlers can only be set in the main thread")
+
+
+@main_thread_only
 def test_a_second_signal_aborts_at_once_and_handlers_are_restored():
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with train_script.StopSignals() as stops:
@@ -119,6 +125,7 @@ def test_a_second_signal_aborts_at_once_and_handlers_are_restored():
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
+@main_thread_only
 def test_an_ignored_sigint_stays_ignored():
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a shell's background job
     try:
