@@ -193,3 +193,14 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp_file(monkeypatch, small_mani
         result.output.count("\n") == 1
     assert str(tmp_path) in result.output
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "items.csv"]
+
+
+def test_torchrun_environment_picks_the_rank(monkeypatch, small_manifest, tmp_path):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(main, ["embed", "--random-init", MODEL, "--input-size", str(SIZE),
+                                       "--data", str(small_manifest), "--out", str(tmp_path),
+                                       "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("rank 1/2: 48 embeddings")
+    assert [p.name for p in tmp_path.glob("done-*.json")] == ["done-r00001-of-00002.json"]
