@@ -16,7 +16,9 @@ from ecomaug.augmentation.sampling import check_probability
 from ecomaug.augmentation import (ColourShift, MultiItemMosaic, PerspectiveShift, RandomSource, SeededColorJitter,
                                   SeededGaussianBlur, SeededGrayscale, SeededHorizontalFlip, WatermarkOverlay)
 
-_MOCO_TAIL: dict[str, Any] = {"grayscale_p": 0.2, "blur_p": 0.5, "blur_sigma": (0.1, 2.0), "flip_p": 0.5}
+# blur_sigma is in pixels of a blur_reference_size crop and scales with the crop (None: absolute pixels).
+_MOCO_TAIL: dict[str, Any] = {"grayscale_p": 0.2, "blur_p": 0.5, "blur_sigma": (0.1, 2.0), "blur_reference_size": 224,
+                              "flip_p": 0.5}
 
 # Every option of every recipe, with its default. Stages run in the order they appear.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -146,7 +148,8 @@ def build_recipe(name: str, **overrides: Any) -> AugmentationRecipe:
             tiled_scale=o["watermark_tiled_scale"], opacity=o["watermark_opacity"],
             tiled_opacity=o["watermark_tiled_opacity"], p=o["watermark_p"], source=source)
     stages["grayscale"] = SeededGrayscale(p=o["grayscale_p"], source=source)
-    stages["blur"] = SeededGaussianBlur(o["blur_sigma"], p=o["blur_p"], source=source)
+    stages["blur"] = SeededGaussianBlur(o["blur_sigma"], p=o["blur_p"], source=source,
+                                        reference_size=o["blur_reference_size"])
     if "flip" not in stages:
         stages["flip"] = SeededHorizontalFlip(p=o["flip_p"], source=source)
     return AugmentationRecipe(name, stages, source, options)

@@ -29,14 +29,22 @@ class SeededColorJitterGenerator(SeededGenerator):
 
 
 class SeededGaussianSigmaGenerator(SeededGenerator):
-    """Kornia ``RandomGaussianBlurGenerator``'s ``sigma`` (B,) from a seeded source."""
+    """Kornia ``RandomGaussianBlurGenerator``'s ``sigma`` (B,) from a seeded source.
 
-    def __init__(self, sigma: tuple[float, float], source: RandomSource | None = None) -> None:
+    With ``reference_size``, ``sigma`` is meant at that image side and is scaled to the batch's
+    shorter side, so a blur removes the same share of detail at every resolution.
+    """
+
+    def __init__(self, sigma: tuple[float, float], source: RandomSource | None = None,
+                 reference_size: int | None = None) -> None:
         super().__init__(source)
-        self.sigma = sigma
+        self.sigma, self.reference_size = sigma, reference_size
 
     def forward(self, batch_shape: tuple[int, ...], same_on_batch: bool = False) -> dict[str, torch.Tensor]:
-        return {"sigma": self.draw(batch_shape[0], same_on_batch, self.sigma)}
+        sigma = self.draw(batch_shape[0], same_on_batch, self.sigma)
+        if self.reference_size is not None:
+            sigma = sigma * (min(batch_shape[-2:]) / self.reference_size)
+        return {"sigma": sigma}
 
 
 class SeededColorJitter(SeededAugmentation, ColorJitter):
@@ -66,16 +74,22 @@ class SeededColorJitter(SeededAugmentation, ColorJitter):
 class SeededGaussianBlur(SeededAugmentation, RandomGaussianBlur):
     """Kornia's ``RandomGaussianBlur`` with a seeded ``sigma``; MoCo v2 uses sigma in (0.1, 2.0), p=0.5.
 
+    MoCo's sigma is in pixels of a 224-px crop. ``reference_size=224`` (the default) keeps that
+    meaning at any crop size: sigma is scaled by ``side / 224``, so a 64-px crop is blurred by at
+    most 0.57 px, not 2 px (which leaves little to match at 64 px). ``None``: sigma in pixels as given.
     ``kernel_size`` only truncates the kernel: 23 covers 3 sigma of 2.0 at every image size of 12 px or more.
     """
 
     def __init__(self, sigma: tuple[float, float] = (0.1, 2.0), kernel_size: int = 23, p: float = 0.5,
-                 source: RandomSource | None = None) -> None:
+                 source: RandomSource | None = None, reference_size: int | None = 224) -> None:
         if not isinstance(kernel_size, int) or kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be an odd int >= 3, got {kernel_size!r}")
+        if reference_size is not None and (isinstance(reference_size, bool) or not isinstance(reference_size, int)
+                                           or reference_size < 1):
+            raise ValueError(f"reference_size must be a positive int or None, got {reference_size!r}")
         sigma = check_range("sigma", sigma, low=1e-3)
         super().__init__(kernel_size=kernel_size, sigma=sigma, p=check_probability("p", p))
-        self._param_generator = SeededGaussianSigmaGenerator(sigma, source)
+        self._param_generator = SeededGaussianSigmaGenerator(sigma, source, reference_size)
 
 
 class SeededGrayscale(SeededAugmentation, RandomGrayscale):

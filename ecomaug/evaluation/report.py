@@ -58,7 +58,7 @@ class ModelResult:
 
 def evaluate_models(eval_set: EvalSet, models: Sequence[ModelSpec], *, batch_size: int = 64,
                     group_by: Sequence[str] = ("region",), backend: str = "torch",
-                    progress: bool = True) -> list[ModelResult]:
+                    query_regions: str = "none", progress: bool = True) -> list[ModelResult]:
     """Embed gallery and query sets with each model (one in memory at a time) and score them.
 
     Args:
@@ -68,8 +68,15 @@ def evaluate_models(eval_set: EvalSet, models: Sequence[ModelSpec], *, batch_siz
         group_by: metadata columns of the queries to break the metrics down by (those absent
             from the metadata are skipped).
         backend: retrieval backend, ``"torch"`` or ``"faiss"``.
+        query_regions: ``"none"`` (one embedding per query) or ``"grid"``: each query also
+            embedded by its item regions, scored by its best region
+            (:mod:`ecomaug.evaluation.regions`; exact search only).
         progress: show progress bars.
     """
+    from ecomaug.evaluation.regions import QUERY_REGIONS, embed_regions, retrieve_regions
+
+    if query_regions not in QUERY_REGIONS:
+        raise ValueError(f"query_regions must be one of {QUERY_REGIONS}; got {query_regions!r}")
     if not models:
         raise ValueError("no models to evaluate: give --model and/or --random-init")
     labels = [spec.label for spec in models]
@@ -84,14 +91,21 @@ def evaluate_models(eval_set: EvalSet, models: Sequence[ModelSpec], *, batch_siz
         result = ModelResult(label=spec.label, info={**model.info(), "kind": spec.kind},
                              summaries={})
         for name, samples in eval_set.queries.items():
-            queries = embed_samples(model, samples, batch_size=batch_size, progress=progress,
-                                    total=len(samples), description=f"{spec.label}: {name}")
-            items = [str(meta["item_id"]) for meta in queries.meta]
-            ranking = retrieve(queries.vectors.to(model.device), items,
-                               gallery.vectors.to(model.device), gallery_items, depth=max(KS),
-                               backend=backend)
-            groups = {column: [meta.get(column, "") for meta in queries.meta] for column in group_by
-                      if any(column in meta for meta in queries.meta)}
+            metas = [meta for _, meta, _ in samples]
+            items = [str(meta["item_id"]) for meta in metas]
+            if query_regions == "grid":
+                regions = embed_regions(model, samples, batch_size=batch_size, progress=progress,
+                                        description=f"{spec.label}: {name} regions")
+                ranking = retrieve_regions(regions, items, gallery.vectors.to(model.device),
+                                           gallery_items, depth=max(KS))
+            else:
+                queries = embed_samples(model, samples, batch_size=batch_size, progress=progress,
+                                        total=len(samples), description=f"{spec.label}: {name}")
+                ranking = retrieve(queries.vectors.to(model.device), items,
+                                   gallery.vectors.to(model.device), gallery_items, depth=max(KS),
+                                   backend=backend)
+            groups = {column: [meta.get(column, "") for meta in metas] for column in group_by
+                      if any(column in meta for meta in metas)}
             result.summaries[name] = summarize(ranking, ks=KS, groups=groups)
             result.topk[name] = ranking.topk_indices
             result.topk_scores[name] = ranking.topk_scores

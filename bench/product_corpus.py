@@ -1,0 +1,245 @@
+"""A product-photo corpus for the robustness benchmark, built from Debian's freely licensed clip art.
+
+Every item is one picture of ``openclipart-png`` (cut out along its alpha channel), photographed
+as a listing would be: composited at a random size, position and small tilt on a plain, gradient
+or photo background (crops of the wallpaper packages that ``../shared/bench-corpus`` installs;
+plain and gradient only when none is installed). The clip-art files are split by a hash of their
+path into training items and evaluation items, so no evaluation item is ever trained on:
+
+* ``train/``: ``train_images`` unlabeled images, one listing photo per training item;
+* ``eval/``: ``eval_items`` items with ``images_per_item`` listing photos each, with ``item_id``,
+  for ``ecomaug eval``: the first (the gallery's) on a plain background as a shop's stock photo,
+  the others re-framed (``eval_variation="stock"``: other size, position, tilt and background
+  tone) or shot anew on gradient and photo backgrounds too (``"shops"``, much harder).
+
+Both become shards with ``loaders.convert``. Nothing is committed: the corpus lives in a cache
+folder and is rebuilt only when its settings change.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+CLIPART_ROOT = Path("/usr/share/openclipart/png")
+PHOTO_ROOTS = (Path("/usr/share/backgrounds"), Path("/usr/share/wallpapers"))
+DEBIAN_PACKAGES = ("openclipart-png",)
+CORPUS_VERSION = 4
+# How an item's other listing photos differ from its gallery photo: background weights (plain,
+# gradient, photo) and framing. "stock": the shop's stock photo re-framed by other shops, so
+# that the disturbances are what the benchmark measures; "shops": every shop shoots its own.
+EVAL_VARIATIONS = {
+    "stock": ((0.7, 0.3, 0.0), {"scale": (0.7, 0.9), "tilt": 5.0}),
+    "shops": ((0.5, 0.3, 0.2), {"scale": (0.55, 0.9), "tilt": 10.0}),
+}
+
+
+@dataclass(frozen=True)
+class CorpusSettings:
+    """What the corpus is built from; a cached corpus is reused only when these match."""
+
+    train_images: int = 3000
+    eval_items: int = 400
+    images_per_item: int = 3
+    size: int = 160
+    seed: int = 0
+    eval_variation: str = "stock"
+    version: int = CORPUS_VERSION
+
+
+def clipart_files(root: Path = CLIPART_ROOT) -> list[Path]:
+    """Every clip-art PNG, sorted, so the split is the same on every machine."""
+    if not root.is_dir():
+        raise FileNotFoundError(2, "openclipart-png is not installed (apt-get install openclipart-png)",
+                                str(root))
+    return sorted(root.rglob("*.png"))
+
+
+def photo_files() -> list[Path]:
+    """Photographic backgrounds (wallpaper packages), sorted; empty when none is installed."""
+    files: list[Path] = []
+    for root in PHOTO_ROOTS:
+        if root.is_dir():
+            files += [p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    return sorted(files)
+
+
+def is_eval_item(path: Path, root: Path, fraction: float) -> bool:
+    """The split: a stable hash of the path inside the clip-art root decides train or eval."""
+    digest = hashlib.sha1(str(path.relative_to(root)).encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+
+
+def load_item(path: Path, max_side: int) -> Image.Image | None:
+    """The clip art as RGBA, cut to its visible part and shrunk; None when unusable."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGBA", (max_side * 2, max_side * 2))
+            image = image.convert("RGBA")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    alpha = np.asarray(image.getchannel("A"))
+    if alpha.min() > 250:  # no transparency: not a cut-out item
+        return None
+    box = image.getchannel("A").point(lambda value: 255 if value > 16 else 0).getbbox()
+    if box is None:
+        return None
+    image = image.crop(box)
+    if max(image.size) < 48 or min(image.size) < 12:
+        return None
+    coverage = float((np.asarray(image.getchannel("A")) > 16).mean())
+    if coverage < 0.15:  # thin line art: nothing to recognise
+        return None
+    image.thumbnail((max_side, max_side), Image.LANCZOS)
+    return image
+
+
+class Backgrounds:
+    """Draws plain, gradient and photo backgrounds from a seeded generator."""
+
+    def __init__(self, photos: Sequence[Path], size: int) -> None:
+        self.size = size
+        self.photos: list[Image.Image] = []
+        for path in photos:
+            try:
+                with Image.open(path) as photo:
+                    photo.draft("RGB", (size * 4, size * 4))
+                    photo = photo.convert("RGB")
+                    photo.thumbnail((size * 4, size * 4))
+                    self.photos.append(photo)
+            except (OSError, ValueError, Image.DecompressionBombError):
+                continue
+
+    def draw(self, rng: random.Random, weights: Sequence[float] = (1.0, 1.0, 1.0)) -> Image.Image:
+        """A background; ``weights`` of plain, gradient and photo (photo only when installed)."""
+        kinds = ["plain", "gradient", "photo"][:3 if self.photos else 2]
+        kind = rng.choices(kinds, weights=list(weights)[:len(kinds)])[0]
+        size = self.size
+        if kind == "plain":
+            tone = rng.randint(150, 255)
+            colour = tuple(int(min(255, max(0, tone + rng.randint(-40, 40)))) for _ in range(3))
+            return Image.new("RGB", (size, size), colour)
+        if kind == "gradient":
+            start = np.array([rng.randint(60, 255) for _ in range(3)], dtype=np.float32)
+            stop = np.array([rng.randint(60, 255) for _ in range(3)], dtype=np.float32)
+            angle = rng.uniform(0, 2 * math.pi)
+            ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+            t = (xs * math.cos(angle) + ys * math.sin(angle))
+            t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+            pixels = start + (stop - start) * t[..., None]
+            return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+        photo = rng.choice(self.photos)
+        side = rng.randint(min(photo.size) // 3, min(photo.size))
+        left, top = rng.randint(0, photo.width - side), rng.randint(0, photo.height - side)
+        return photo.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
+
+
+def compose(item: Image.Image, background: Image.Image, rng: random.Random, *,
+            scale: tuple[float, float] = (0.55, 0.9), tilt: float = 10.0) -> Image.Image:
+    """One listing photo: the item at ``scale`` of the frame, anywhere inside it, tilted up to ``tilt`` degrees."""
+    size = background.width
+    tilted = item.rotate(rng.uniform(-tilt, tilt), expand=True, resample=Image.BICUBIC)
+    scale = rng.uniform(*scale) * size / max(tilted.size)
+    tilted = tilted.resize((max(1, round(tilted.width * scale)), max(1, round(tilted.height * scale))),
+                           Image.LANCZOS)
+    left = rng.randint(0, max(0, size - tilted.width))
+    top = rng.randint(0, max(0, size - tilted.height))
+    canvas = background.convert("RGBA")
+    canvas.alpha_composite(tilted, (left, top))
+    return canvas.convert("RGB")
+
+
+def _write(image: Image.Image, path: Path, rng: random.Random) -> None:
+    image.save(path, format="JPEG", quality=rng.randint(85, 95))
+
+
+def build_corpus(out_dir: str | Path, settings: CorpusSettings = CorpusSettings(), *,
+                 clipart_root: Path = CLIPART_ROOT, photos: Sequence[Path] | None = None,
+                 progress: bool = True) -> dict[str, Path]:
+    """Build (or reuse) the corpus and its shards under ``out_dir``.
+
+    Args:
+        out_dir: the cache folder.
+        settings: sizes and seed.
+        clipart_root: a folder of RGBA item cut-outs (default: Debian's openclipart-png).
+        photos: background photos (default: the installed wallpaper packages).
+        progress: show progress bars.
+
+    Returns:
+        ``{"train": shards dir, "eval": shards dir, "eval_csv": items csv, "root": out_dir}``.
+    """
+    from tqdm.auto import tqdm
+
+    from loaders.convert import convert_to_shards
+
+    out = Path(out_dir)
+    stamp = out / "corpus.json"
+    paths = {"train": out / "train-shards", "eval": out / "eval-shards", "eval_csv": out / "eval.csv",
+             "root": out}
+    if stamp.is_file() and json.loads(stamp.read_text())["settings"] == asdict(settings):
+        return paths
+    files = clipart_files(clipart_root)
+    rng = random.Random(settings.seed)
+    eval_fraction = 0.2
+    eval_files = [p for p in files if is_eval_item(p, clipart_root, eval_fraction)]
+    train_files = [p for p in files if not is_eval_item(p, clipart_root, eval_fraction)]
+    rng.shuffle(eval_files), rng.shuffle(train_files)
+    backgrounds = Backgrounds(photo_files() if photos is None else photos, settings.size)
+    max_side = settings.size
+    for name in ("train", "eval"):
+        (out / name).mkdir(parents=True, exist_ok=True)
+
+    train_rows = []
+    bar = tqdm(total=settings.train_images + settings.eval_items, desc="product corpus",
+               disable=not progress, unit="item")
+    for path in train_files:
+        if len(train_rows) >= settings.train_images:
+            break
+        item = load_item(path, max_side)
+        if item is None:
+            continue
+        name = f"train/{len(train_rows):05d}.jpg"
+        _write(compose(item, backgrounds.draw(rng), rng), out / name, rng)
+        train_rows.append({"path": name, "clipart": str(path.relative_to(clipart_root))})
+        bar.update(1)
+    eval_rows = []
+    items = 0
+    for path in eval_files:
+        if items >= settings.eval_items:
+            break
+        item = load_item(path, max_side)
+        if item is None:
+            continue
+        for view in range(settings.images_per_item):
+            name = f"eval/{items:04d}_{view}.jpg"
+            weights, framing = (1.0, 0.0, 0.0), EVAL_VARIATIONS["stock"][1]
+            if view:
+                weights, framing = EVAL_VARIATIONS[settings.eval_variation]
+            _write(compose(item, backgrounds.draw(rng, weights), rng, **framing), out / name, rng)
+            eval_rows.append({"path": name, "item_id": f"item{items:04d}",
+                              "clipart": str(path.relative_to(clipart_root))})
+        items += 1
+        bar.update(1)
+    bar.close()
+    if len(train_rows) < settings.train_images or items < settings.eval_items:
+        raise ValueError(f"only {len(train_rows)} training images and {items} evaluation items could be "
+                         f"made from {len(files)} clip-art files; lower --train-images/--eval-items")
+    for rows, csv_path in ((train_rows, out / "train.csv"), (eval_rows, paths["eval_csv"])):
+        with csv_path.open("w", newline="", encoding="utf-8") as stream:
+            writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    for csv_path, shards in ((out / "train.csv", paths["train"]), (paths["eval_csv"], paths["eval"])):
+        convert_to_shards(csv_path, shards, shard_size=512, max_size=settings.size, workers=1,
+                          progress=progress)
+    stamp.write_text(json.dumps({"settings": asdict(settings)}, indent=2))
+    return paths

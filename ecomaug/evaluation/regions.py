@@ -1,0 +1,137 @@
+"""Query-time item regions: match a multi-item image by its best-matching region.
+
+A bundle photo or a shop banner shows the wanted item among others; its whole-image embedding
+averages all of them and matches none. Embedding the image's item regions as well and keeping,
+for every gallery entry, the best score over the regions finds the item wherever it sits.
+
+The regions are the cells of the layouts that multi-item listings use (2 and 3 side by side or
+stacked, 2 x 2, 3 x 2 and 2 x 3), plus the whole image, which keeps single-item queries
+unchanged. Each cell is padded to a square with the image's border colour (so an item keeps its
+aspect ratio, as in the gallery) before it is resized to the model's input.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ecomaug.evaluation.retrieval import RetrievalResult
+
+if TYPE_CHECKING:
+    from ecomaug.evaluation.embed import EmbeddingModel
+
+# (columns, rows) of each layout; (1, 1) is the whole image.
+GRIDS: tuple[tuple[int, int], ...] = ((1, 1), (2, 1), (1, 2), (3, 1), (1, 3), (2, 2), (3, 2), (2, 3))
+QUERY_REGIONS = ("none", "grid")
+
+
+def region_boxes(width: int, height: int, grids: Sequence[tuple[int, int]] = GRIDS
+                 ) -> list[tuple[int, int, int, int]]:
+    """The ``(left, top, right, bottom)`` boxes of every cell of every layout, whole image first."""
+    boxes = []
+    for columns, rows in grids:
+        if columns < 1 or rows < 1:
+            raise ValueError(f"a layout needs >= 1 column and row, got {(columns, rows)}")
+        for row in range(rows):
+            for column in range(columns):
+                boxes.append((column * width // columns, row * height // rows,
+                              (column + 1) * width // columns, (row + 1) * height // rows))
+    return boxes
+
+
+def _border_colour(pixels: np.ndarray) -> tuple[int, int, int]:
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # B x 3
+    return tuple(int(value) for value in np.median(border, axis=0))  # type: ignore[return-value]
+
+
+def region_crops(image: Image.Image | bytes, size: int, grids: Sequence[tuple[int, int]] = GRIDS
+                 ) -> torch.Tensor:
+    """Every region of ``image`` as a ``size`` square: padded with the border colour, then resized.
+
+    Shape:
+        - output: :math:`(R, 3, size, size)` uint8, R = the number of cells of all ``grids``.
+    """
+    from ecomaug.evaluation.embed import prepare
+
+    if isinstance(image, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(image))
+    image = image.convert("RGB")
+    fill = _border_colour(np.asarray(image))
+    crops = []
+    for box in region_boxes(*image.size, grids):
+        cell = image.crop(box)
+        side = max(cell.size)
+        square = Image.new("RGB", (side, side), fill)
+        square.paste(cell, ((side - cell.width) // 2, (side - cell.height) // 2))
+        crops.append(prepare(square, size))
+    return torch.stack(crops)
+
+
+def embed_regions(model: "EmbeddingModel", samples: Sequence[tuple[str, dict, bytes]], *,
+                  batch_size: int = 64, grids: Sequence[tuple[int, int]] = GRIDS,
+                  progress: bool = False, description: str = "regions") -> torch.Tensor:
+    """Embed every region of every sample.
+
+    Shape:
+        - output: :math:`(Q, R, D)` float32 on the model's device.
+    """
+    from tqdm.auto import tqdm
+
+    per_query = len(region_boxes(8, 8, grids))
+    vectors, pending = [], []
+    chunk = max(1, batch_size // per_query)
+    for index, (_, _, data) in enumerate(tqdm(samples, desc=description, unit="img", disable=not progress)):
+        pending.append(region_crops(data() if callable(data) else data, model.input_size, grids))
+        if len(pending) == chunk or index == len(samples) - 1:
+            crops = torch.cat(pending)  # chunk*R x 3 x S x S
+            vectors.append(model.embed(crops).view(len(pending), per_query, -1))
+            pending = []
+    return torch.cat(vectors)
+
+
+def retrieve_regions(region_embeddings: torch.Tensor, query_items: Sequence[object], gallery_emb: torch.Tensor,
+                     gallery_items: Sequence[object], *, depth: int = 10, query_chunk: int = 256) -> RetrievalResult:
+    """Rank the gallery for every query by its best region: ``score(q, g) = max_r cos(region_r(q), g)``.
+
+    Exact, in chunks of queries; average precision over the whole ranking.
+
+    Shape:
+        - region_embeddings: :math:`(Q, R, D)`; gallery_emb: :math:`(G, D)`.
+    """
+    if region_embeddings.ndim != 3 or gallery_emb.ndim != 2 or region_embeddings.shape[-1] != gallery_emb.shape[-1]:
+        raise ValueError(f"expected Q x R x D region embeddings and a G x D gallery, got "
+                         f"{tuple(region_embeddings.shape)} and {tuple(gallery_emb.shape)}")
+    if len(query_items) != region_embeddings.shape[0] or len(gallery_items) != gallery_emb.shape[0]:
+        raise ValueError("one item id per query and per gallery entry is needed")
+    regions = torch.nn.functional.normalize(region_embeddings.float(), dim=-1)
+    gallery = torch.nn.functional.normalize(gallery_emb.float().to(regions.device), dim=-1)
+    codes: dict[object, int] = {}
+    gallery_codes = torch.tensor([codes.setdefault(item, len(codes)) for item in gallery_items])
+    query_codes = torch.tensor([codes.get(item, -1) for item in query_items])
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1; got {depth}")
+    found = min(depth, gallery.shape[0])  # a small gallery pads the ranking with -1 / -inf
+    indices, scores, average_precision = [], [], []
+    for start in range(0, regions.shape[0], query_chunk):
+        block = torch.einsum("qrd,gd->qrg", regions[start:start + query_chunk], gallery).amax(dim=1).cpu()  # Qc x G
+        top_scores, top_indices = torch.topk(block, k=found, dim=1)
+        padding = depth - found
+        indices.append(torch.nn.functional.pad(top_indices, (0, padding), value=-1))
+        scores.append(torch.nn.functional.pad(top_scores, (0, padding), value=float("-inf")))
+        order = torch.argsort(block, dim=1, descending=True)  # Qc x G
+        hits = (gallery_codes[order] == query_codes[start:start + query_chunk, None]).double()  # Qc x G
+        ranks = torch.arange(1, block.shape[1] + 1, dtype=torch.float64)
+        precision = hits.cumsum(dim=1) / ranks
+        counts = hits.sum(dim=1)
+        average_precision.append(torch.where(counts > 0, (precision * hits).sum(dim=1) / counts.clamp(min=1),
+                                             torch.full_like(counts, float("nan"))))
+    topk_indices = torch.cat(indices).numpy()
+    hits = (topk_indices >= 0) & (gallery_codes.numpy()[np.maximum(topk_indices, 0)] == query_codes.numpy()[:, None])
+    has_relevant = np.isin(query_codes.numpy(), gallery_codes.numpy())
+    return RetrievalResult(topk_indices=topk_indices, topk_scores=torch.cat(scores).numpy(),
+                           first_hit_rank=np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, 0),
+                           average_precision=torch.cat(average_precision).numpy(), has_relevant=has_relevant)

@@ -1,0 +1,144 @@
+"""What makes learning show: resolution-aware blur, the pixel baseline, query regions, the benchmark."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from ecomaug.augmentation.mocov2 import SeededGaussianBlur
+from ecomaug.augmentation.sampling import RandomSource
+from ecomaug.evaluation.baselines import tiny_image_model
+from ecomaug.evaluation.regions import GRIDS, embed_regions, region_boxes, region_crops, retrieve_regions
+from ecomaug.evaluation.retrieval import retrieve
+
+
+@pytest.mark.parametrize("side", [32, 64, 224])
+def test_blur_sigma_is_meant_at_224_px_and_follows_the_crop(side):
+    blur = SeededGaussianBlur((0.1, 2.0), p=1.0, source=RandomSource(seed=0))
+    absolute = SeededGaussianBlur((0.1, 2.0), p=1.0, source=RandomSource(seed=0), reference_size=None)
+    images = torch.rand(64, 3, side, side)
+    blur(images), absolute(images)
+    scaled, raw = blur._params["sigma"], absolute._params["sigma"]
+    torch.testing.assert_close(scaled, raw * side / 224)
+    assert float(scaled.max()) <= 2.0 * side / 224 + 1e-6
+
+
+def test_blur_reference_size_is_validated():
+    with pytest.raises(ValueError, match="reference_size"):
+        SeededGaussianBlur(reference_size=0)
+
+
+def _item(colour: tuple[int, int, int], shape: str, size: int = 64) -> Image.Image:
+    image = Image.new("RGB", (size, size), (245, 245, 245))
+    draw = ImageDraw.Draw(image)
+    box = (size // 5, size // 5, size - size // 5, size - size // 5)
+    (draw.ellipse if shape == "ellipse" else draw.rectangle)(box, fill=colour)
+    draw.line((box[0], box[1], box[2], box[3]), fill=(20, 20, 20), width=3)
+    return image
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def test_tiny_image_baseline_embeds_thumbnails():
+    model = tiny_image_model(input_size=32, side=4)
+    vectors = model.embed(torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8))
+    assert vectors.shape == (5, 48)
+    torch.testing.assert_close(vectors.mean(dim=1), torch.zeros(5), atol=1e-5, rtol=0)
+
+
+def test_region_boxes_are_the_whole_image_then_every_layout_cell():
+    boxes = region_boxes(120, 60)
+    assert boxes[0] == (0, 0, 120, 60)
+    assert len(boxes) == sum(columns * rows for columns, rows in GRIDS)
+    assert (0, 0, 60, 60) in boxes and (60, 0, 120, 60) in boxes  # two side by side
+    with pytest.raises(ValueError):
+        region_boxes(10, 10, [(0, 1)])
+    crops = region_crops(_jpeg(_item((200, 30, 30), "ellipse", 48)), 32)
+    assert crops.shape == (len(boxes), 3, 32, 32) and crops.dtype == torch.uint8
+
+
+def test_the_best_region_finds_an_item_on_a_multi_item_canvas():
+    colours = [(200, 30, 30), (30, 160, 40), (40, 60, 200), (220, 180, 20), (150, 40, 160), (20, 170, 170)]
+    gallery_images = [_item(colour, shape) for colour in colours for shape in ("ellipse", "box")]
+    gallery_items = [f"item{index}" for index in range(len(gallery_images))]
+    model = tiny_image_model(input_size=32, side=8)
+    gallery = model.embed(torch.stack([region_crops(image, 32, [(1, 1)])[0] for image in gallery_images]))
+    rng = random.Random(0)
+    queries, items = [], []
+    for target in range(len(gallery_images)):
+        canvas = Image.new("RGB", (128, 64), (245, 245, 245))
+        others = [index for index in range(len(gallery_images)) if index != target]
+        canvas.paste(gallery_images[target], (0, 0) if target % 2 else (64, 0))
+        canvas.paste(gallery_images[rng.choice(others)].rotate(90), (64, 0) if target % 2 else (0, 0))
+        queries.append((f"q{target}", {"item_id": gallery_items[target]}, _jpeg(canvas)))
+        items.append(gallery_items[target])
+    regions = embed_regions(model, queries, batch_size=64)
+    assert regions.shape == (len(queries), len(region_boxes(8, 8)), gallery.shape[1])
+    by_region = retrieve_regions(regions, items, gallery, gallery_items, depth=3)
+    whole = retrieve(regions[:, 0], items, gallery, gallery_items, depth=3)
+    assert (by_region.first_hit_rank == 1).mean() == 1.0
+    assert (whole.first_hit_rank == 1).mean() < 1.0  # the whole canvas mixes two items
+    assert np.all(np.isfinite(by_region.average_precision))
+
+
+def test_retrieve_regions_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        retrieve_regions(torch.zeros(2, 3, 4), ["a", "b"], torch.zeros(5, 8), list("abcde"))
+    with pytest.raises(ValueError):
+        retrieve_regions(torch.zeros(2, 3, 4), ["a"], torch.zeros(5, 4), list("abcde"))
+
+
+def _clipart(root, count: int) -> None:
+    rng = random.Random(1)
+    for index in range(count):
+        image = Image.new("RGBA", (96, 96), (0, 0, 0, 0))
+        draw = ImageDraw.Draw(image)
+        colour = tuple(rng.randint(0, 255) for _ in range(3)) + (255,)
+        draw.polygon([(rng.randint(0, 95), rng.randint(0, 95)) for _ in range(5)], fill=colour)
+        draw.ellipse((20, 20, 76, 76), outline=(0, 0, 0, 255), width=4)
+        folder = root / f"group{index % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"art{index:03d}.png")
+
+
+@pytest.mark.slow
+def test_robustness_benchmark_runs_end_to_end(tmp_path):
+    from bench.product_corpus import CorpusSettings
+    from bench.robustness import run_benchmark
+
+    clipart = tmp_path / "clipart"
+    _clipart(clipart, 120)
+    settings = CorpusSettings(train_images=48, eval_items=8, images_per_item=2, size=48, seed=0)
+    report = run_benchmark(
+        cache=tmp_path / "corpus", out=tmp_path / "out", recipes=["mocov2", "ecom"], settings=settings,
+        device="cpu", preset="sample", query_regions=["none", "grid"], seed=0, reuse=True, progress=False,
+        overrides=["model=test_resnet", "crop_size=32", "batch_size=16", "max_steps=2", "hidden_dim=32", "dim=16",
+                   "backend=torch", "num_workers=0", "knn_every=100"],
+        corpus_sources={"clipart_root": clipart, "photos": []})
+    labels = [row["model"] for row in report["rows"]]
+    assert len(labels) == 8 and "trained, ecom [grid]" in labels and "16x16 pixels [none]" in labels
+    for row in report["rows"]:
+        for name in ("clean", "perspective", "watermark", "colour", "multi_item", "all_disturbed"):
+            assert 0.0 <= row[f"{name}@1"] <= row[f"{name}@5"] <= 1.0
+    written = json.loads((tmp_path / "out" / "robustness.json").read_text())
+    assert written["rows"] == report["rows"]
+    for name in ("robustness.txt", "robustness.png", "training.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    # The train/eval split is by clip-art file: no evaluation item was trained on.
+    import csv
+
+    def sources(name):
+        with (tmp_path / "corpus" / name).open() as stream:
+            return {row["clipart"] for row in csv.DictReader(stream)}
+
+    assert not sources("train.csv") & sources("eval.csv")
