@@ -123,6 +123,7 @@ class TrainResult:
     checkpoint: Path | None
     export_dir: Path | None
     last_loss: float | None
+    held_out: dict[str, Any] | None = None  # closing kNN recall@1, trained vs random init
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,18 +204,43 @@ def barrier() -> None:
         dist.barrier()
 
 
-def sample_shards(out_dir: Path, *, progress: bool) -> Path:
-    """The bundled sample as shards in ``OUT/shards`` (converted once, by rank 0)."""
+def sample_shards(out_dir: Path, *, progress: bool) -> tuple[Path, Path]:
+    """The bundled sample as shards: ``OUT/shards`` to train on, ``OUT/val-shards`` held out.
+
+    One item in four (by its number) is held out, with all of its photos, so the closing
+    recall is measured on items the run never trained on. Converted once, by rank 0.
+    """
+    import csv
+
     from ecomaug.paths import SAMPLE_MANIFEST
 
-    shards = out_dir / "shards"
-    if get_rank() == 0 and not (shards / "manifest.json").is_file():
+    shards, val_shards = out_dir / "shards", out_dir / "val-shards"
+    if get_rank() == 0 and not all((path / "manifest.json").is_file() for path in (shards, val_shards)):
         from loaders.convert import convert_to_shards
 
-        print(f"converting the bundled sample {SAMPLE_MANIFEST} into shards at {shards}")
-        convert_to_shards(SAMPLE_MANIFEST, shards, shard_size=64, workers=1, progress=progress)
+        with open(SAMPLE_MANIFEST, newline="", encoding="utf-8") as stream:
+            rows = list(csv.DictReader(stream))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        split = {"train": [r for r in rows if not is_held_out(r["item_id"])],
+                 "val": [r for r in rows if is_held_out(r["item_id"])]}
+        print(f"converting the bundled sample {SAMPLE_MANIFEST} into shards: {len(split['train'])} photos "
+              f"to train on ({shards}), {len(split['val'])} of held-out items ({val_shards})")
+        for name, target in (("train", shards), ("val", val_shards)):
+            listing = out_dir / f"sample-{name}.csv"
+            with listing.open("w", newline="", encoding="utf-8") as stream:
+                writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows({**row, "path": str(Path(SAMPLE_MANIFEST).parent / row["path"])}
+                                 for row in split[name])
+            convert_to_shards(listing, target, shard_size=64, workers=1, progress=progress)
     barrier()
-    return shards
+    return shards, val_shards
+
+
+def is_held_out(item_id: str) -> bool:
+    """The sample's held-out items: every fourth (``item003``, ``item007``, ...)."""
+    digits = "".join(character for character in item_id if character.isdigit())
+    return bool(digits) and int(digits) % 4 == 3
 
 
 class Normalise(torch.nn.Module):
@@ -318,6 +344,25 @@ def knn_recall_at_1(backbone: torch.nn.Module, shards: str | os.PathLike, *, con
     return {"recall@1": float(summary["recall@1"]), "num_queries": int(summary["num_queries"])}
 
 
+def closing_recall(backbone: torch.nn.Module, shards: str | os.PathLike, *, config: TrainConfig,
+                   device: torch.device, normalise: Normalise, autocast) -> dict[str, Any]:
+    """The run's closing evidence: held-out kNN recall@1 of the trained backbone and of a
+    random-init one of the same architecture and input size (seeded with ``config.seed``)."""
+    from ecomaug.export import create_backbone
+
+    trained = knn_recall_at_1(backbone, shards, config=config, device=device, normalise=normalise,
+                              autocast=autocast)
+    with torch.random.fork_rng(devices=[]):  # the caller's generator stream stays untouched
+        torch.manual_seed(config.seed)
+        baseline = create_backbone(config.model, img_size=config.crop_size).to(device)
+    if config.channels_last:
+        baseline = baseline.to(memory_format=torch.channels_last)
+    random_init = knn_recall_at_1(baseline, shards, config=config, device=device, normalise=normalise,
+                                  autocast=autocast)
+    return {"trained_recall@1": trained["recall@1"], "random_init_recall@1": random_init["recall@1"],
+            "num_queries": trained["num_queries"], "data": str(shards)}
+
+
 # ----------------------------------------------------------------------------------------------
 # the run
 
@@ -360,8 +405,11 @@ def _train(config: TrainConfig, stops: StopSignals) -> TrainResult:
     resume_from = None if config.resume in (None, "auto") else (Path(config.resume), load_checkpoint(config.resume))
 
     # -- data ----------------------------------------------------------------------------------
-    data = config.data if config.data is not None else sample_shards(run_dir, progress=config.progress and is_main)
-    val_data = config.val_data if config.val_data is not None or config.data is not None else data
+    if config.data is None:
+        data, sample_val = sample_shards(run_dir, progress=config.progress and is_main)
+    else:
+        data, sample_val = config.data, None
+    val_data = config.val_data if config.val_data is not None else sample_val
     if shard_set is None:
         shard_set = load_shard_set(data)
 
@@ -613,12 +661,17 @@ def _train(config: TrainConfig, stops: StopSignals) -> TrainResult:
     if is_main and config.export:
         export_dir = export_backbone(unwrapped.backbone, run_dir / "export", model_name=config.model,
                                      input_size=config.crop_size)
+    held_out = None
+    if is_main and val_data is not None:
+        held_out = closing_recall(unwrapped.backbone, val_data, config=config, device=device,
+                                  normalise=normalise, autocast=autocast)
+        metrics.write("held_out", step=step, **held_out)
     metrics.write("end", step=step, epoch=epoch, loss=last_loss, checkpoint=str(last_checkpoint),
                   export=str(export_dir) if export_dir else None, rank_fingerprints=fingerprints)
     metrics.close()
     barrier()
     return TrainResult(run_dir=run_dir, step=step, checkpoint=last_checkpoint, export_dir=export_dir,
-                       last_loss=last_loss)
+                       last_loss=last_loss, held_out=held_out)
 
 
 def run(argv: Sequence[str] | None = None, *, prog: str | None = None) -> TrainResult:
@@ -634,6 +687,11 @@ def run(argv: Sequence[str] | None = None, *, prog: str | None = None) -> TrainR
         print(f"checkpoint: {result.checkpoint}")
         if result.export_dir is not None:
             print(f"exported backbone: {result.export_dir} (backbone.safetensors, config.json)")
+        if result.held_out is not None:
+            held_out = result.held_out
+            print(f"held-out kNN recall@1 on {held_out['num_queries']} images of items not trained on: "
+                  f"trained {held_out['trained_recall@1']:.3f} vs random-init {held_out['random_init_recall@1']:.3f} "
+                  f"({held_out['data']})")
     return result
 
 

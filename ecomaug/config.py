@@ -59,7 +59,8 @@ class TrainConfig:
     bn_splits: int = _option(0, "BN sub-batches per device (ghost BN); 0: 4 on one device, 1 under DDP")
     # optimisation
     epochs: int = _option(200, "epochs over the training shards")
-    max_steps: int | None = _option(None, "stop after this many optimizer steps in total")
+    max_steps: int | None = _option(None, "stop after this many optimizer steps in total; the warm-up "
+                                          "and cosine schedule then span these steps, not --epochs")
     batch_size: int = _option(256, "images per device per step")
     opt: str = _option("sgd", "optimizer (timm create_optimizer_v2)", choices=OPTIMIZERS)
     base_lr: float = _option(0.03, "learning rate for a global batch of 256; lr = base_lr * global_batch / 256")

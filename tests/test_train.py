@@ -185,3 +185,36 @@ def test_cli_train_reports_bad_flags_in_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
                                       "--batch-size", "0"])
     assert result.exit_code == 2 and "Error: --batch-size must be >= 1" in result.output
+
+
+def test_max_steps_shortens_the_whole_schedule(sample_shards, tmp_path):
+    config = tiny_config(sample_shards / "shard-000000.tar", tmp_path / "run", "--epochs", "50",
+                         "--max-steps", "6", "--log-every", "1", "--min-lr", "0", "--no-export")
+    train_script.train(config)
+    lrs = [record["lr"] for record in train_records(tmp_path / "run")]
+    assert len(lrs) == 6
+    assert lrs == sorted(lrs, reverse=True)  # no warm-up asked: the cosine only falls ...
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)  # ... and ends at min_lr at step 6, not at epoch 50
+
+
+def test_main_job_holds_out_items_and_closes_with_trained_vs_random_init_recall(tmp_path, capsys):
+    import csv
+
+    from loaders.manifest import load_shard_set
+
+    out = tmp_path / "sample-run"
+    result = train_script.run(["--out", str(out), *TINY_FLAGS, "--epochs", "1", "--max-steps", "2"])
+    printed = capsys.readouterr().out
+    closing = [line for line in printed.splitlines() if line.startswith("held-out kNN recall@1")]
+    assert len(closing) == 1 and "trained" in closing[0] and "random-init" in closing[0]
+    held_out = result.held_out
+    assert held_out is not None and 0.0 <= held_out["random_init_recall@1"] <= 1.0
+    assert f"trained {held_out['trained_recall@1']:.3f}" in closing[0]
+    assert held_out["num_queries"] == 80  # 20 held-out items x 4 photos
+    items = {}
+    for name in ("sample-train.csv", "sample-val.csv"):
+        with (out / name).open(newline="") as stream:
+            items[name] = {row["item_id"] for row in csv.DictReader(stream)}
+    assert len(items["sample-train.csv"]) == 60 and len(items["sample-val.csv"]) == 20
+    assert not items["sample-train.csv"] & items["sample-val.csv"]
+    assert load_shard_set(out / "shards").num_samples == 240
