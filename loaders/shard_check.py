@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 # wide), data after the EOI is allowed, a zero-sized frame is found.
 CHECK_VERSION = 2
 CACHE_ENV = "ECOMAUG_CACHE_DIR"
+__all__ = ["CHECK_VERSION", "cache_dir", "check_shard", "jpeg_problem"]
+
 
 def cache_dir() -> Path:
     """Where shard check results are kept between runs (see the module docs)."""
