@@ -142,3 +142,20 @@ def test_robustness_benchmark_runs_end_to_end(tmp_path):
             return {row["clipart"] for row in csv.DictReader(stream)}
 
     assert not sources("train.csv") & sources("eval.csv")
+
+
+def test_eval_command_takes_query_regions_and_the_pixel_baseline(tmp_path):
+    from click.testing import CliRunner
+
+    from ecomaug.cli import main
+    from ecomaug.paths import SAMPLE_MANIFEST
+
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["eval", "--gallery", str(SAMPLE_MANIFEST), "--random-init", "test_resnet",
+                                       "--pixel-baseline", "--query-regions", "grid", "--max-items", "6",
+                                       "--disturbance", "multi_item", "--input-size", "32", "--out", str(out),
+                                       "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "16x16 pixels" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert "16x16 pixels" in json.dumps(report)

@@ -28,6 +28,11 @@ from ecomaug.evaluation.disturbances import DISTURBANCES
                    "exist (default: region, where the queries have it).")
 @click.option("--backend", type=click.Choice(["torch", "faiss"]), default="torch", show_default=True,
               help="torch: exact top-k in chunks on the device; faiss: IndexFlatIP (if installed).")
+@click.option("--query-regions", type=click.Choice(["none", "grid"]), default="none", show_default=True,
+              help="grid: also embed each query's item regions (the cells of 2-6 item layouts) and "
+                   "score it by its best region; finds an item in a multi-item image.")
+@click.option("--pixel-baseline/--no-pixel-baseline", default=False, show_default=True,
+              help="Add the 16x16-pixel thumbnail baseline a trained model must beat.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
 @click.option("--examples", type=int, default=3, show_default=True,
               help="Example queries per disturbance on examples.html.")
@@ -37,8 +42,9 @@ from ecomaug.evaluation.disturbances import DISTURBANCES
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
 def evaluate(gallery: str, models: tuple[str, ...], random_inits: tuple[str, ...], out: str,
              disturbances: tuple[str, ...], input_size: int | None, max_items: int | None,
-             max_queries_per_item: int | None, group_by: str | None, backend: str, batch_size: int,
-             examples: int, device: str, seed: int, progress: bool) -> None:
+             max_queries_per_item: int | None, group_by: str | None, backend: str, query_regions: str,
+             pixel_baseline: bool, batch_size: int, examples: int, device: str, seed: int,
+             progress: bool) -> None:
     """Robustness report: recall@1/5/10 and mAP by item_id per query disturbance.
 
     The gallery holds one clean image per item; every other image of the item is a query, once
@@ -70,10 +76,18 @@ def evaluate(gallery: str, models: tuple[str, ...], random_inits: tuple[str, ...
         baseline_size = specs[0].load().input_size
     specs += [random_init_spec(name, device=target, input_size=baseline_size, seed=seed)
               for name in random_inits]
+    if pixel_baseline:
+        from ecomaug.evaluation.baselines import tiny_image_model
+        from ecomaug.evaluation.report import ModelSpec
+
+        size = specs[0].load().input_size if specs else baseline_size
+        specs.append(ModelSpec("16x16 pixels", lambda: tiny_image_model(device=target, input_size=size),
+                               kind="pixels"))
     table, paths = robustness_report(
         gallery, specs, out, disturbances=disturbances or None, seed=seed, max_items=max_items,
         max_queries_per_item=max_queries_per_item, batch_size=batch_size, group_by=columns,
-        backend=backend, examples_per_disturbance=examples, progress=progress)
+        backend=backend, examples_per_disturbance=examples, query_regions=query_regions,
+        progress=progress)
     click.echo(table)
     click.echo("The disturbances are independent of the training transforms (see report.json).")
     for name, path in paths.items():

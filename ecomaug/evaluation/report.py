@@ -316,8 +316,8 @@ def robustness_report(gallery: str | os.PathLike, models: Sequence[ModelSpec],
                       seed: int = 0, max_items: int | None = None,
                       max_queries_per_item: int | None = None, batch_size: int = 64,
                       group_by: Sequence[str] | None = None, backend: str = "torch",
-                      examples_per_disturbance: int = 3, progress: bool = True
-                      ) -> tuple[str, dict[str, Path]]:
+                      examples_per_disturbance: int = 3, query_regions: str = "none",
+                      progress: bool = True) -> tuple[str, dict[str, Path]]:
     """From shards (or an ``items.csv``) with ``item_id`` to the written report.
 
     Args:
@@ -333,6 +333,8 @@ def robustness_report(gallery: str | os.PathLike, models: Sequence[ModelSpec],
             before any model runs). None: ``region`` where the queries have it.
         backend: ``"torch"`` (exact, chunked) or ``"faiss"``.
         examples_per_disturbance: example queries per disturbance on the examples page.
+        query_regions: ``"none"`` or ``"grid"`` (score each query by its best item region;
+            see :func:`evaluate_models`).
         progress: show progress bars.
 
     Returns:
@@ -358,7 +360,7 @@ def robustness_report(gallery: str | os.PathLike, models: Sequence[ModelSpec],
         raise ValueError(f"--group-by {','.join(unknown)}: no such column in the queries' metadata; "
                          f"the columns are {', '.join(columns) or '(none)'}")
     results = evaluate_models(eval_set, models, batch_size=batch_size, group_by=group_by,
-                              backend=backend, progress=progress)
+                              backend=backend, progress=progress, query_regions=query_regions)
     paths = write_report(eval_set, results, out_dir,
                          examples_per_disturbance=examples_per_disturbance)
     return format_table(results), paths
