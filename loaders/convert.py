@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import tarfile
 import time
@@ -128,6 +129,10 @@ def _init_worker(options: HygieneOptions, image_hook: ImageHook | None, pooled: 
     _WORKER_STATE["hook"] = image_hook
     if pooled:  # a process per core: more intra-op threads would only compete
         use_one_torch_thread()
+        # A forked worker inherits the parent's handlers; one that only notes SIGTERM (train.py's
+        # stop-at-a-step-boundary handler) would outlive Pool.terminate() and hang its join.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _process_one(path: str) -> Prepared | Rejected:

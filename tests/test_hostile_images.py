@@ -251,3 +251,19 @@ def test_the_shard_command_imports_torch_only_to_start_its_workers(tmp_path):
              "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=root)
     assert result.stdout.strip().endswith("False")
+
+
+def test_workers_die_on_terminate_whatever_sigterm_handler_the_parent_has(tmp_path):
+    """train.py notes SIGTERM to stop at a step boundary; forked workers must not inherit that,
+    or Pool.terminate() cannot end them and the conversion hangs in its join."""
+    source = tmp_path / "in"
+    source.mkdir()
+    for index in range(3):
+        (source / f"{index}.jpg").write_bytes(jpeg_bytes(photo(200, 150, index)))
+    script = (f"import signal; signal.signal(signal.SIGTERM, lambda *_: None)\n"
+              f"from loaders.convert import convert_to_shards\n"
+              f"r = convert_to_shards({str(source)!r}, {str(tmp_path / 'out')!r}, workers=2, max_size=100, "
+              f"progress=False)\nprint(r.written)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0 and result.stdout.strip() == "3", result.stderr
