@@ -1,16 +1,17 @@
 """A product-photo corpus for the robustness benchmark, built from Debian's freely licensed clip art.
 
 Every item is one picture of ``openclipart-png`` (cut out along its alpha channel), photographed
-as a listing would be: composited at a random size, position and small tilt on a plain, gradient
-or photo background (crops of the wallpaper packages that ``../shared/bench-corpus`` installs;
+as a listing would be: composited at a random size, position and small tilt on a white, tinted,
+gradient or photo background (crops of the wallpaper packages that ``../shared/bench-corpus`` installs;
 plain and gradient only when none is installed). The clip-art files are split by a hash of their
 path into training items and evaluation items, so no evaluation item is ever trained on:
 
 * ``train/``: ``train_images`` unlabeled images, one listing photo per training item;
 * ``eval/``: ``eval_items`` items with ``images_per_item`` listing photos each, with ``item_id``,
-  for ``ecomaug eval``: the first (the gallery's) on a plain background as a shop's stock photo,
-  the others re-framed (``eval_variation="stock"``: other size, position, tilt and background
-  tone) or shot anew on gradient and photo backgrounds too (``"shops"``, much harder).
+  for ``ecomaug eval``: the first (the gallery's) is the maker's studio shot on white, the others
+  the same photo as other shops list it (``eval_variation="stock"``: slightly cropped and
+  re-encoded; the query disturbances do the rest) or shot anew (``"shops"``: other size,
+  position and tilt on tinted, gradient and photo backgrounds; much harder).
 
 Both become shards with ``loaders.convert``. Nothing is committed: the corpus lives in a cache
 folder and is rebuilt only when its settings change.
@@ -33,14 +34,25 @@ from PIL import Image
 CLIPART_ROOT = Path("/usr/share/openclipart/png")
 PHOTO_ROOTS = (Path("/usr/share/backgrounds"), Path("/usr/share/wallpapers"))
 DEBIAN_PACKAGES = ("openclipart-png",)
-CORPUS_VERSION = 4
-# How an item's other listing photos differ from its gallery photo: background weights (plain,
-# gradient, photo) and framing. "stock": the shop's stock photo re-framed by other shops, so
-# that the disturbances are what the benchmark measures; "shops": every shop shoots its own.
+CORPUS_VERSION = 6
+# How an item's listing photos differ from the gallery's studio shot. "stock": other shops
+# reuse the maker's photo, cropped a little and re-encoded, so that the disturbances are what
+# the benchmark measures; "shops": every shop shoots its own: other size, position and tilt on
+# white, tinted, gradient or photo backgrounds (much harder: instance discrimination on single
+# photos never sees one item framed twice or on two backgrounds).
 EVAL_VARIATIONS = {
-    "stock": ((0.7, 0.3, 0.0), {"scale": (0.7, 0.9), "tilt": 5.0}),
-    "shops": ((0.5, 0.3, 0.2), {"scale": (0.55, 0.9), "tilt": 10.0}),
+    "stock": None,
+    "shops": ((0.2, 0.4, 0.25, 0.15), {"scale": (0.55, 0.9), "tilt": 10.0}),
 }
+
+
+def recrop(photo: Image.Image, rng: random.Random, keep: tuple[float, float] = (0.9, 1.0)) -> Image.Image:
+    """The same photo as another shop lists it: a crop keeping 90-100 % of each side, resized back."""
+    side = photo.width
+    width = round(side * rng.uniform(*keep))
+    height = round(side * rng.uniform(*keep))
+    left, top = rng.randint(0, side - width), rng.randint(0, side - height)
+    return photo.crop((left, top, left + width, top + height)).resize((side, side), Image.BICUBIC)
 
 
 @dataclass(frozen=True)
@@ -119,11 +131,14 @@ class Backgrounds:
             except (OSError, ValueError, Image.DecompressionBombError):
                 continue
 
-    def draw(self, rng: random.Random, weights: Sequence[float] = (1.0, 1.0, 1.0)) -> Image.Image:
-        """A background; ``weights`` of plain, gradient and photo (photo only when installed)."""
-        kinds = ["plain", "gradient", "photo"][:3 if self.photos else 2]
+    def draw(self, rng: random.Random, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)) -> Image.Image:
+        """A background; ``weights`` of white, plain, gradient and photo (photo only when installed)."""
+        kinds = ["white", "plain", "gradient", "photo"][:4 if self.photos else 3]
         kind = rng.choices(kinds, weights=list(weights)[:len(kinds)])[0]
         size = self.size
+        if kind == "white":  # a studio shot: near-white, neutral
+            tone = rng.randint(236, 255)
+            return Image.new("RGB", (size, size), (tone, tone, tone))
         if kind == "plain":
             tone = rng.randint(150, 255)
             colour = tuple(int(min(255, max(0, tone + rng.randint(-40, 40)))) for _ in range(3))
@@ -219,12 +234,17 @@ def build_corpus(out_dir: str | Path, settings: CorpusSettings = CorpusSettings(
         item = load_item(path, max_side)
         if item is None:
             continue
+        studio = compose(item, backgrounds.draw(rng, (1.0, 0.0, 0.0, 0.0)), rng, scale=(0.7, 0.9), tilt=5.0)
         for view in range(settings.images_per_item):
             name = f"eval/{items:04d}_{view}.jpg"
-            weights, framing = (1.0, 0.0, 0.0), EVAL_VARIATIONS["stock"][1]
-            if view:
-                weights, framing = EVAL_VARIATIONS[settings.eval_variation]
-            _write(compose(item, backgrounds.draw(rng, weights), rng, **framing), out / name, rng)
+            if view == 0:  # the gallery's photo: the maker's studio shot
+                photo = studio
+            elif settings.eval_variation == "stock":
+                photo = recrop(studio, rng)
+            else:
+                weights, framing = EVAL_VARIATIONS["shops"]
+                photo = compose(item, backgrounds.draw(rng, weights), rng, **framing)
+            _write(photo, out / name, rng)
             eval_rows.append({"path": name, "item_id": f"item{items:04d}",
                               "clipart": str(path.relative_to(clipart_root))})
         items += 1
