@@ -114,15 +114,21 @@ main_thread_only = pytest.mark.skipif(threading.current_thread() is not threadin
 
 @main_thread_only
 def test_a_second_signal_aborts_at_once_and_handlers_are_restored():
-    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    with train_script.StopSignals() as stops:
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.01)  # the handler runs between bytecodes of the main thread
-        assert stops.received == signal.SIGTERM  # the first one only sets the flag
-        with pytest.raises(train_script.TrainingAborted, match="second SIGINT"):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
-    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    # A background job (nohup, CI) may start with SIGINT ignored, which StopSignals keeps: give
+    # this test Python's usual SIGINT handler so that the second signal is really delivered.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+        with train_script.StopSignals() as stops:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)  # the handler runs between bytecodes of the main thread
+            assert stops.received == signal.SIGTERM  # the first one only sets the flag
+            with pytest.raises(train_script.TrainingAborted, match="second SIGINT"):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 @main_thread_only
