@@ -1,4 +1,4 @@
-"""Hostile input to ``train.py`` and ``ecomaug train/preview/eval/export``, each in a subprocess.
+"""Hostile input to ``train.py`` and every ``ecomaug`` command, each in a subprocess.
 
 Every case must end with exit code 0 or 2; a failure is one ``Error: ...`` line on stderr with
 no traceback; and nothing may be written outside the command's output path (a failed command
@@ -95,6 +95,20 @@ CASES = [
          says="not an ecomaug training checkpoint"),
     Case("export-out-is-a-file", (*ECOMAUG, "export", "{checkpoint}", "--out", "{text}"), says="not a directory"),
     Case("export-ok", (*ECOMAUG, "export", "{checkpoint}", "--out", "{out}"), code=0),
+    # ecomaug shard, embed, match, dewatermark, bench
+    Case("shard-input-missing", (*ECOMAUG, "shard", "{missing}", "{out}"), says="No such file"),
+    Case("shard-input-text", (*ECOMAUG, "shard", "{text}", "{out}"), says="INPUT must be a folder or a manifest"),
+    Case("embed-data-text", (*ECOMAUG, "embed", "--model", "{checkpoint}", "--data", "{text}", "--out", "{out}.npz"),
+         says="not shards"),
+    Case("embed-random-bytes-tar", (*ECOMAUG, "embed", "--model", "{checkpoint}", "--data", "{garbage_tar}",
+                                    "--out", "{out}.npz", "--no-progress"), says="garbage.tar"),
+    Case("match-a-missing", (*ECOMAUG, "match", "--a", "{missing}", "--b", "{tar}", "--model", "{checkpoint}",
+                             "--out", "{out}"), says="No such catalogue"),
+    Case("match-a-catalogue-with-itself", (*ECOMAUG, "match", "--a", "{tar}", "--b", "{tar}", "--model",
+                                           "{checkpoint}", "--out", "{out}"), code=0),
+    Case("dewatermark-marks-missing", (*ECOMAUG, "dewatermark", "{shards}", "{out}", "--marks", "{missing}"),
+         says="Not a directory"),
+    Case("bench-shards-missing", (*ECOMAUG, "bench", "--shards", "{missing}", "--device", "cpu"), says="No such file"),
 ]
 
 
@@ -122,13 +136,15 @@ def sandbox(sample_shards, tmp_path_factory) -> dict[str, Path]:
     (inputs / "empty").mkdir()
     (inputs / "notes.txt").write_text("not a shard\n")
     (inputs / "garbage.pt").write_bytes(os.urandom(4096))
+    (inputs / "garbage.tar").write_bytes(os.urandom(4096))
     torch.save({"weights": torch.zeros(2)}, inputs / "foreign.pt")
     state = {f"encoder_q.backbone.{name}": tensor for name, tensor in create_backbone("test_resnet").state_dict().items()}
     checkpoint = save_checkpoint(inputs / "run", 1, {"model": state, "step": 1, "backbone_prefix": "encoder_q.backbone.",
                                                      "config": {"model": "test_resnet", "crop_size": 32}})
     return {"inputs": inputs, "shards": sample_shards, "tar": sample_shards / "shard-000000.tar",
             "empty": inputs / "empty", "text": inputs / "notes.txt", "garbage": inputs / "garbage.pt",
-            "foreign": inputs / "foreign.pt", "checkpoint": checkpoint, "missing": inputs / "no" / "such" / "path"}
+            "foreign": inputs / "foreign.pt", "checkpoint": checkpoint, "missing": inputs / "no" / "such" / "path",
+            "garbage_tar": inputs / "garbage.tar"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])

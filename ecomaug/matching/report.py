@@ -51,7 +51,13 @@ def histogram(ab: SearchResult, ba: SearchResult, threshold: float, path: Path) 
     figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
     for result, label in ((ab, "A's best in B"), (ba, "B's best in A")):
         best = result.scores[:, 0]
-        axis.hist(best[np.isfinite(best)], bins=50, alpha=0.6, label=label)
+        best = best[np.isfinite(best)]
+        if best.size:
+            # Identical scores (one item, or a catalogue matched with itself) leave no range to bin.
+            low, high = float(best.min()), float(best.max())
+            if high - low < 1e-6:
+                low, high = low - 0.01, high + 0.01
+            axis.hist(best, bins=50, range=(low, high), alpha=0.6, label=label)
     axis.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:.4f}")
     axis.set_xlabel("cosine similarity")
     axis.set_ylabel("listings")
