@@ -10,6 +10,7 @@ the same architecture and size and a pixel baseline (16 x 16 thumbnails).
 
     python -m bench.robustness                                   # defaults: ~30-40 min per recipe on 2 CPU cores
     python -m bench.robustness --max-steps 200 --eval-items 100  # a quick look
+    python -m bench.robustness --query-regions none,grid         # also score queries by their best item region
     python -m bench.robustness --device cuda --train-images 20000 --set crop_size=128 --set epochs=100
 
 Output (``--out``): ``robustness.txt`` (the table), ``robustness.json``, ``robustness.png``,
@@ -201,7 +202,7 @@ def run_benchmark(*, cache: Path, out: Path, recipes: Sequence[str], settings: C
 @click.option("--max-steps", type=int, default=None, help="Shorter runs (the schedule follows).")
 @click.option("--set", "overrides", multiple=True, metavar="NAME=VALUE",
               help="Any train.py flag for every run, e.g. --set crop_size=96 --set model=resnet10t.")
-@click.option("--query-regions", default="none,grid", show_default=True,
+@click.option("--query-regions", default="none", show_default=True,
               help="Query embeddings to score: none (whole image), grid (best item region), or both.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
