@@ -8,7 +8,7 @@ gallery of one image per item; every other image of the item as a query, once pe
 the disturbances written apart from the training augmentations), next to a random-init model of
 the same architecture and size and a pixel baseline (16 x 16 thumbnails).
 
-    python -m bench.robustness                                   # defaults: ~30-40 min per recipe on 2 CPU cores
+    python -m bench.robustness                                   # defaults: the sample preset, 930 steps (~16 min) per recipe on 2 CPU cores
     python -m bench.robustness --max-steps 200 --eval-items 100  # a quick look
     python -m bench.robustness --query-regions none,grid         # also score queries by their best item region
     python -m bench.robustness --device cuda --train-images 20000 --set crop_size=128 --set epochs=100
