@@ -145,7 +145,7 @@ def compare(data: str, val_data: str | None, *, steps: int, model_name: str = "r
                 loss.backward()
                 optimizers[name].step()
                 curves[name]["step"].append(step + 1)
-                curves[name]["loss"].append(float(loss))
+                curves[name]["loss"].append(float(loss.detach()))
                 curves[name]["accuracy"].append(float(accuracy))
             step += 1
             if val_data and (step % eval_every == 0 or step == steps):
