@@ -169,25 +169,16 @@ def _smooth(values: list[float], width: int = 10) -> list[float]:
 
 def plot(result: dict[str, Any], path: Path) -> Path:
     """Loss, accuracy and held-out recall@1 of the three, overlaid."""
-    import matplotlib
+    from bench.curves import plot_training_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
     styles = {"reference": dict(color="black", lw=2.5, alpha=0.5), "exact": dict(color="tab:orange", ls="--"),
               "ours": dict(color="tab:blue")}
-    for name, curve in result["curves"].items():
-        axes[0].plot(curve["step"], _smooth(curve["loss"]), label=name, **styles[name])
-        axes[1].plot(curve["step"], _smooth(curve["accuracy"]), label=name, **styles[name])
-        if curve["recall@1"]:
-            axes[2].plot(curve["recall_step"], curve["recall@1"], marker="o", label=name, **styles[name])
-    for axis, title in zip(axes, ("InfoNCE loss (10-step mean)", "instance accuracy", "held-out kNN recall@1")):
-        axis.set_title(title), axis.set_xlabel("step"), axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    runs = {name: {"loss": (curve["step"], _smooth(curve["loss"])),
+                   "accuracy": (curve["step"], _smooth(curve["accuracy"])),
+                   "recall": (curve["recall_step"], curve["recall@1"])}
+            for name, curve in result["curves"].items()}
+    return plot_training_curves(runs, path, styles=styles, titles=(
+        "InfoNCE loss (10-step mean)", "instance accuracy", "held-out kNN recall@1"))
 
 
 @click.command()

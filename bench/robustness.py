@@ -110,25 +110,18 @@ def plot_rows(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
 def plot_training(runs: dict[str, Path], path: Path) -> Path:
     """Loss, instance accuracy and the kNN monitor of every run, from its metrics.jsonl."""
-    import matplotlib
+    from bench.curves import plot_training_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    series = {}
     for label, run in runs.items():
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
         train = [r for r in records if r["event"] == "train"]
         knn = [r for r in records if r["event"] == "knn"]
-        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label=label)
-        axes[1].plot([r["step"] for r in train], [r["accuracy"] for r in train], label=label)
-        axes[2].plot([r["step"] for r in knn], [r["recall@1"] for r in knn], marker="o", label=label)
-    for axis, title in zip(axes, ("InfoNCE loss", "instance accuracy", "kNN recall@1 (held-out items)")):
-        axis.set_title(title), axis.set_xlabel("step"), axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+        series[label] = {"loss": ([r["step"] for r in train], [r["loss"] for r in train]),
+                         "accuracy": ([r["step"] for r in train], [r["accuracy"] for r in train]),
+                         "recall": ([r["step"] for r in knn], [r["recall@1"] for r in knn])}
+    return plot_training_curves(series, path, titles=("InfoNCE loss", "instance accuracy",
+                                                       "kNN recall@1 (held-out items)"))
 
 
 def run_benchmark(*, cache: Path, out: Path, recipes: Sequence[str], settings: CorpusSettings, device: str,
