@@ -1,50 +1,26 @@
-"""``build_loader``: check the options once, pick a backend (DALI or PyTorch) and build it."""
+"""``build_loader``: check the options once, pick a backend (DALI or PyTorch) and build it.
+
+Also the two helpers every caller of a loader needs: :func:`choose_backend` (which backend
+``auto`` means here) and :func:`endless_batches` (batches across epoch boundaries). How many
+batches an epoch holds is :func:`loaders.sharding.epoch_plan`, which builds no loader.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
 from loaders.batch import Batch
-from loaders.manifest import ShardSet, load_shard_set
+from loaders.manifest import ShardSet
+from loaders.options import BACKENDS, LoaderOptions, make_options
+
+__all__ = ["BACKENDS", "Loader", "LoaderOptions", "build_loader", "choose_backend", "dali_available",
+           "endless_batches", "make_options"]
 
 logger = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "dali", "dali-gpu", "dali-cpu", "torch")
-CORRUPT_POLICIES = ("skip", "raise")
-MODES = ("train", "eval")
-
-
-@dataclass(frozen=True)
-class LoaderOptions:
-    """The checked options every backend reads (see :func:`build_loader` for their meaning)."""
-
-    shard_set: ShardSet
-    device: torch.device
-    batch_size: int
-    views: int
-    crop_size: int
-    scale: tuple[float, float]
-    ratio: tuple[float, float]
-    seed: int
-    rank: int
-    world_size: int
-    epoch: int
-    start_batch: int
-    drop_last: bool
-    shuffle_buffer: int
-    num_workers: int
-    corrupt: str
-    mode: str
-    epoch_samples: int | None
-
-    @property
-    def shuffle(self) -> bool:
-        return self.mode == "train"
 
 
 class Loader(Protocol):
@@ -60,53 +36,6 @@ class Loader(Protocol):
     def corrupt_count(self) -> int: ...
 
 
-def _check_range(name: str, value: Sequence[float], *, low: float, high: float | None) -> tuple[float, float]:
-    if len(value) != 2 or not low <= value[0] <= value[1] or (high is not None and value[1] > high):
-        allowed = f"{low} <= min <= max" + (f" <= {high}" if high is not None else "")
-        raise ValueError(f"{name} must be a (min, max) pair with {allowed}, got {tuple(value)!r}")
-    return float(value[0]), float(value[1])
-
-
-def make_options(shards: str | os.PathLike | Sequence[str | os.PathLike] | ShardSet, *,
-                 device: torch.device | str, batch_size: int, views: int = 2, crop_size: int = 224,
-                 scale: Sequence[float] = (0.2, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
-                 seed: int = 0, rank: int = 0, world_size: int = 1, epoch: int = 0,
-                 start_batch: int = 0, drop_last: bool = True, shuffle_buffer: int = 1000,
-                 num_workers: int | None = None, corrupt: str = "skip", mode: str = "train",
-                 epoch_samples: int | None = None) -> LoaderOptions:
-    """Check the arguments of :func:`build_loader` and resolve the shard set; raise ValueError."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if corrupt not in CORRUPT_POLICIES:
-        raise ValueError(f"corrupt must be one of {CORRUPT_POLICIES}, got {corrupt!r}")
-    for name, value, minimum in (("batch_size", batch_size, 1), ("views", views, 1),
-                                 ("crop_size", crop_size, 8), ("epoch", epoch, 0),
-                                 ("start_batch", start_batch, 0), ("shuffle_buffer", shuffle_buffer, 0)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
-        raise ValueError(f"num_workers must be None (one per core) or an integer >= 0, got {num_workers!r}")
-    if epoch_samples is not None and (not isinstance(epoch_samples, int) or epoch_samples < 1):
-        raise ValueError(f"epoch_samples must be None or an integer >= 1, got {epoch_samples!r}")
-    scale = _check_range("scale", scale, low=0.0, high=1.0)
-    ratio = _check_range("ratio", ratio, low=0.0, high=None)
-    if scale[1] <= 0 or ratio[0] <= 0:
-        raise ValueError(f"scale and ratio must be positive, got scale={scale}, ratio={ratio}")
-    shard_set = shards if isinstance(shards, ShardSet) else load_shard_set(shards)
-    if not shard_set.shards:
-        raise ValueError("the shard set is empty")
-    if mode == "eval":
-        # Embedding and the kNN monitor need every sample once, in a fixed order, seen whole.
-        views, drop_last = 1, False
-    return LoaderOptions(
-        shard_set=shard_set, device=torch.device(device), batch_size=batch_size, views=views,
-        crop_size=crop_size, scale=scale, ratio=ratio, seed=int(seed), rank=rank,
-        world_size=world_size, epoch=epoch, start_batch=start_batch, drop_last=bool(drop_last),
-        shuffle_buffer=shuffle_buffer,
-        num_workers=min(os.cpu_count() or 1, 8) if num_workers is None else num_workers,
-        corrupt=corrupt, mode=mode, epoch_samples=epoch_samples)
-
-
 def dali_available() -> bool:
     """Whether NVIDIA DALI can be imported here."""
     try:
@@ -116,8 +45,11 @@ def dali_available() -> bool:
     return True
 
 
-def choose_backend(backend: str, device: torch.device, shard_set: ShardSet) -> str:
+def choose_backend(backend: str, device: torch.device | str, shard_set: ShardSet | None = None) -> str:
     """Resolve ``backend`` to ``"dali-gpu"``, ``"dali-cpu"`` or ``"torch"`` and log why.
+
+    The one place that decides which backend runs: :func:`build_loader`, the training engine
+    and the benchmarks all call it, so they agree.
 
     ``auto`` takes DALI with ``mixed`` (GPU) decode when the device is CUDA and DALI is
     installed, DALI on the CPU when only DALI is, and the PyTorch backend otherwise (also for
@@ -128,7 +60,17 @@ def choose_backend(backend: str, device: torch.device, shard_set: ShardSet) -> s
     Raises:
         ValueError: an unknown backend, DALI asked for but not installed or given URLs, or
             ``dali-gpu`` with a device that is not CUDA.
+
+    Args:
+        backend: one of :data:`~loaders.options.BACKENDS`.
+        device: where the views land.
+        shard_set: the shards to read (None: taken to be local files).
+
+    Returns:
+        ``"dali-gpu"``, ``"dali-cpu"`` or ``"torch"``.
     """
+    device = torch.device(device)
+    all_local = shard_set is None or shard_set.all_local
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     dali_kind = "dali-gpu" if device.type == "cuda" else "dali-cpu"
@@ -142,14 +84,14 @@ def choose_backend(backend: str, device: torch.device, shard_set: ShardSet) -> s
         if not dali_available():
             raise ValueError(f"backend={backend!r} needs NVIDIA DALI: pip install nvidia-dali-cuda120 "
                              "(or nvidia-dali-cuda130), or use backend='torch'")
-        if not shard_set.all_local:
+        if not all_local:
             remote = next(s.url for s in shard_set.shards if not s.is_local)
             raise ValueError(f"the DALI backend reads local files only, got {remote!r}; copy the "
                              f"shards to a local disk or use backend='torch' for URLs")
         chosen = dali_kind if backend == "dali" else backend
         logger.info("loader backend: %s (asked for)", chosen)
         return chosen
-    if not shard_set.all_local:
+    if not all_local:
         logger.info("loader backend: torch (auto: remote shards, DALI needs local files)")
         return "torch"
     if dali_available():
@@ -233,3 +175,33 @@ def build_loader(shards: str | os.PathLike | Sequence[str | os.PathLike] | Shard
     from loaders.dali_backend import DaliLoader
 
     return DaliLoader(options, variant=dali_variant, on_gpu=chosen == "dali-gpu")
+
+
+def endless_batches(make_loader: Callable[[int], Iterable[Batch]], *, start_epoch: int = 0) -> Iterator[Batch]:
+    """Batches epoch after epoch, without end: ``make_loader(epoch)`` is built per epoch.
+
+    Loaders are built per epoch (the shard order and the crops depend on it), so this is how a
+    benchmark or a step-budgeted job reads past an epoch's end.
+
+    Args:
+        make_loader: ``epoch -> loader`` (for example a ``functools.partial`` of
+            :func:`build_loader` taking ``epoch=``).
+        start_epoch: the first epoch built.
+
+    Yields:
+        The batches of epoch ``start_epoch``, then of the next, and so on.
+
+    Raises:
+        ValueError: an epoch yields no batch (fewer samples than one batch), which would
+            otherwise loop forever.
+    """
+    epoch = start_epoch
+    while True:
+        produced = 0
+        for batch in make_loader(epoch):
+            produced += 1
+            yield batch
+        if produced == 0:
+            raise ValueError(f"epoch {epoch} yielded no batch: the shards hold fewer samples than one "
+                             f"batch per rank; lower the batch size")
+        epoch += 1

@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from loaders.batch import Batch
-from loaders.build import LoaderOptions
+from loaders.options import LoaderOptions
 from loaders.crops import intra_op_threads, resize_crop
 from loaders.shard_check import check_shard
 from loaders.sharding import check_start_batch, derive_seed, plan_epoch

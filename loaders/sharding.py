@@ -9,6 +9,9 @@ Both backends follow the same plan, so they agree on what a rank sees:
 * with ``drop_last`` every rank yields ``(N // W) // batch_size`` batches (the smallest rank's
   full batches), so DDP ranks never wait on each other; without it a rank yields
   ``ceil(its samples / batch_size)`` batches and every sample is seen exactly once.
+
+:func:`epoch_plan` is the public entry: the plan of a shard set from its manifest counts,
+without building a loader (the training engine sizes its schedule with it).
 """
 
 from __future__ import annotations
@@ -16,7 +19,12 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+import os
 from typing import Sequence
+
+from loaders.manifest import ShardSet, load_shard_set
+
+FOREVER = 1 << 62  # the stop of a segment whose sample count is unknown: read the whole shard
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,85 @@ def plan_epoch(counts: Sequence[int], *, batch_size: int, seed: int, epoch: int,
         num_batches = math.ceil(num_samples / batch_size)
     return EpochPlan(shard_order=tuple(order), segments=tuple(segments), num_samples=num_samples,
                      num_batches=num_batches)
+
+
+def plan_unknown_counts(num_shards: int, *, epoch_samples: int | None, batch_size: int, seed: int,
+                        epoch: int, rank: int, world_size: int, drop_last: bool, shuffle: bool,
+                        unknown: str = "a shard") -> EpochPlan:
+    """Plan an epoch over shards whose counts are unknown (remote tars without a manifest).
+
+    Ranks take whole shards round robin and read them again as often as needed to fill a
+    nominal epoch of ``epoch_samples`` samples over all ranks (segments end at :data:`FOREVER`).
+
+    Raises:
+        ValueError: ``epoch_samples`` is None, fewer shards than ranks, or no batch per rank.
+    """
+    check_rank(rank, world_size)
+    if epoch_samples is None:
+        raise ValueError(f"sample count of {unknown!r} is unknown (remote shard or no .idx): pass "
+                         f"epoch_samples=N (the manifest's totals.written) or give the manifest")
+    if num_shards < world_size:
+        raise ValueError(f"{num_shards} shard(s) with unknown counts cannot be split over "
+                         f"{world_size} ranks; need at least one shard per rank")
+    order = shard_order(num_shards, seed=seed, epoch=epoch, shuffle=shuffle)
+    per_rank = epoch_samples // world_size
+    if drop_last:
+        num_batches = per_rank // batch_size
+        if num_batches == 0:
+            raise ValueError(f"epoch_samples={epoch_samples} over {world_size} rank(s) "
+                             f"is fewer than batch_size={batch_size} per rank")
+    else:
+        num_batches = math.ceil(per_rank / batch_size)
+    return EpochPlan(shard_order=tuple(order),
+                     segments=tuple(Segment(shard=s, start=0, stop=FOREVER) for s in order[rank::world_size]),
+                     num_samples=per_rank, num_batches=num_batches)
+
+
+def epoch_plan(shards: str | os.PathLike | Sequence[str | os.PathLike] | ShardSet, *, batch_size: int,
+               rank: int = 0, world_size: int = 1, epoch: int = 0, seed: int = 0,
+               mode: str = "train", drop_last: bool = True,
+               epoch_samples: int | None = None) -> EpochPlan:
+    """The plan of one rank's epoch, from the manifest counts alone: no loader, no temp folder.
+
+    ``plan.num_batches`` is ``len(build_loader(...))`` for the same arguments (before
+    ``start_batch``), and the same for every epoch. In training the PyTorch backend keeps that
+    length when it meets corrupt samples (stand-ins); the DALI backend leaves out the samples its
+    shard check finds corrupt, so it may yield up to ``ceil(corrupt / (world_size * batch_size))``
+    batches fewer.
+
+    Args:
+        shards: what :func:`loaders.load_shard_set` reads, or a :class:`~loaders.ShardSet`.
+        batch_size: samples per batch on this rank.
+        rank: this process's rank.
+        world_size: number of ranks.
+        epoch: which epoch (the shard order depends on it; the batch count does not).
+        seed: run seed.
+        mode: ``"train"`` or ``"eval"`` (eval: stored order, no drop, as the loaders read it).
+        drop_last: drop incomplete batches (train only; eval never drops).
+        epoch_samples: samples per epoch over all ranks when the counts are unknown.
+
+    Returns:
+        The :class:`EpochPlan`.
+
+    Raises:
+        ValueError: a bad option, an empty shard set, or unknown counts without ``epoch_samples``.
+
+    Example:
+        >>> steps_per_epoch = epoch_plan("shards/", batch_size=64).num_batches  # doctest: +SKIP
+    """
+    if mode not in ("train", "eval"):
+        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+    shard_set = shards if isinstance(shards, ShardSet) else load_shard_set(shards)
+    if not shard_set.shards:
+        raise ValueError("the shard set is empty")
+    shuffle, drop_last = mode == "train", bool(drop_last) and mode == "train"
+    counts = [shard.count for shard in shard_set.shards]
+    arguments = dict(batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                     drop_last=drop_last, shuffle=shuffle)
+    if all(count is not None for count in counts):
+        return plan_epoch(counts, **arguments)  # type: ignore[arg-type]
+    unknown = next(shard.url for shard in shard_set.shards if shard.count is None)
+    return plan_unknown_counts(len(counts), epoch_samples=epoch_samples, unknown=unknown, **arguments)
 
 
 def check_start_batch(start_batch: int, num_batches: int) -> None:

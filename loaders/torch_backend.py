@@ -34,18 +34,17 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from loaders.batch import Batch
-from loaders.build import LoaderOptions
+from loaders.options import LoaderOptions
 from loaders.crops import intra_op_threads, resize_crop
 from loaders.remote import WEBDATASET_SCHEMES, check_readable, open_shard, store_error, url_scheme
-from loaders.sharding import (EpochPlan, Segment, check_start_batch, derive_seed, plan_epoch,
-                              shard_order, split_for_workers)
+from loaders.sharding import (FOREVER, EpochPlan, Segment, check_start_batch, derive_seed, epoch_plan,
+                              split_for_workers)
 
 logger = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]  # left, top, width, height in source pixels
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-FOREVER = 1 << 62  # the stop of a segment whose sample count is unknown: read the whole shard
 # What reading a broken shard raises: tarfile's errors, I/O errors (a missing object, a
 # truncated stream), and ValueError (webdataset on a duplicate member, a non-regular file).
 SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
@@ -384,48 +383,18 @@ class TorchLoader:
         self.options = options
         shards = options.shard_set.shards
         self.urls = [shard.url for shard in shards]
-        counts = [shard.count for shard in shards]
         self._corrupt_count = 0
-        if all(count is not None for count in counts):
-            self.plan: EpochPlan = plan_epoch(
-                counts, batch_size=options.batch_size, seed=options.seed, epoch=options.epoch,
-                rank=options.rank, world_size=options.world_size, drop_last=options.drop_last,
-                shuffle=options.shuffle)
-            self.repeat = False
-        else:
-            self.plan = self._nominal_plan()
-            self.repeat = True
+        self.plan: EpochPlan = epoch_plan(
+            options.shard_set, batch_size=options.batch_size, seed=options.seed, epoch=options.epoch,
+            rank=options.rank, world_size=options.world_size, drop_last=options.drop_last,
+            mode=options.mode, epoch_samples=options.epoch_samples)
+        self.repeat = any(shard.count is None for shard in shards)
         check_start_batch(options.start_batch, self.plan.num_batches)
         self.num_workers = min(options.num_workers, len(self.plan.segments))
         for scheme in {url_scheme(url) for url in self.urls} - {None, *WEBDATASET_SCHEMES}:
             # here, not in a worker: a missing s3fs/gcsfs, bad credentials or a wrong endpoint
             # is one error naming the URL (the extra to install, the store's refusal)
             check_readable(next(url for url in self.urls if url_scheme(url) == scheme))
-
-    def _nominal_plan(self) -> EpochPlan:
-        # Counts unknown (remote shards): ranks take whole shards round robin and read them
-        # again as often as needed to fill a nominal epoch of `epoch_samples`.
-        options = self.options
-        if options.epoch_samples is None:
-            unknown = next(shard.url for shard in options.shard_set.shards if shard.count is None)
-            raise ValueError(f"sample count of {unknown!r} is unknown (remote shard or no .idx): pass "
-                             f"epoch_samples=N (the manifest's totals.written) or give the manifest")
-        if len(self.urls) < options.world_size:
-            raise ValueError(f"{len(self.urls)} shard(s) with unknown counts cannot be split over "
-                             f"{options.world_size} ranks; need at least one shard per rank")
-        order = shard_order(len(self.urls), seed=options.seed, epoch=options.epoch, shuffle=options.shuffle)
-        mine = order[options.rank::options.world_size]
-        per_rank = options.epoch_samples // options.world_size
-        if options.drop_last:
-            num_batches = per_rank // options.batch_size
-            if num_batches == 0:
-                raise ValueError(f"epoch_samples={options.epoch_samples} over {options.world_size} rank(s) "
-                                 f"is fewer than batch_size={options.batch_size} per rank")
-        else:
-            num_batches = math.ceil(per_rank / options.batch_size)
-        return EpochPlan(shard_order=tuple(order),
-                         segments=tuple(Segment(shard=s, start=0, stop=FOREVER) for s in mine),
-                         num_samples=per_rank, num_batches=num_batches)
 
     def __len__(self) -> int:
         return self.plan.num_batches - self.options.start_batch

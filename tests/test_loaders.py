@@ -214,3 +214,41 @@ def test_torch_crops_is_refused_on_the_gpu(sample_shards):
         DaliLoader(make_options(sample_shards, device="cuda", batch_size=8), variant="torch_crops")
     with pytest.raises(ValueError, match="variant must be one of"):
         loaders.build_loader(sample_shards, backend="dali", device="cpu", batch_size=8, dali_variant="fast")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world_size,drop_last,mode", [(1, True, "train"), (3, True, "train"),
+                                                       (2, False, "train"), (2, True, "eval")])
+def test_epoch_plan_is_the_loader_length_without_building_one(sample_shards, backend, world_size,
+                                                              drop_last, mode):
+    for rank in range(world_size):
+        plan = loaders.epoch_plan(sample_shards, batch_size=24, rank=rank, world_size=world_size,
+                                  epoch=2, drop_last=drop_last, mode=mode)
+        loader, batches = collect(sample_shards, backend, batch_size=24, rank=rank, world_size=world_size,
+                                  epoch=2, drop_last=drop_last, mode=mode)
+        assert plan.num_batches == len(loader) == len(batches)
+    # the batch count does not depend on the epoch or the seed
+    assert loaders.epoch_plan(sample_shards, batch_size=24, epoch=7, seed=3).num_batches == SAMPLES // 24
+
+
+def test_endless_batches_run_past_the_epoch_end_and_refuse_an_empty_epoch(sample_shards):
+    built = []
+
+    def make_loader(epoch):
+        built.append(epoch)
+        return loaders.build_loader(sample_shards, backend="torch", device="cpu", batch_size=100,
+                                    crop_size=32, epoch=epoch, num_workers=0)
+
+    stream = loaders.endless_batches(make_loader, start_epoch=4)
+    batches = [next(stream) for _ in range(7)]  # 3 batches an epoch: three epochs
+    assert built == [4, 5, 6] and all(len(batch) == 100 for batch in batches)
+    with pytest.raises(ValueError, match="yielded no batch"):
+        next(loaders.endless_batches(lambda epoch: []))
+
+
+def test_choose_backend_is_one_decision_for_every_caller(sample_shards):
+    assert choose_backend("torch", "cpu") == "torch"
+    expected = "dali-cpu" if dali_available() else "torch"
+    assert choose_backend("auto", "cpu", load_shard_set(sample_shards)) == expected
+    with pytest.raises(ValueError, match="backend must be one of"):
+        choose_backend("tensorflow", "cpu")
