@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from bench.timing import conditions, measure
 from ecomaug.paths import SAMPLE_DIR
-from loaders.dewatermark import Dewatermarker, MarkPool, box_iou, scale_grid
+from ecomaug.dewatermark import Dewatermarker, MarkPool, box_iou, scale_grid
 
 
 def synthetic_marks() -> dict[str, Image.Image]:

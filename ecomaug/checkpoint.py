@@ -6,20 +6,20 @@ values only (RNG states as tensors, the config as a dict), so that it loads with
 
 Every file is written by :func:`write_atomic` (the export's too): a temporary file beside the
 target, fsync, the permissions the umask allows, a rename. A full disk raises one
-:class:`~ecomaug.evaluation.embed.DiskFullError` naming the file, removes the temporary file and
+:class:`~loaders.atomic.DiskFullError` naming the file, removes the temporary file and
 leaves the previous file as it was.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import torch
+
+from loaders.atomic import stage_file, write_atomic  # noqa: F401 -- the one atomic writer (lowest layer)
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
@@ -37,106 +37,6 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     found = [(int(match.group(1)), path) for path in directory.iterdir()
              if (match := _NAME.match(path.name))]
     return sorted(found, reverse=True)
-
-
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-def current_umask() -> int:
-    """The process's umask, read without changing it where Linux allows (``/proc/self/status``)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, hence the fallback only)
-    os.umask(mask)
-    return mask
-
-
-class _WholeWrites:
-    """An unbuffered binary stream that writes all it is given and remembers the OSError that stopped it.
-
-    ``torch.save`` reports a failed write as ``RuntimeError: [enforce fail at inline_container.cc]``;
-    the error kept here says what really happened (a full disk, usually).
-    """
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self.stream = stream
-        self.error: OSError | None = None
-
-    def write(self, data: bytes) -> int:
-        view = memoryview(data).cast("B")
-        written = 0
-        try:
-            while written < len(view):  # a raw write may stop short when the disk fills up
-                written += self.stream.write(view[written:]) or 0
-        except OSError as error:
-            self.error = error
-            raise
-        return written
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-def stage_file(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Write a temporary file beside ``path`` with ``write(stream)``, fsync it, give it the umask's mode.
-
-    The caller renames it over ``path`` (:func:`write_atomic` does both); staging several files
-    first lets an export replace all of them or none.
-
-    Returns:
-        The temporary file (``.NAME.*.tmp`` in the same directory).
-
-    Raises:
-        DiskFullError: the disk (or quota) filled up; the temporary file is removed.
-    """
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with open(handle, "wb", buffering=0) as raw:
-            stream = _WholeWrites(raw)
-            try:
-                write(stream)
-                os.fsync(raw.fileno())
-            except Exception as error:
-                cause = stream.error if stream.error is not None else error
-                if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS:
-                    from ecomaug.evaluation.embed import DiskFullError
-
-                    raise DiskFullError(path) from error
-                raise
-        # mkstemp creates owner-only files; teammates on a shared filesystem need what the umask allows
-        os.chmod(temporary, 0o666 & ~current_umask())
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return Path(temporary)
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Write ``path`` so that readers see the old file or the new one, never half of one.
-
-    Args:
-        path: the file to (re)place; its directory must exist.
-        write: writes the content to the binary stream it is given (``torch.save``, ``stream.write``).
-
-    Returns:
-        ``path``.
-
-    Raises:
-        DiskFullError: the disk filled up; no temporary file is left and the old file is intact.
-    """
-    path = Path(path)
-    temporary = stage_file(path, write)
-    try:
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any], *, keep_last: int = 3) -> Path:

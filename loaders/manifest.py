@@ -25,11 +25,11 @@ import json
 import logging
 import os
 import tarfile
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable, Sequence
 
+from loaders.atomic import write_json_atomic  # noqa: F401 -- re-exported: the writer of manifests
 from loaders.remote import (WEBDATASET_SCHEMES, filesystem, open_regular_file, read_text,
                             register_webdataset_handlers, store_error, url_scheme)
 
@@ -70,21 +70,6 @@ class ShardSet:
     @property
     def all_local(self) -> bool:
         return all(shard.is_local for shard in self.shards)
-
-
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename, so readers never see half."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(payload, stream, indent=2, sort_keys=False)
-            stream.write("\n")
-        os.chmod(temporary, 0o644)  # mkstemp makes owner-only files; results are for everyone
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- manifest schema

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ecomaug.marks import render_text_mark  # the one text-mark drawer
+
 # (file stem, text, font file, colour, style); style: plain | outline | badge | stamp
 TEXT_MARKS = [
     ("text-sunny-mart", "Sunny Mart", "DejaVuSans-Bold.ttf", (255, 255, 255), "plain"),
@@ -51,11 +53,7 @@ SIZE = 64  # font size in pixels: the atlas cell is 128 x 256, marks are shrunk 
 
 
 def text_image(text: str, font: ImageFont.FreeTypeFont, colour, stroke: int = 0, stroke_colour=(30, 30, 30)):
-    left, top, right, bottom = font.getbbox(text, stroke_width=stroke)
-    image = Image.new("RGBA", (right - left + 2, bottom - top + 2), (0, 0, 0, 0))
-    ImageDraw.Draw(image).text((1 - left, 1 - top), text, font=font, fill=colour + (255,), stroke_width=stroke,
-                               stroke_fill=stroke_colour + (255,))
-    return image
+    return render_text_mark(text, font=font, fill=colour, stroke=stroke, outline=stroke_colour, pad=1)
 
 
 def styled_text(text: str, font: ImageFont.FreeTypeFont, colour, style: str) -> Image.Image:

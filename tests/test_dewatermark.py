@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from bench.dewatermark_pr import busy_image, paste_mark, synthetic_marks
-from loaders.dewatermark import Dewatermarker, MarkPool, box_iou, masked_ncc, scale_grid
+from ecomaug.dewatermark import Dewatermarker, MarkPool, box_iou, masked_ncc, scale_grid
 
 MARKS = synthetic_marks()
 
@@ -152,20 +152,23 @@ def test_pool_from_directory(tmp_path):
     opaque.save(tmp_path / "plain.jpg")
     pool = MarkPool.from_directory(tmp_path)
     assert pool.names == ["plain", "ring"] and len(pool) == 2
-    assert float(pool.marks[0].alpha.min()) == 1.0  # JPEG: opaque
+    plain = pool.marks[0]  # no alpha: its plain background keyed out, as the training overlay reads it
+    assert float(plain.alpha.min()) == 0.0 and plain.size[0] < 48 and plain.size[1] < 24
     ring = pool.marks[1]
     left, top, right, bottom = MARKS["logo_ring"].getchannel("A").getbbox()
     assert ring.size == (right - left, bottom - top)  # transparent border trimmed
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path, pool):
-    with pytest.raises(ValueError, match="no mark images"):
+    with pytest.raises(ValueError, match="no watermark images"):
         MarkPool.from_directory(tmp_path)
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(FileNotFoundError):
         MarkPool.from_directory(tmp_path / "missing")
     with pytest.raises(ValueError, match="fully transparent"):
         MarkPool.from_images({"empty": Image.new("RGBA", (20, 20), (0, 0, 0, 0))})
     with pytest.raises(ValueError, match="flat colour"):
+        MarkPool.from_images({"box": Image.new("RGBA", (20, 20), (9, 9, 9, 255))})
+    with pytest.raises(ValueError, match="fully transparent"):  # no alpha: the flat background is keyed out
         MarkPool.from_images({"box": Image.new("RGB", (20, 20), (9, 9, 9))})
     hard = Image.new("RGBA", (30, 30), (0, 0, 0, 0))
     ImageDraw.Draw(hard).rectangle((5, 5, 10, 25), fill=(255, 255, 255, 255))

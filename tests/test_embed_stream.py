@@ -179,11 +179,14 @@ def test_duplicate_keys_are_kept_and_counted(sample_shards, tmp_path):
 @pytest.mark.parametrize("out_name", ["e.npz", "parts"])
 def test_a_full_disk_is_one_line_and_leaves_no_temp_file(monkeypatch, small_manifest, tmp_path,
                                                          out_name):
-    def full(path, **arrays):
-        Path(path).write_bytes(b"half a file")
-        raise OSError(errno.ENOSPC, "No space left on device")
+    import loaders.atomic
 
-    monkeypatch.setattr(np, "savez", full)
+    def full(self, data):
+        self.stream.write(bytes(data)[:10])  # half a file, then the disk is full
+        self.error = OSError(errno.ENOSPC, "No space left on device")
+        raise self.error
+
+    monkeypatch.setattr(loaders.atomic._WholeWrites, "write", full)
     result = CliRunner().invoke(main, ["embed", "--random-init", MODEL, "--input-size", str(SIZE),
                                        "--data", str(small_manifest), "--out",
                                        str(tmp_path / out_name), "--device", "cpu",

@@ -107,7 +107,7 @@ CASES = [
     Case("match-a-catalogue-with-itself", (*ECOMAUG, "match", "--a", "{tar}", "--b", "{tar}", "--model",
                                            "{checkpoint}", "--out", "{out}"), code=0),
     Case("dewatermark-marks-missing", (*ECOMAUG, "dewatermark", "{shards}", "{out}", "--marks", "{missing}"),
-         says="Not a directory"),
+         says="No such watermark directory"),
     Case("bench-shards-missing", (*ECOMAUG, "bench", "--shards", "{missing}", "--device", "cpu"), says="No such file"),
 ]
 

@@ -12,8 +12,9 @@ from ecomaug.commands.shard import parse_size
 @click.command("dewatermark")
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=str))
 @click.argument("out_dir", metavar="OUT_DIR", type=click.Path(path_type=str))
-@click.option("--marks", "marks_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder of known marks: PNG with alpha (or JPEG, taken as opaque), named by file stem.")
+@click.option("--watermark-dir", "--marks", "marks_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder of known marks, the same pool `train.py --watermark-dir` pastes: PNG with alpha, "
+                   "or JPEG/RGB PNG whose plain background is keyed out; named by file stem.")
 @click.option("--threshold", type=float, default=None,
               help="Minimum match score in [-1, 1]. Default: the value chosen from the measured "
                    "precision/recall curve (see `python -m bench.dewatermark_pr`).")
@@ -46,18 +47,18 @@ def dewatermark(input_path: str, out_dir: str, marks_dir: Path, threshold: float
                 job_index: int, workers: int | None, progress: bool) -> None:
     """Convert INPUT into shards in OUT_DIR, removing known marks from every image on the way.
 
-    Each image is searched for the marks in --marks (multi-scale masked matching); where one
+    Each image is searched for the marks in --watermark-dir (multi-scale masked matching); where one
     scores at least --threshold, its alpha is inpainted and the sample's json gets
     {"dewatermark": {"found": [{"mark", "box", "score", "scale"}]}}. Images without a mark are
     written as they are. Parallel, streaming and resumable exactly like `ecomaug shard`.
 
     \b
     Examples:
-      ecomaug dewatermark ecomaug/assets/sample/items.csv ./shards-clean --marks ecomaug/assets/watermarks --min-scale 0.2 --max-scale 0.8
-      ecomaug dewatermark ./images ./shards-clean --marks ./shop_marks --threshold 0.9 --workers 8
+      ecomaug dewatermark ecomaug/assets/sample/items.csv ./shards-clean --watermark-dir ecomaug/assets/watermarks --min-scale 0.2 --max-scale 0.8
+      ecomaug dewatermark ./images ./shards-clean --watermark-dir ./shop_marks --threshold 0.9 --workers 8
     """
+    from ecomaug.dewatermark import DEFAULT_THRESHOLD, Dewatermarker, MarkPool, scale_grid
     from loaders.convert import convert_to_shards
-    from loaders.dewatermark import DEFAULT_THRESHOLD, Dewatermarker, MarkPool, scale_grid
 
     pool = MarkPool.from_directory(marks_dir)
     remover = Dewatermarker(pool, threshold=DEFAULT_THRESHOLD if threshold is None else threshold,

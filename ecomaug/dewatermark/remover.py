@@ -1,7 +1,7 @@
 """Find known watermarks in one image and paint them out: the per-image step of ``ecomaug dewatermark``.
 
 A :class:`Dewatermarker` is a pure, picklable callable that fits the ``image_hook`` contract of
-:func:`loaders.convert.convert_to_shards`: ``hook(image) -> (image, meta_update, changed)``.
+:func:`loaders.convert.convert_to_shards` (the command passes it in): ``hook(image) -> (image, meta_update, changed)``.
 A mark pasted with opacity ``o`` over a locally even background ``B`` gives
 ``B + o * alpha * (luminance - B)``: linear in two templates of the mark (its alpha-weighted
 luminance and its alpha) whatever ``o`` and ``B`` are. Matching scores each place by how well that
@@ -17,15 +17,17 @@ alpha at the found place and scale, dilated, is inpainted with OpenCV.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
 from PIL import Image
 
-MARK_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+from ecomaug.dewatermark.detections import Detection, box_iou, covered, suppress_candidates
+from ecomaug.dewatermark.fit import (FEATURES, MIN_TEMPLATE_SIDE, FeatureLevels, feature_channels, masked_fit,
+                                     orthonormal_basis, resize)
+from ecomaug.dewatermark.templates import ALPHA_REMOVE, Mark, MarkPool
+
 # Measured with `python -m bench.dewatermark_pr` (docs/readme/dewatermark.md): the lowest threshold
 # with precision >= 0.99 and no clean image changed is 0.64 for the bench's 4 synthetic marks and
 # 0.79 for the bundled 23-mark pool (small thin text marks match more clutter); the larger plus a
@@ -35,11 +37,8 @@ DEFAULT_THRESHOLD = 0.85
 # Steps of 2 ** (1 / 6) (12 %): coarser steps lose thin text marks before refinement (measured).
 STEPS_PER_OCTAVE = 6
 DEFAULT_MIN_SCALE, DEFAULT_MAX_SCALE = 0.5, 2.0
-FEATURES = ("gray", "gradient")
 INPAINT_METHODS = {"telea": cv2.INPAINT_TELEA, "ns": cv2.INPAINT_NS}
 _ALPHA_SUPPORT = 0.1    # alpha above this is "part of the mark" for the matching mask
-_ALPHA_REMOVE = 0.02    # alpha above this is painted out (faint fringes are visible on flat colour)
-_MIN_TEMPLATE_SIDE = 12  # a template narrower than this (in pixels of its level) is not distinctive
 # Both image and template are blurred this much (sigma, px) for the coarse search and the scale
 # sweep: thin strokes then still overlap when the size is off by a pixel or two.
 _BLUR = 1.0
@@ -57,204 +56,6 @@ def scale_grid(min_scale: float, max_scale: float, steps_per_octave: int = STEPS
 
 
 DEFAULT_SCALES = scale_grid(DEFAULT_MIN_SCALE, DEFAULT_MAX_SCALE)
-
-
-@dataclass(frozen=True)
-class Mark:
-    """One known watermark.
-
-    Attributes:
-        name: identifier recorded in the sample's json (the file stem for a directory pool).
-        signal: ``H x W`` float32, the mark's luminance minus 128, times its alpha: what the mark
-            adds to a mid-grey background at full opacity.
-        alpha: ``H x W`` float32 in [0, 1].
-    """
-
-    name: str
-    signal: np.ndarray
-    alpha: np.ndarray
-
-    @classmethod
-    def from_image(cls, name: str, image: Image.Image) -> "Mark":
-        """Build a mark from a PIL image; one without an alpha channel is treated as opaque."""
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
-        alpha = rgba[..., 3] / 255.0
-        luminance = rgba[..., 0] * 0.299 + rgba[..., 1] * 0.587 + rgba[..., 2] * 0.114
-        ys, xs = np.nonzero(alpha > _ALPHA_REMOVE)
-        if len(ys) == 0:
-            raise ValueError(f"mark {name!r} is fully transparent; a mark needs visible pixels")
-        top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        alpha = np.ascontiguousarray(alpha[top:bottom, left:right])
-        signal = np.ascontiguousarray(((luminance - 128.0) * (rgba[..., 3] / 255.0))[top:bottom, left:right])
-        if min(alpha.shape) < 8:
-            raise ValueError(f"mark {name!r} is {alpha.shape[1]}x{alpha.shape[0]} px after trimming "
-                             "transparent borders; marks must be at least 8x8")
-        # A shape comes from the alpha (a logo's outline) or from the colours (an opaque JPEG).
-        if float(alpha.std()) < 0.01 and float(signal.std()) < 1.0:
-            raise ValueError(f"mark {name!r} is one flat colour in a full rectangle; it has no shape to "
-                             "match (give it an alpha channel that outlines the logo or text)")
-        return cls(name=name, signal=signal, alpha=alpha)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) in pixels at scale 1."""
-        return self.alpha.shape[1], self.alpha.shape[0]
-
-
-class MarkPool:
-    """The known marks to look for, loaded from a folder (PNG with alpha, or JPEG as opaque)."""
-
-    def __init__(self, marks: Sequence[Mark]):
-        if not marks:
-            raise ValueError("a mark pool needs at least one mark")
-        names = [mark.name for mark in marks]
-        if len(set(names)) != len(names):
-            raise ValueError(f"mark names must be unique, got {sorted(names)}")
-        self.marks = tuple(marks)
-
-    @classmethod
-    def from_directory(cls, path: str | Path) -> "MarkPool":
-        """Load every ``*.png``/``*.jpg``/``*.jpeg``/``*.webp`` directly in ``path`` (named by stem)."""
-        directory = Path(path)
-        if not directory.is_dir():
-            raise NotADirectoryError(20, "Not a directory (expected a folder of mark images)", str(directory))
-        files = sorted(p for p in directory.iterdir() if p.suffix.lower() in MARK_SUFFIXES and p.is_file())
-        if not files:
-            raise ValueError(f"no mark images ({', '.join(MARK_SUFFIXES)}) in {directory}")
-        marks = []
-        for file in files:
-            with Image.open(file) as image:
-                marks.append(Mark.from_image(file.stem, image))
-        return cls(marks)
-
-    @classmethod
-    def from_images(cls, images: Mapping[str, Image.Image]) -> "MarkPool":
-        """Build a pool from in-memory images keyed by name."""
-        return cls([Mark.from_image(name, image) for name, image in images.items()])
-
-    @property
-    def names(self) -> list[str]:
-        return [mark.name for mark in self.marks]
-
-    def __len__(self) -> int:
-        return len(self.marks)
-
-    def __iter__(self) -> Iterator[Mark]:
-        return iter(self.marks)
-
-
-@dataclass(frozen=True)
-class Detection:
-    """One mark found in an image; ``box`` is ``[x0, y0, x1, y1]`` in pixels (x1, y1 exclusive)."""
-
-    mark: str
-    box: tuple[int, int, int, int]
-    score: float
-    scale: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"mark": self.mark, "box": list(self.box), "score": round(self.score, 4),
-                "scale": round(self.scale, 4)}
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two ``[x0, y0, x1, y1]`` boxes."""
-    width = min(a[2], b[2]) - max(a[0], b[0])
-    height = min(a[3], b[3]) - max(a[1], b[1])
-    if width <= 0 or height <= 0:
-        return 0.0
-    inter = width * height
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
-def _covered(inner: Sequence[float], outer: Sequence[float]) -> float:
-    """Share of ``inner``'s area inside ``outer``."""
-    width = min(inner[2], outer[2]) - max(inner[0], outer[0])
-    height = min(inner[3], outer[3]) - max(inner[1], outer[1])
-    if width <= 0 or height <= 0:
-        return 0.0
-    return width * height / ((inner[2] - inner[0]) * (inner[3] - inner[1]))
-
-
-def masked_ncc(image: list[np.ndarray], template: list[np.ndarray], mask: np.ndarray,
-               min_std: float) -> np.ndarray:
-    """Mean-subtracted normalised cross-correlation of ``template`` over ``image`` inside ``mask``.
-
-    Equal to ``cv2.matchTemplate(..., TM_CCOEFF_NORMED, mask=mask)`` with a binary mask, about
-    three times faster, and 0 (not NaN) where the image is flatter than ``min_std`` under the mask.
-
-    Args:
-        image: feature channels, each ``H x W`` float32.
-        template: the same channels of the template, each ``h x w`` float32.
-        mask: ``h x w`` float32 of 0/1.
-        min_std: positions whose image standard deviation under the mask is below this score 0.
-
-    Returns:
-        ``(H - h + 1) x (W - w + 1)`` float32 scores in [-1, 1].
-    """
-    basis = _orthonormal([template], mask)[0]
-    score, _ = masked_fit(image, basis[:1], mask, min_std)
-    return score
-
-
-def masked_fit(image: list[np.ndarray], basis: list[list[np.ndarray]], mask: np.ndarray,
-               min_std: float) -> tuple[np.ndarray, list[np.ndarray]]:
-    """How well a linear mix of the ``basis`` templates (plus a constant) explains ``image`` under ``mask``.
-
-    With one regressor this is the signed NCC; with two it is the multiple correlation
-    ``sqrt(R^2)`` of a least-squares fit, which lets a two-tone mark match whatever the local
-    background level is.
-
-    Args:
-        image: feature channels, each ``H x W`` float32.
-        basis: 1 or 2 regressors, each a list of channels (``h x w``), centred under the mask,
-            zero outside it and orthonormal (see :func:`_orthonormal`).
-        mask: ``h x w`` float32 of 0/1.
-        min_std: positions whose image standard deviation under the mask is below this score 0.
-
-    Returns:
-        ``(score, projections)``: the score map, and per regressor the map of the image's
-        projection onto it (the fitted coefficients in the orthonormal basis).
-    """
-    count = float(mask.sum())
-    image_var = 0.0
-    for channel in image:
-        first = cv2.matchTemplate(channel, mask, cv2.TM_CCORR)
-        second = cv2.matchTemplate(channel * channel, mask, cv2.TM_CCORR)
-        image_var = image_var + np.maximum(second - first * first / count, 0.0)
-    projections = [sum(cv2.matchTemplate(channel, templ, cv2.TM_CCORR) for channel, templ in zip(image, regressor))
-                   for regressor in basis]
-    norm = np.sqrt(image_var + 1e-6)
-    if len(projections) == 1:
-        score = projections[0] / norm
-    else:
-        score = np.sqrt(projections[0] ** 2 + projections[1] ** 2) / norm
-    score[image_var < (min_std * min_std) * count * len(image)] = 0.0
-    return score.astype(np.float32), projections
-
-
-def _orthonormal(regressors: list[list[np.ndarray]], mask: np.ndarray,
-                 collinear: float = 0.05) -> tuple[list[list[np.ndarray]], np.ndarray]:
-    """Gram-Schmidt of masked, centred regressors; drops one that the previous ones nearly explain.
-
-    Returns:
-        ``(basis, triangle)`` where ``regressor_i = sum_j triangle[i, j] * basis_j`` (lower-triangular).
-    """
-    count = float(mask.sum())
-    basis: list[list[np.ndarray]] = []
-    triangle = np.zeros((len(regressors), len(regressors)))
-    for index, regressor in enumerate(regressors):
-        vector = [(channel - float((channel * mask).sum()) / count) * mask for channel in regressor]
-        original = math.sqrt(sum(float((v * v).sum()) for v in vector))
-        for j, unit in enumerate(basis):
-            dot = sum(float((v * u).sum()) for v, u in zip(vector, unit))
-            triangle[index, j] = dot
-            vector = [v - dot * u for v, u in zip(vector, unit)]
-        length = math.sqrt(sum(float((v * v).sum()) for v in vector))
-        if length > collinear * original and length > 1e-6:
-            triangle[index, len(basis)] = length
-            basis.append([(v / length).astype(np.float32) for v in vector])
-    return basis, triangle[:, : len(basis)]
 
 
 class Dewatermarker:
@@ -360,7 +161,7 @@ class Dewatermarker:
         threshold = self.threshold if threshold is None else float(threshold)
         width, height = image.size
         gray = np.asarray(image.convert("L"), dtype=np.float32)
-        levels = _Levels(gray, self.coarse_size, self.feature)
+        levels = FeatureLevels(gray, self.coarse_size, self.feature)
         fine_factor = min(1.0, self.fine_size / max(width, height))
 
         candidates = []  # (coarse score, mark, scale, x, y) with x, y in full-resolution pixels
@@ -372,7 +173,7 @@ class Dewatermarker:
 
         refined = []
         per_mark: dict[str, int] = {}
-        for _, mark, scale, x, y in _suppress_candidates(candidates, self.nms_iou):
+        for _, mark, scale, x, y in suppress_candidates(candidates, self.nms_iou):
             # A quota per mark: one mark that resembles busy content must not crowd out the others.
             per_mark[mark.name] = per_mark.get(mark.name, 0) + 1
             if per_mark[mark.name] > self.max_candidates:
@@ -385,7 +186,7 @@ class Dewatermarker:
         for hit in refined:
             # Also drop a hit lying mostly inside a better one (a ring logo matching the "O" of a
             # text mark): that region is painted out with the better hit anyway.
-            if all(box_iou(hit.box, other.box) <= self.nms_iou and _covered(hit.box, other.box) <= 0.5
+            if all(box_iou(hit.box, other.box) <= self.nms_iou and covered(hit.box, other.box) <= 0.5
                    for other in kept):
                 kept.append(hit)
         return kept
@@ -398,8 +199,8 @@ class Dewatermarker:
         fine_factor = min(1.0, self.fine_size / max(width, height))
         for hit in detections:
             x0, y0, x1, y1 = hit.box
-            alpha = _resize(marks[hit.mark].alpha, x1 - x0, y1 - y0)
-            region = (alpha > _ALPHA_REMOVE).astype(np.uint8) * 255
+            alpha = resize(marks[hit.mark].alpha, x1 - x0, y1 - y0)
+            region = (alpha > ALPHA_REMOVE).astype(np.uint8) * 255
             cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
             if cx1 <= cx0 or cy1 <= cy0:
                 continue
@@ -412,13 +213,13 @@ class Dewatermarker:
             mask = cv2.dilate(mask, kernel)
         return mask
 
-    def _coarse(self, levels: "_Levels", mark: Mark, scale: float) -> list[tuple]:
+    def _coarse(self, levels: "FeatureLevels", mark: Mark, scale: float) -> list[tuple]:
         """Up to 3 local maxima of the coarse score map of one mark at one scale."""
         mark_width, mark_height = mark.size
         factor = levels.coarsest_for(min(mark_width, mark_height) * scale)
         # Large marks are searched on a coarser level still (faster), and wide ones with more blur:
         # a scale off by half a grid step then still lines their ends up within the blur.
-        while min(mark_width, mark_height) * scale * factor / 2 >= 1.5 * _MIN_TEMPLATE_SIDE:
+        while min(mark_width, mark_height) * scale * factor / 2 >= 1.5 * MIN_TEMPLATE_SIDE:
             factor /= 2
         template_width = round(mark_width * scale * factor)
         template_height = round(mark_height * scale * factor)
@@ -429,7 +230,7 @@ class Dewatermarker:
         features = levels.at(factor, blur)
         if template_width > features[0].shape[1] or template_height > features[0].shape[0]:
             return []
-        if min(template_width, template_height) < _MIN_TEMPLATE_SIDE // 2:
+        if min(template_width, template_height) < MIN_TEMPLATE_SIDE // 2:
             return []
         score = self._match(features, mark, template_width, template_height, blur)
         if score is None:
@@ -439,7 +240,7 @@ class Dewatermarker:
         best = np.argsort(-score[ys, xs])[:3]
         return [(float(score[ys[i], xs[i]]), mark, scale, xs[i] / factor, ys[i] / factor) for i in best]
 
-    def _refine(self, levels: "_Levels", fine_factor: float, mark: Mark, scale: float,
+    def _refine(self, levels: "FeatureLevels", fine_factor: float, mark: Mark, scale: float,
                 x: float, y: float) -> Detection | None:
         """Best score near a coarse candidate: scale steps of ~2 px on a blurred level, then 1 px sharp."""
         mark_width, mark_height = mark.size
@@ -459,7 +260,7 @@ class Dewatermarker:
             return None
         return Detection(mark=mark.name, box=box, score=score, scale=sub_scale)
 
-    def _score_at(self, levels: "_Levels", mark: Mark, scale: float, factor: float,
+    def _score_at(self, levels: "FeatureLevels", mark: Mark, scale: float, factor: float,
                   centre: tuple[float, float], pad: int, blur: float) -> tuple[float, tuple | None, float]:
         """(best score, full-resolution box, scale) of ``mark`` at ``scale`` within ``pad`` of ``centre``."""
         mark_width, mark_height = mark.size
@@ -510,8 +311,8 @@ class Dewatermarker:
         key = (mark.name, width, height, blur)
         if key in self._templates:
             return self._templates[key]
-        signal = _resize(mark.signal, width, height)
-        alpha = _resize(mark.alpha, width, height)
+        signal = resize(mark.signal, width, height)
+        alpha = resize(mark.alpha, width, height)
         blurred_alpha = alpha
         if blur > 0:
             signal = cv2.GaussianBlur(signal, (0, 0), blur, borderType=cv2.BORDER_CONSTANT)
@@ -521,8 +322,8 @@ class Dewatermarker:
         mask = cv2.dilate(support, np.ones((2 * ring + 1, 2 * ring + 1), np.uint8)).astype(np.float32)
         template = None
         if mask.sum() >= 16:
-            basis, triangle = _orthonormal([_features(signal, self.feature),
-                                            _features(blurred_alpha * 255.0, self.feature)], mask)
+            basis, triangle = orthonormal_basis([feature_channels(signal, self.feature),
+                                                 feature_channels(blurred_alpha * 255.0, self.feature)], mask)
             if basis and triangle[0, 0] > 0:
                 template = (basis, triangle, mask)
         if len(self._templates) >= _TEMPLATE_CACHE:
@@ -534,62 +335,3 @@ class Dewatermarker:
         state = dict(self.__dict__)
         state["_templates"] = {}  # a cache: not worth shipping to worker processes
         return state
-
-
-class _Levels:
-    """The image's feature channels at the coarse level and finer ones, computed on demand."""
-
-    def __init__(self, gray: np.ndarray, coarse_size: int, feature: str):
-        self.gray = gray
-        self.feature = feature
-        self.coarse_factor = min(1.0, coarse_size / max(gray.shape))
-        self._cache: dict[tuple[float, float], list[np.ndarray]] = {}
-
-    def coarsest_for(self, template_side: float) -> float:
-        """The smallest factor >= coarse (doubling up to 1) at which the template is >= 12 px wide."""
-        factor = self.coarse_factor
-        while factor < 1.0 and template_side * factor < _MIN_TEMPLATE_SIDE:
-            factor = min(1.0, factor * 2.0)
-        return factor
-
-    def at(self, factor: float, blur: float = 0.0) -> list[np.ndarray]:
-        """Feature channels of the image resized by ``factor`` and blurred by ``blur`` (Gaussian sigma, px)."""
-        if (factor, blur) not in self._cache:
-            height, width = self.gray.shape
-            size = (max(1, round(width * factor)), max(1, round(height * factor)))
-            level = self.gray if factor >= 1.0 else cv2.resize(self.gray, size, interpolation=cv2.INTER_AREA)
-            if blur > 0:
-                level = cv2.GaussianBlur(level, (0, 0), blur, borderType=cv2.BORDER_REFLECT)
-            self._cache[(factor, blur)] = _features(level, self.feature)
-        return self._cache[(factor, blur)]
-
-
-def _features(gray: np.ndarray, feature: str) -> list[np.ndarray]:
-    if feature == "gray":
-        return [np.ascontiguousarray(gray, dtype=np.float32)]
-    return [cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3, borderType=cv2.BORDER_REPLICATE),
-            cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3, borderType=cv2.BORDER_REPLICATE)]
-
-
-def _resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
-    shrinking = width < array.shape[1] or height < array.shape[0]
-    return cv2.resize(array, (max(1, width), max(1, height)),
-                      interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-
-
-def _suppress_candidates(candidates: list[tuple], iou: float) -> list[tuple]:
-    """Greedy NMS over coarse candidates (sorted best first) of the same mark.
-
-    Marks are not suppressed by other marks here: a poorly matching mark must not hide the right
-    one before refinement decides; the final NMS compares refined scores across marks.
-    """
-    kept: list[tuple] = []
-    boxes: list[tuple[str, tuple[float, float, float, float]]] = []
-    for candidate in candidates:
-        _, mark, scale, x, y = candidate
-        width, height = mark.size
-        box = (x, y, x + width * scale, y + height * scale)
-        if all(name != mark.name or box_iou(box, other) <= iou for name, other in boxes):
-            kept.append(candidate)
-            boxes.append((mark.name, box))
-    return kept

@@ -28,7 +28,9 @@ from typing import Callable, Sequence
 
 import cv2
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageFont
+
+from ecomaug.marks import render_text_mark
 
 DISTURBANCES = ("clean", "perspective", "watermark", "colour", "multi_item")
 
@@ -117,7 +119,7 @@ def watermark(image: Image.Image, rng: random.Random, *,
     if style == "diagonal":
         size = max(8, int(min(width, height) * rng.uniform(0.12, 0.2)))
         font = ImageFont.truetype(font_path, size)
-        mark = _text_tile(text, font, _text_colour(rng, opacity))
+        mark = render_text_mark(text, font=font, fill=_text_colour(rng, opacity))
         mark = mark.rotate(rng.uniform(20, 45) * rng.choice((-1, 1)), expand=True,
                            resample=Image.BICUBIC)
         if mark.width > width:
@@ -127,8 +129,8 @@ def watermark(image: Image.Image, rng: random.Random, *,
         size = max(8, int(min(width, height) * rng.uniform(0.07, 0.11)))
         font = ImageFont.truetype(font_path, size)
         colour = _text_colour(rng, min(1.0, opacity + 0.25), _ANY)
-        mark = _text_tile(text, font, colour, box=(255 - colour[0], 255 - colour[1],
-                                                   255 - colour[2], int(255 * opacity * 0.8)))
+        mark = render_text_mark(text, font=font, fill=colour, box=(255 - colour[0], 255 - colour[1],
+                                                                  255 - colour[2], int(255 * opacity * 0.8)))
         if mark.width > width:
             mark = mark.resize((width, max(1, mark.height * width // mark.width)), Image.BICUBIC)
         margin = int(0.03 * width)
@@ -138,7 +140,7 @@ def watermark(image: Image.Image, rng: random.Random, *,
     else:
         size = max(8, int(min(width, height) * rng.uniform(0.05, 0.08)))
         font = ImageFont.truetype(font_path, size)
-        tile = _text_tile(text, font, _text_colour(rng, opacity * 0.8))
+        tile = render_text_mark(text, font=font, fill=_text_colour(rng, opacity * 0.8))
         pattern = Image.new("RGBA", (2 * width, 2 * height), (0, 0, 0, 0))
         step_x, step_y = tile.width + size, tile.height + 2 * size
         for row, y in enumerate(range(0, 2 * height, step_y)):
@@ -147,15 +149,6 @@ def watermark(image: Image.Image, rng: random.Random, *,
         pattern = pattern.rotate(rng.uniform(15, 40), resample=Image.BICUBIC)
         layer = pattern.crop((width // 2, height // 2, width // 2 + width, height // 2 + height))
     return Image.alpha_composite(base, layer).convert("RGB")
-
-
-def _text_tile(text: str, font: ImageFont.FreeTypeFont, colour: tuple[int, int, int, int],
-               box: tuple[int, int, int, int] | None = None) -> Image.Image:
-    left, top, right, bottom = font.getbbox(text)
-    pad = max(2, (bottom - top) // 4) if box else 1
-    tile = Image.new("RGBA", (right - left + 2 * pad, bottom - top + 2 * pad), box or (0, 0, 0, 0))
-    ImageDraw.Draw(tile).text((pad - left, pad - top), text, font=font, fill=colour)
-    return tile
 
 
 def colour(image: Image.Image, rng: random.Random, *, turn: tuple[float, float] = (0.2, 0.8),

@@ -13,7 +13,7 @@ which :func:`load_embeddings` reads as one set. Readers record what they cannot 
 
 from __future__ import annotations
 
-import errno
+import io
 import json
 import os
 import tarfile
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from loaders.atomic import DiskFullError, write_atomic  # noqa: F401 -- DiskFullError: raised by save
 from loaders.images import list_image_files, read_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -223,32 +224,12 @@ class Embeddings:
         if path.suffix != ".npz":
             raise ValueError(f"embeddings are saved as .npz; got {path.name!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.stem}.tmp.npz")
-        try:
-            np.savez(temporary, vectors=self.vectors.float().cpu().numpy(),
-                     keys=np.array(self.keys, dtype=str),
-                     meta=np.array([json.dumps(row, sort_keys=True) for row in self.meta],
-                                   dtype=str),
-                     info=np.array(json.dumps(self.info, sort_keys=True)))
-            os.replace(temporary, path)
-        except BaseException as error:
-            temporary.unlink(missing_ok=True)
-            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-                raise DiskFullError(path) from error
-            raise
+        buffer = io.BytesIO()  # np.savez wants a seekable file; the atomic writer streams
+        np.savez(buffer, vectors=self.vectors.float().cpu().numpy(), keys=np.array(self.keys, dtype=str),
+                 meta=np.array([json.dumps(row, sort_keys=True) for row in self.meta], dtype=str),
+                 info=np.array(json.dumps(self.info, sort_keys=True)))
+        write_atomic(path, lambda stream: stream.write(buffer.getbuffer()))
         return path
-
-
-class DiskFullError(OSError):
-    """The disk filled up while writing ``filename``; the partial file has been removed."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        super().__init__(errno.ENOSPC, "No space left on device (nothing partial was left; free "
-                         "space or write elsewhere)", str(path))
-
-    def __str__(self) -> str:
-        return f"disk full while writing {self.filename}: no space left on device (the partial " \
-               "file was removed; free some space or write elsewhere, then rerun)"
 
 
 def load_embeddings(path: str | os.PathLike) -> Embeddings:
@@ -696,7 +677,7 @@ def embed_to_parts(model: EmbeddingModel, data: str | os.PathLike, out_dir: str 
 
     from tqdm.auto import tqdm
 
-    from loaders.manifest import write_json_atomic
+    from loaders.atomic import write_json_atomic
     from loaders.sharding import check_rank, rank_range
 
     check_rank(rank, world_size)
