@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from loaders.batch import Batch
 from loaders.options import LoaderOptions
+from loaders.dali_index import parse_line, split_inside, write_index
 from loaders.crops import intra_op_threads, resize_crop
 from loaders.shard_check import check_shard
 from loaders.sharding import check_start_batch, derive_seed, plan_epoch
@@ -169,9 +170,9 @@ class DaliLoader:
                                      disable=self.options.rank != 0, leave=False)}
         paths, index_paths, counts, corrupt = [], [], [], []
         for number, shard in enumerate(shards):
-            kept, bad = checks[number]
-            kept, beyond = _inside_tar(kept, os.path.getsize(shard.url))
-            bad = [*bad, *((key, "beyond the end of the shard (the tar is truncated)") for key in beyond)]
+            kept_lines, bad = checks[number]
+            kept, beyond = split_inside([parse_line(line) for line in kept_lines], os.path.getsize(shard.url))
+            bad = [*bad, *((sample.key, "beyond the end of the shard (the tar is truncated)") for sample in beyond)]
             index_path = shard.index_path
             if bad:
                 if self.options.corrupt == "raise":
@@ -182,7 +183,7 @@ class DaliLoader:
                     logger.warning("skipping corrupt sample %r in shard %s: %s", key, shard.url, reason)
                 corrupt += [(shard.url, key, reason) for key, reason in bad]
                 index_path = os.path.join(self._filtered.name, f"{number:06d}.idx")
-                Path(index_path).write_text("\n".join([f"v1.2 {len(kept)}", *kept]) + "\n", encoding="utf-8")
+                write_index(index_path, [sample.line for sample in kept])
             if not kept:
                 continue  # DALI refuses an empty shard; it contributes no sample anyway
             paths.append(shard.url)
@@ -294,20 +295,6 @@ class DaliLoader:
     def _named_error(self, error: RuntimeError, index: int) -> RuntimeError:
         return RuntimeError(f"DALI failed in epoch {self.options.epoch}, batch {index} on rank "
                             f"{self.options.rank}{_named_source(str(error))}: {_first_line(error)}")
-
-
-def _inside_tar(lines: Sequence[str], tar_size: int) -> tuple[list[str], list[str]]:
-    """Split DALI index lines into those whose members all lie inside a tar of ``tar_size``
-    bytes and the keys of the rest: DALI would read past the end of a truncated shard."""
-    inside, beyond = [], []
-    for line in lines:
-        parts = line.split()  # ext offset size name, per member
-        end = max((int(parts[i + 1]) + int(parts[i + 2]) for i in range(0, len(parts) - 3, 4)), default=0)
-        if end <= tar_size:
-            inside.append(line)
-        else:
-            beyond.append(parts[3].split(".", 1)[0] if len(parts) > 3 else "?")
-    return inside, beyond
 
 
 def resize_crops(images: Sequence[torch.Tensor], windows: Sequence[tuple[np.ndarray, np.ndarray]],

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable, Sequence
 
+from loaders.dali_index import HEAD_BYTES, parse_count
 from loaders.atomic import write_json_atomic  # noqa: F401 -- re-exported: the writer of manifests
 from loaders.remote import (WEBDATASET_SCHEMES, filesystem, open_regular_file, read_text,
                             register_webdataset_handlers, store_error, url_scheme)
@@ -37,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "ecomaug-shards"
 FORMAT_VERSION = 1
-INDEX_HEAD_BYTES = 64  # the first line of a DALI index ("v1.2 <count>") fits in this
 
 
 @dataclass(frozen=True)
@@ -158,20 +158,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- counts
-def _parse_index_head(head: bytes, where: str) -> int:
-    # A DALI index starts with "v1.2 <number of samples>" (or a bare count in old versions).
-    first = head.split(b"\n", 1)[0].decode("ascii", "replace").split()
-    if not first:
-        raise ValueError(f"{where}: empty DALI index file")
-    try:
-        return int(first[-1]) if first[0].startswith("v") else int(first[0])
-    except ValueError:
-        raise ValueError(f"{where}: not a DALI index (its first line is {' '.join(first)[:40]!r})") from None
-
-
 def _count_from_index(index_path: str | os.PathLike) -> int:
     with open_regular_file(index_path) as stream:
-        return _parse_index_head(stream.read(INDEX_HEAD_BYTES), os.fspath(index_path))
+        return parse_count(stream.read(HEAD_BYTES), os.fspath(index_path))
 
 
 def _count_from_tar(path: Path) -> int | None:
@@ -229,14 +218,14 @@ def _remote_entry_shards(manifest: dict[str, Any], base_url: str, where: str) ->
         fs, _ = filesystem(base_url)
         paths = [filesystem(f"{base}/{entries[n]['index']}")[1] for n in indexed]
         try:
-            heads = fs.cat_ranges(paths, [0] * len(paths), [INDEX_HEAD_BYTES] * len(paths), on_error="return")
+            heads = fs.cat_ranges(paths, [0] * len(paths), [HEAD_BYTES] * len(paths), on_error="return")
         except Exception as error:  # noqa: BLE001 -- any store error: fall back to the manifest's counts
             logger.warning("%s: could not read the shards' indexes (%s); trusting the manifest's counts",
                            where, error)
             heads = [None] * len(paths)
         for number, head in zip(indexed, heads):
             if isinstance(head, (bytes, bytearray)):
-                found[number] = _parse_index_head(bytes(head), f"{base}/{entries[number]['index']}")
+                found[number] = parse_count(bytes(head), f"{base}/{entries[number]['index']}")
     return [ShardInfo(url=f"{base}/{entry['tar']}", index_path=None,
                       count=_agreed_count(entry["count"], found[number], tar=entry["tar"],
                                           source=f"its index {entry['index']}", where=where),

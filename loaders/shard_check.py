@@ -26,8 +26,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from loaders.atomic import write_json_atomic
+from loaders.dali_index import IndexSample, read_samples
 from loaders.jpeg_structure import jpeg_problem
-from loaders.manifest import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -48,34 +49,18 @@ def cache_dir() -> Path:
     return root / "shard-checks"
 
 
-def _index_samples(index: str) -> list[tuple[str, str, tuple[int, int] | None]]:
-    """``(line, key, (offset, size) of the JPEG or None)`` for every sample line of a DALI index."""
-    samples = []
-    for line in Path(index).read_text(encoding="utf-8").splitlines()[1:]:
-        fields = line.split()
-        if not fields:
-            continue
-        # a sample line is a run of "<ext> <offset> <size> <name>" components
-        components = {fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
-                      for i in range(0, len(fields) - 3, 4)}
-        image = next((components[ext] for ext in ("jpg", "jpeg") if ext in components), None)
-        key = (image or next(iter(components.values())))[2].split(".", 1)[0]
-        samples.append((line, key, None if image is None else (image[0], image[1])))
-    return samples
-
-
-def _find_corrupt(tar: str, samples: list[tuple[str, str, tuple[int, int] | None]]
-                  ) -> list[tuple[str, str]]:
+def _find_corrupt(tar: str, samples: list[IndexSample]) -> list[tuple[str, str]]:
     corrupt = []
     with open(tar, "rb") as stream:
-        for _, key, image in samples:
+        for sample in samples:
+            image = sample.member("jpg", "jpeg")
             if image is None:
-                corrupt.append((key, "no .jpg member"))
+                corrupt.append((sample.key, "no .jpg member"))
                 continue
-            stream.seek(image[0])
-            problem = jpeg_problem(stream.read(image[1]))
+            stream.seek(image.offset)
+            problem = jpeg_problem(stream.read(image.size))
             if problem is not None:
-                corrupt.append((key, problem))
+                corrupt.append((sample.key, problem))
     return corrupt
 
 
@@ -107,7 +92,7 @@ def _warn_unwritable(directory: str, error: str) -> None:
 def _check_shard_cached(tar: str, index: str, size: int, mtime_ns: int
                         ) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     # size and mtime_ns key both caches: a rewritten shard is checked again
-    samples = _index_samples(index)
+    samples = read_samples(index)
     cache_file = _cache_file(tar, index, size, mtime_ns)
     corrupt = _read_cache(cache_file, tar)
     if corrupt is None:
@@ -120,7 +105,7 @@ def _check_shard_cached(tar: str, index: str, size: int, mtime_ns: int
         except OSError as error:
             _warn_unwritable(str(cache_file.parent), f"{type(error).__name__}: {error}")
     bad = {key for key, _ in corrupt}
-    kept = tuple(line for line, key, _ in samples if key not in bad)
+    kept = tuple(sample.line for sample in samples if sample.key not in bad)
     return kept, tuple(corrupt)
 
 
