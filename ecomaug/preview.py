@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ecomaug.recipes import AugmentationRecipe, build_recipe
+from ecomaug.recipe_config import RecipeSpec, resolve_recipe
+from ecomaug.recipes import AugmentationRecipe, build_recipe_from_spec
 
 _LABEL_HEIGHT = 46
 
@@ -23,13 +24,14 @@ def images_from_folder(folder: str | Path, count: int, *, size: int = 224, seed:
     """``count`` images picked with ``seed`` from ``folder`` (searched recursively), centre-cropped to ``size``.
 
     Files are chosen by content and read as the shard conversion reads them
-    (:func:`loaders.images.read_image`: EXIF orientation, alpha on white, CMYK to RGB), so a
+    (:func:`loaders.convert.hygiene.read_image`: EXIF orientation, alpha on white, CMYK to RGB), so a
     folder previews as its shards would.
 
     Shape:
         - returns :math:`(N, 3, S, S)` uint8, ``N = min(count, readable images found)``.
     """
-    from loaders.images import list_image_files, read_image
+    from loaders.convert.hygiene import read_image
+    from loaders.convert.inputs import list_image_files
 
     paths = list_image_files(folder)
     if not paths:
@@ -112,10 +114,12 @@ def _wrap(text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
 
 def make_preview(out: str | Path, *, recipe: str = "ecom", shards: str | Path | None = None,
                  images: str | Path | None = None, count: int = 8, size: int = 224, seed: int = 0,
-                 device: str = "cpu", overrides: dict | None = None) -> Path:
+                 device: str = "cpu", overrides: dict | None = None, spec: RecipeSpec | None = None) -> Path:
     """Write a preview grid of ``count`` images and two views each to ``out`` (PNG).
 
-    Exactly one of ``shards`` and ``images`` must be given.
+    Exactly one of ``shards`` and ``images`` must be given. The views are drawn by ``spec`` (see
+    :func:`ecomaug.recipe_config.resolve_recipe`, what ``train.py`` builds from the same flags) or,
+    without one, by ``recipe`` with ``overrides``; the seed is the one rank 0 of a training run uses.
 
     Raises:
         ValueError: both or neither input given, a bad count/size, or a bad recipe option.
@@ -126,7 +130,8 @@ def make_preview(out: str | Path, *, recipe: str = "ecom", shards: str | Path | 
         raise ValueError(f"need -n >= 1 and --size >= 16, got {count} and {size}")
     batch = (images_from_shards(shards, count, size=size, seed=seed) if shards is not None
              else images_from_folder(images, count, size=size, seed=seed))
-    augment = build_recipe(recipe, seed=seed, **(overrides or {}))
+    spec = spec if spec is not None else resolve_recipe(recipe, settings=overrides or {})
+    augment = build_recipe_from_spec(spec, seed=seed)
     grid = draw_preview(batch.to(device), augment)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

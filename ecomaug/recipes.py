@@ -2,25 +2,27 @@
 
 ``build_recipe(name, **overrides)`` returns one ``nn.Module`` that turns a batch of crops into a
 view; call it once per view and each call draws fresh parameters. Every probability and range is a
-named override, so a config file can change any of them.
+named override; a recipe file can also reorder or drop stages and add ``module:Class`` ones
+(:mod:`ecomaug.recipe_config` resolves it, :func:`build_recipe_from_spec` builds it).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ecomaug.augmentation.sampling import check_probability
 from ecomaug.augmentation import (ColourShift, MultiItemMosaic, PerspectiveShift, RandomSource, SeededColorJitter,
                                   SeededGaussianBlur, SeededGrayscale, SeededHorizontalFlip, WatermarkOverlay)
+from ecomaug.augmentation.custom import build_custom_stage
+from ecomaug.recipe_config import RecipeSpec, resolve_recipe
 
 # blur_sigma is in pixels of a blur_reference_size crop and scales with the crop (None: absolute pixels).
 _MOCO_TAIL: dict[str, Any] = {"grayscale_p": 0.2, "blur_p": 0.5, "blur_sigma": (0.1, 2.0), "blur_reference_size": 224,
                               "flip_p": 0.5}
 
-# Every option of every recipe, with its default. Stages run in the order they appear.
+# Every option of every recipe, with its default.
 RECIPES: dict[str, dict[str, Any]] = {
     "mocov2": {"jitter_p": 0.8, "jitter_brightness": 0.4, "jitter_contrast": 0.4, "jitter_saturation": 0.4,
                "jitter_hue": 0.1, **_MOCO_TAIL},
@@ -38,6 +40,12 @@ RECIPES: dict[str, dict[str, Any]] = {
         **_MOCO_TAIL},
 }
 _COMMON = {"seed": None, "generator": None}
+# The stages of each recipe, in the order they run. In ecom, flip comes before the marks and the
+# mosaic, so that watermark text never reads mirrored.
+DEFAULT_ORDER: dict[str, tuple[str, ...]] = {
+    "mocov2": ("colour_jitter", "grayscale", "blur", "flip"),
+    "ecom": ("perspective", "flip", "colour", "mosaic", "watermark", "grayscale", "blur"),
+}
 
 
 class AugmentationRecipe(nn.Module):
@@ -49,6 +57,7 @@ class AugmentationRecipe(nn.Module):
         stages: the augmentations, in order, by name.
         last_fired: after a call, ``{augmentation: BoolTensor(N)}``: which samples each one changed.
         last_params: after a call, each stage's parameters; pass them as ``params=`` to replay the view.
+        spec: the resolved :class:`~ecomaug.recipe_config.RecipeSpec` it was built from.
 
     Shape:
         - Input: :math:`(N, 3, H, W)` uint8, or float in [0, 1] (any memory format, any device).
@@ -56,12 +65,15 @@ class AugmentationRecipe(nn.Module):
     """
 
     def __init__(self, name: str, stages: dict[str, nn.Module], source: RandomSource,
-                 options: dict[str, Any]) -> None:
+                 options: dict[str, Any], spec: RecipeSpec | None = None) -> None:
         super().__init__()
-        self.name, self.source, self.options = name, source, options
+        self.name, self.source, self.options, self.spec = name, source, options, spec
         self.stages = nn.ModuleDict(stages)
         self.last_fired: dict[str, torch.Tensor] = {}
         self.last_params: dict[str, dict[str, torch.Tensor]] = {}
+        # Running counts of fired samples per stage, kept on the device (read with fired_rates()).
+        self._fired_counts: dict[str, torch.Tensor] = {}
+        self._samples = 0
 
     def forward(self, images: torch.Tensor, params: dict[str, dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
@@ -76,14 +88,38 @@ class AugmentationRecipe(nn.Module):
         fired: dict[str, torch.Tensor] = {}
         used: dict[str, dict[str, torch.Tensor]] = {}
         for name, stage in self.stages.items():
-            view = stage(view, params=None if params is None else params[name])
+            out = stage(view, params=None if params is None else params[name])
+            if not isinstance(out, torch.Tensor) or out.shape != view.shape:
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"stage {name!r} returned {got}, expected a tensor of shape {tuple(view.shape)}")
+            view = out
             used[name] = stage._params
-            fired[name] = torch.as_tensor(used[name]["batch_prob"], device=view.device).reshape(-1) > 0.5
+            gate = used[name].get("batch_prob", torch.ones(()))  # no gate: a stage that always applies
+            fired[name] = torch.as_tensor(gate, device=view.device).reshape(-1) > 0.5
             fired[name] = fired[name].expand(len(view)).clone()
             if "recolour" in used[name]:
                 fired["recolour"] = fired[name] & used[name]["recolour"].to(view.device)
         self.last_fired, self.last_params = fired, used
+        if params is None:
+            for name, mask in fired.items():
+                self._fired_counts[name] = self._fired_counts.get(name, 0) + mask.sum()
+            self._samples += len(view)
         return view.clamp_(0.0, 1.0)  # blur's float rounding can overshoot 1 by an ulp
+
+    def fired_rates(self, *, reset: bool = True) -> dict[str, float]:
+        """The share of samples each stage changed since the last reset (one host sync).
+
+        Args:
+            reset: start counting afresh afterwards.
+
+        Returns:
+            ``{stage: rate}`` with rates in [0, 1]; ``{}`` when nothing was augmented yet.
+        """
+        rates = {name: float(count) / self._samples for name, count in self._fired_counts.items()} \
+            if self._samples else {}
+        if reset:
+            self._fired_counts, self._samples = {}, 0
+        return rates
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, seed={self.source.seed}"
@@ -108,48 +144,69 @@ def build_recipe(name: str, **overrides: Any) -> AugmentationRecipe:
         >>> augment = build_recipe("ecom", seed=0, watermark_p=0.5)
         >>> views = [augment(batch) for batch in (torch.zeros(4, 3, 64, 64, dtype=torch.uint8),) * 2]
     """
+    seeding = {key: overrides.pop(key) for key in _COMMON if key in overrides}
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; allowed: {', '.join(RECIPES)}")
-    allowed = {**RECIPES[name], **_COMMON}
-    unknown = sorted(set(overrides) - set(allowed))
+    unknown = sorted(set(overrides) - set(RECIPES[name]))
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for recipe {name!r}; "
-                         f"allowed: {', '.join(sorted(allowed))}")
-    options = {**allowed, **overrides}
-    for key, value in options.items():
-        if key.endswith("_p"):
-            check_probability(key, value)
-    source = RandomSource(seed=options["seed"], generator=options["generator"])
-    o = options
-    stages: dict[str, nn.Module] = {}
-    if name == "mocov2":
-        stages["colour_jitter"] = SeededColorJitter(o["jitter_brightness"], o["jitter_contrast"],
-                                                    o["jitter_saturation"], o["jitter_hue"], p=o["jitter_p"],
-                                                    source=source)
-    else:
-        stages["perspective"] = PerspectiveShift(o["perspective_distortion"], o["perspective_degrees"],
-                                                 o["perspective_turn_p"], o["perspective_white_p"],
-                                                 p=o["perspective_p"], source=source)
-        # Flip before the marks and the mosaic, so that watermark text never reads mirrored.
-        stages["flip"] = SeededHorizontalFlip(p=o["flip_p"], source=source)
-        stages["colour"] = ColourShift(o["colour_brightness"], o["colour_contrast"], o["colour_saturation"],
-                                       o["colour_hue"], o["colour_recolour_p"], o["colour_recolour_turn"],
-                                       p=o["colour_p"], source=source)
-        stages["mosaic"] = MultiItemMosaic(o["mosaic_min_items"], o["mosaic_max_items"], p=o["mosaic_p"],
-                                           source=source)
-        pool = None
-        if o["watermark_dir"] is not None or o["watermark_texts"]:
-            from ecomaug.watermark_pool import load_watermark_pool
+                         f"allowed: {', '.join(sorted({**RECIPES[name], **_COMMON}))}")
+    return build_recipe_from_spec(resolve_recipe(name, settings=overrides), **seeding)
 
-            pool = load_watermark_pool(o["watermark_dir"], texts=list(o["watermark_texts"]),
-                                       include_default=o["watermark_dir"] is None)
-        stages["watermark"] = WatermarkOverlay(
-            pool, placements=o["watermark_placements"], scale=o["watermark_scale"],
-            tiled_scale=o["watermark_tiled_scale"], opacity=o["watermark_opacity"],
-            tiled_opacity=o["watermark_tiled_opacity"], p=o["watermark_p"], source=source)
-    stages["grayscale"] = SeededGrayscale(p=o["grayscale_p"], source=source)
-    stages["blur"] = SeededGaussianBlur(o["blur_sigma"], p=o["blur_p"], source=source,
-                                        reference_size=o["blur_reference_size"])
-    if "flip" not in stages:
-        stages["flip"] = SeededHorizontalFlip(p=o["flip_p"], source=source)
-    return AugmentationRecipe(name, stages, source, options)
+
+def build_recipe_from_spec(spec: RecipeSpec, *, seed: int | None = None,
+                           generator: torch.Generator | None = None) -> AugmentationRecipe:
+    """Build the recipe a :class:`~ecomaug.recipe_config.RecipeSpec` describes (built-in and custom stages).
+
+    Args:
+        spec: from :func:`ecomaug.recipe_config.resolve_recipe`.
+        seed: seed of the recipe's random source.
+        generator: or one ``torch.Generator`` every stage draws from (training passes one, seeded ``seed + rank``).
+
+    Raises:
+        ValueError: a bad option value, or a custom stage that cannot be built.
+    """
+    source = RandomSource(seed=seed, generator=generator)
+    builders = _STAGE_BUILDERS
+    custom = {stage.name: stage for stage in spec.custom}
+    stages: dict[str, nn.Module] = {}
+    for name in spec.order:
+        if name in custom:
+            stages[name] = build_custom_stage(custom[name].target, custom[name].args, source)
+        else:
+            stages[name] = builders[name](spec.options, source)
+    return AugmentationRecipe(spec.name, stages, source, dict(spec.options), spec=spec)
+
+
+def _watermark(o: dict[str, Any], source: RandomSource) -> nn.Module:
+    pool = None
+    if o["watermark_dir"] is not None or o["watermark_texts"]:
+        from ecomaug.watermark_pool import load_watermark_pool
+
+        # A folder of your own is the whole pool: the bundled marks are not mixed in.
+        pool = load_watermark_pool(o["watermark_dir"], texts=list(o["watermark_texts"]),
+                                   include_default=o["watermark_dir"] is None)
+    return WatermarkOverlay(pool, placements=o["watermark_placements"], scale=o["watermark_scale"],
+                            tiled_scale=o["watermark_tiled_scale"], opacity=o["watermark_opacity"],
+                            tiled_opacity=o["watermark_tiled_opacity"], p=o["watermark_p"], source=source)
+
+
+# Each built-in stage from the resolved options and the recipe's source.
+_STAGE_BUILDERS: dict[str, Callable[[dict[str, Any], RandomSource], nn.Module]] = {
+    "colour_jitter": lambda o, source: SeededColorJitter(o["jitter_brightness"], o["jitter_contrast"],
+                                                         o["jitter_saturation"], o["jitter_hue"], p=o["jitter_p"],
+                                                         source=source),
+    "perspective": lambda o, source: PerspectiveShift(o["perspective_distortion"], o["perspective_degrees"],
+                                                      o["perspective_turn_p"], o["perspective_white_p"],
+                                                      p=o["perspective_p"], source=source),
+    "colour": lambda o, source: ColourShift(o["colour_brightness"], o["colour_contrast"], o["colour_saturation"],
+                                            o["colour_hue"], o["colour_recolour_p"], o["colour_recolour_turn"],
+                                            p=o["colour_p"], source=source),
+    "mosaic": lambda o, source: MultiItemMosaic(o["mosaic_min_items"], o["mosaic_max_items"], p=o["mosaic_p"],
+                                                source=source),
+    "watermark": _watermark,
+    "grayscale": lambda o, source: SeededGrayscale(p=o["grayscale_p"], source=source),
+    "blur": lambda o, source: SeededGaussianBlur(o["blur_sigma"], p=o["blur_p"], source=source,
+                                                 reference_size=o["blur_reference_size"]),
+    "flip": lambda o, source: SeededHorizontalFlip(p=o["flip_p"], source=source),
+}

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import ast
-
 import click
 
 
-def parse_overrides(pairs: tuple[str, ...]) -> dict:
-    """``("watermark_p=1.0", "perspective_degrees=(-5, 5)")`` -> ``{"watermark_p": 1.0, ...}``."""
-    overrides = {}
-    for pair in pairs:
-        name, sep, text = pair.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"--set expects NAME=VALUE, got {pair!r}")
-        try:
-            overrides[name.strip()] = ast.literal_eval(text.strip())
-        except (ValueError, SyntaxError):
-            overrides[name.strip()] = text.strip()  # a bare word, e.g. a folder path
-    return overrides
-
-
 @click.command("preview")
-@click.option("--recipe", type=click.Choice(["ecom", "mocov2"]), default="ecom", show_default=True,
-              help="Augmentation recipe to preview.")
+@click.option("--recipe", type=click.Choice(["ecom", "mocov2"]), default=None,
+              help="Augmentation recipe to preview. Default: the --recipe-config file's, else ecom.")
+@click.option("--recipe-config", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
+              help="Recipe file (YAML or JSON: recipe, set, order, stages), as train.py --recipe-config.")
 @click.option("--shards", type=click.Path(path_type=str), default=None,
               help="Shard directory, manifest.json, .tar or brace pattern to read images from.")
 @click.option("--images", type=click.Path(path_type=str), default=None,
@@ -33,24 +19,33 @@ def parse_overrides(pairs: tuple[str, ...]) -> dict:
 @click.option("--size", type=int, default=224, show_default=True, help="Crop side in pixels.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the image choice and the views.")
 @click.option("--device", type=str, default="cpu", show_default=True, help="Where to augment (cpu, cuda, cuda:1).")
-@click.option("--set", "settings", multiple=True, metavar="NAME=VALUE",
-              help="Override a recipe option, e.g. --set watermark_p=1.0 (repeatable).")
-def preview(recipe: str, shards: str | None, images: str | None, out: str, count: int, size: int, seed: int,
-            device: str, settings: tuple[str, ...]) -> None:
+@click.option("--recipe-set", "--set", "settings", multiple=True, metavar="NAME=VALUE",
+              help="Override a recipe option, e.g. --recipe-set watermark_p=1.0 (repeatable; wins over the file).")
+@click.option("--watermark-dir", type=click.Path(path_type=str), default=None,
+              help="Your mark pool (a folder of PNG/JPEG marks), the only pool the overlay draws from.")
+def preview(recipe: str | None, recipe_config: str | None, shards: str | None, images: str | None, out: str,
+            count: int, size: int, seed: int, device: str, settings: tuple[str, ...],
+            watermark_dir: str | None) -> None:
     """Draw N images with two augmented views each into a PNG grid.
 
     \b
     Examples:
       ecomaug preview --recipe ecom --shards ./shards --out grid.png -n 8 --seed 0
       ecomaug preview --recipe ecom --images ecomaug/assets/sample/images --out grid.png \\
-          --set watermark_p=1.0 --set watermark_dir=./my_logos
+          --recipe-set watermark_p=1.0 --watermark-dir ./my_logos
+      ecomaug preview --recipe-config my_recipe.yaml --watermark-dir ./my_logos --shards ./shards --out grid.png
+
+    The same --recipe, --recipe-config, --recipe-set and --watermark-dir as train.py: the grid
+    shows what training draws (views of rank 0 with the same --seed).
     """
     from ecomaug.evaluation.embed import resolve_device
     from ecomaug.preview import make_preview
+    from ecomaug.recipe_config import resolve_recipe
 
     target = resolve_device(device)  # a bad name or CUDA without CUDA: one line, before any work
     if target.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {device!r}: the preview runs on cpu, cuda or cuda:N")
-    path = make_preview(out, recipe=recipe, shards=shards, images=images, count=count, size=size, seed=seed,
-                        device=str(target), overrides=parse_overrides(settings))
+    spec = resolve_recipe(recipe, config_file=recipe_config, settings=settings, watermark_dir=watermark_dir)
+    path = make_preview(out, shards=shards, images=images, count=count, size=size, seed=seed,
+                        device=str(target), spec=spec)
     click.echo(f"wrote {path}")
