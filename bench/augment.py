@@ -1,7 +1,7 @@
 """What the augmentations cost: the ``ecom`` recipe's images/s, and its share of a MoCo training step.
 
-    python -m bench.augment --device cpu --batch-size 256 --size 224
-    python -m bench.augment --device cuda --batch-size 256 --size 224 --out bench-augment.json
+    python -m bench augment --device cpu --batch-size 256 --size 224
+    python -m bench augment --device cuda --batch-size 256 --size 224 --out bench-augment.json
 
 Both views of a batch go through the recipe (two calls, fresh parameters each), and in the same run
 a ResNet-50 (timm, ``pretrained=False``) takes a MoCo-style step on two views of the same size:
@@ -11,14 +11,15 @@ autocast on CUDA). The issue's goal on GPU: the recipe costs at most 15 % of tha
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
+import click
 import torch
 import torch.nn.functional as F
 
+from bench.harness import BenchCommand, parse_device
 from bench.timing import conditions, measure
 
 
@@ -109,33 +110,34 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="example: python -m bench.augment --device cpu --batch-size 32 --size 224")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--recipe", default="ecom", choices=["ecom", "mocov2"])
-    parser.add_argument("--model", default="resnet50", help="timm model of the training step")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-step", action="store_true", help="measure the recipe only")
-    parser.add_argument("--step-batch-size", type=int, default=None,
-                        help="batch of the model step (default: --batch-size on CUDA, at most 32 on CPU)")
-    parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file")
-    args = parser.parse_args(argv)
-    try:
-        result = run(torch.device(args.device), args.batch_size, args.size, recipe=args.recipe,
-                     model_name=args.model, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
-                     skip_step=args.skip_step, step_batch_size=args.step_batch_size)
-    except ValueError as error:
-        parser.error(str(error))
-    print(table(result))
-    if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=2, default=str))
-        print(f"wrote {args.out}")
+@click.command("augment", cls=BenchCommand)
+@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda when present.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--size", type=int, default=224, show_default=True, help="Side of each view in pixels.")
+@click.option("--recipe", type=click.Choice(["ecom", "mocov2"]), default="ecom", show_default=True)
+@click.option("--model", default="resnet50", show_default=True, help="timm model of the training step.")
+@click.option("--warmup", type=int, default=2, show_default=True)
+@click.option("--repeats", type=int, default=5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--skip-step", is_flag=True, help="Measure the recipe only.")
+@click.option("--step-batch-size", type=int, default=None,
+              help="Batch of the model step (default: --batch-size on CUDA, at most 32 on CPU).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the figures to this JSON file.")
+def main(device: str | None, batch_size: int, size: int, recipe: str, model: str, warmup: int, repeats: int,
+         seed: int, skip_step: bool, step_batch_size: int | None, out: Path | None) -> None:
+    """The ecom recipe's images/s on two views, and its cost against a MoCo-style step.
+
+    \b
+    Example:
+      python -m bench augment --device cpu --batch-size 32 --size 224
+    """
+    result = run(parse_device(device), batch_size, size, recipe=recipe, model_name=model, warmup=warmup,
+                 repeats=repeats, seed=seed, skip_step=skip_step, step_batch_size=step_batch_size)
+    click.echo(table(result))
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2, default=str))
+        click.echo(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ processes gets a larger share of the cores than a loop with two. So the CPU time
 process involved (``getrusage``; the command's and the conversion's workers are reaped
 children) is reported too, as CPU ms per image: the cost, whatever the load.
 
-    python -m bench.convert --workers 2                      # synthetic 1024x768 photos
-    python -m bench.convert --input ./images --workers 2 --max-size 512 --json bench-convert.json
+    python -m bench convert --workers 2                      # synthetic 1024x768 photos
+    python -m bench convert --input ./images --workers 2 --max-size 512 --json bench-convert.json
 """
 
 from __future__ import annotations
 
-import argparse
+import errno
 import io
 import json
 import multiprocessing
@@ -38,11 +38,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 from PIL import Image
 
+from bench.harness import BenchCommand
 from bench.timing import Measurement, conditions
-from loaders.images import output_size
+from loaders.convert.hygiene import output_size
 
 _BYTES: list[bytes] = []
 _SETTINGS: dict[str, int | str] = {}
@@ -177,36 +179,49 @@ def run_benchmark(folder: Path, paths: list[str], *, workers: int, max_size: int
             {names[key]: cpu[key] for key in names}, runs[-1])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.convert", description=__doc__.splitlines()[0])
-    parser.add_argument("--input", type=Path, default=None,
-                        help="folder of images (default: synthetic 1024x768 photos)")
-    parser.add_argument("--count", type=int, default=240, help="synthetic photos when --input is not given")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--max-size", type=int, default=384)
-    parser.add_argument("--quality", type=int, default=90)
-    parser.add_argument("--resize-side", choices=("longer", "shorter"), default="longer")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error(f"--workers must be >= 1 (got {args.workers})")
+@click.command("convert", cls=BenchCommand)
+@click.option("--input", "input_dir", type=click.Path(path_type=Path), default=None,
+              help="Folder of images (default: synthetic 1024x768 photos).")
+@click.option("--count", type=click.IntRange(min=1), default=240, show_default=True,
+              help="Synthetic photos when --input is not given.")
+@click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1,
+              help="Processes, the conversion's and the limit's. Default: one per core.")
+@click.option("--max-size", type=click.IntRange(min=1), default=384, show_default=True)
+@click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True)
+@click.option("--resize-side", type=click.Choice(["longer", "shorter"]), default="longer", show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the results here.")
+def main(input_dir: Path | None, count: int, workers: int, max_size: int, quality: int, resize_side: str,
+         repeats: int, json_path: Path | None) -> None:
+    """Shard conversion images/s against this machine's own decode -> resize -> encode limit.
 
+    \b
+    Example:
+      python -m bench convert --workers 2
+      python -m bench convert --input ./images --workers 2 --max-size 512 --json bench-convert.json
+    """
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as scratch_name:
         scratch = Path(scratch_name)
-        if args.input is None:
-            folder = synthetic_photos(scratch / "photos", args.count)
-        elif not args.input.is_dir():
-            parser.error(f"--input {args.input} is not a folder")
+        if input_dir is None:
+            folder = synthetic_photos(scratch / "photos", count)
+        elif not input_dir.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "--input is not a folder", str(input_dir))
         else:
-            folder = args.input
+            folder = input_dir
         paths = _image_files(folder)
         if not paths:
-            parser.error(f"{folder}: no images")
-        settings = dict(workers=args.workers, max_size=args.max_size, quality=args.quality,
-                        resize_side=args.resize_side, repeats=args.repeats)
+            raise ValueError(f"{folder}: no images")
+        settings = dict(workers=workers, max_size=max_size, quality=quality, resize_side=resize_side,
+                        repeats=repeats)
         rows, cpu, last_run = run_benchmark(folder, paths, scratch=scratch, **settings)
+    _report(rows, cpu, last_run, paths, settings, json_path,
+            source=str(input_dir) if input_dir else f"synthetic {count} x 1024x768")
 
+
+def _report(rows: list[Measurement], cpu: dict[str, list[float]], last_run: dict, paths: list[Path],
+            settings: dict, json_path: Path | None, *, source: str) -> None:
+    """Print the table, the ratios to the limit and the conditions; write the JSON when asked."""
     limit, _, conversion, command = rows
     ratios = {"conversion": conversion.median_rate / limit.median_rate,
               "command": command.median_rate / limit.median_rate}
@@ -216,24 +231,23 @@ def main(argv: list[str] | None = None) -> int:
         low, high = row.spread
         print(f"{row.name:34s} {row.median_rate:12.1f} {low:8.1f} {high:8.1f} {cpu_ms[row.name]:11.2f}")
     print(f"command / limit = {ratios['command']:.3f} (goal >= 0.85), conversion / limit = "
-          f"{ratios['conversion']:.3f}; images {len(paths)}, workers {args.workers}, max size {args.max_size}, "
-          f"quality {args.quality}, repeats {args.repeats}; passed through untouched "
+          f"{ratios['conversion']:.3f}; images {len(paths)}, workers {settings['workers']}, max size {settings['max_size']}, "
+          f"quality {settings['quality']}, repeats {settings['repeats']}; passed through untouched "
           f"{last_run['passed_through']} of {last_run['written']} written")
     print(f"CPU per image: command / limit = {cpu_ms[command.name] / cpu_ms[limit.name]:.3f}, conversion / "
           f"limit = {cpu_ms[conversion.name] / cpu_ms[limit.name]:.3f} (below 1: cheaper than the limit); "
           f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     facts = conditions()
     print("conditions: " + ", ".join(f"{k}={facts[k]}" for k in ("python", "cpu_count", "PIL", "webdataset")))
-    if args.json is not None:
+    if json_path is not None:
         payload = {"ratio": ratios["command"], "ratios": ratios, "goal": 0.85,
                    "settings": {**settings, "images": len(paths),
-                                "input": str(args.input) if args.input else f"synthetic {args.count} x 1024x768"},
+                                "input": source},
                    "limit": limit.as_dict(), "rows": [row.as_dict() for row in rows], "cpu_seconds": cpu,
                    "cpu_ms_per_image": cpu_ms, "load_average": os.getloadavg(), "last_run": last_run,
                    "conditions": facts}
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-    return 0
+        json_path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -6,8 +6,8 @@ once, then precision, recall and the share of clean images that would be changed
 for each threshold. The recommended threshold is the lowest one whose precision is >= 0.99 and
 that changes no clean image.
 
-    python -m bench.dewatermark_pr                       # synthetic marks, bundled sample
-    python -m bench.dewatermark_pr --marks ecomaug/assets/watermarks --feature gradient
+    python -m bench dewatermark-pr                       # synthetic marks, bundled sample
+    python -m bench dewatermark-pr --marks ecomaug/assets/watermarks --feature gradient
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import click
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from bench.harness import BenchCommand
 from bench.timing import conditions, measure
 from ecomaug.paths import SAMPLE_DIR
 from ecomaug.dewatermark import Dewatermarker, MarkPool, box_iou, scale_grid
@@ -237,7 +238,7 @@ def _jpeg(image: Image.Image, quality: int) -> Image.Image:
     return Image.open(buffer).convert("RGB")
 
 
-@click.command()
+@click.command("dewatermark-pr", cls=BenchCommand)
 @click.option("--marks", "marks_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None, help="Folder of mark images (default: four synthetic marks made in code).")
 @click.option("--positives", default=240, show_default=True, help="Marked images.")

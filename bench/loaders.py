@@ -12,47 +12,46 @@ Measures images/s (each image = two ``crop_size`` uint8 views) on the same shard
 * ``decode-limit``: Pillow full decode of the same JPEGs in a tight loop, one process per core.
 
 Example:
-    python -m bench.loaders --shards /tmp/ecom-perf/shards --batch-size 64
+    python -m bench loaders --shards /tmp/ecom-perf/shards --batch-size 64
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import itertools
 import json
 import multiprocessing
 import os
 import sys
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
 
+import click
 import torch
 
+from bench.harness import BenchCommand, parse_device
+from bench.pieces import loader_stream
+from bench.streams import time_stream
 from bench.timing import Measurement, conditions, measure
-from loaders.build import dali_available, make_options
-from loaders.manifest import load_shard_set
+from loaders.build import dali_available, endless_batches
+from loaders.manifest import ShardSet, load_shard_set
 
 
-def _endless(make_epoch: Callable[[int], Any]) -> Iterator[Any]:
-    """Batches across epoch boundaries, so a timed step never ends at an epoch's end."""
-    for epoch in itertools.count():
-        yield from make_epoch(epoch)
+@dataclass(frozen=True)
+class Settings:
+    """What the loader comparison reads and how long; every field is a command option."""
 
-
-def _loader_stream(shards: str, backend: str, args: argparse.Namespace, variant: str | None = None) -> Iterator[Any]:
-    def make_epoch(epoch: int):
-        options = make_options(shards, device=args.device, batch_size=args.batch_size,
-                               crop_size=args.crop_size, seed=0, epoch=epoch,
-                               num_workers=args.workers, shuffle_buffer=args.shuffle_buffer)
-        if backend == "torch":
-            from loaders.torch_backend import TorchLoader
-
-            return TorchLoader(options)
-        from loaders.dali_backend import DaliLoader
-
-        return DaliLoader(options, variant=variant)
-
-    return _endless(make_epoch)
+    shards: str | ShardSet
+    device: torch.device
+    batch_size: int = 64
+    crop_size: int = 224
+    workers: int = 1
+    batches: int = 20
+    repeats: int = 5
+    warmup: int = 2
+    shuffle_buffer: int = 1000
+    decode_images: int = 2000
+    only: str = ""
 
 
 def _two_crops_pil(crop_size: int):
@@ -84,19 +83,20 @@ def _collate(samples):
     return [torch.stack([views[i] for views in samples]) for i in range(2)]
 
 
-def _baseline_stream(urls: list[str], args: argparse.Namespace, *, tensor_decode: bool) -> Iterator[Any]:
+def _baseline_stream(urls: list[str], settings: Settings, *, tensor_decode: bool) -> Iterator[Any]:
     import webdataset
 
+    crop_size = settings.crop_size
     if tensor_decode:
         dataset = webdataset.WebDataset(urls, shardshuffle=False, empty_check=False).map(
-            lambda sample: _two_crops_tensor(args.crop_size)(sample["jpg"]))
+            lambda sample: _two_crops_tensor(crop_size)(sample["jpg"]))
     else:
         dataset = webdataset.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil").map(
-            lambda sample: _two_crops_pil(args.crop_size)(sample["jpg"]))
-    dataset = dataset.batched(args.batch_size, collation_fn=_collate, partial=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=args.workers,
-                                         persistent_workers=args.workers > 0)
-    return _endless(lambda epoch: loader)
+            lambda sample: _two_crops_pil(crop_size)(sample["jpg"]))
+    dataset = dataset.batched(settings.batch_size, collation_fn=_collate, partial=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=settings.workers,
+                                         persistent_workers=settings.workers > 0)
+    return endless_batches(lambda epoch: loader)
 
 
 def _decode_all(blobs: list[bytes]) -> int:
@@ -119,24 +119,28 @@ def _jpeg_blobs(urls: list[str], limit: int) -> list[bytes]:
     return blobs
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(settings: Settings) -> dict[str, Any]:
     """Run every selected measurement and return the JSON-ready report."""
-    shard_set = load_shard_set(args.shards)
+    shard_set = settings.shards if isinstance(settings.shards, ShardSet) else load_shard_set(settings.shards)
     urls = [shard.url for shard in shard_set.shards]
-    device = torch.device(args.device)
-    items = args.batches * args.batch_size
+    device, batches = settings.device, settings.batches
     results: list[Measurement] = []
 
     def timed(name: str, stream: Iterator[Any]) -> None:
-        def step() -> None:
-            for _ in range(args.batches):
-                next(stream)
-
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        results.append(measure(name, step, items=items, warmup=args.warmup, repeats=args.repeats,
-                               device=device))
+        # warm-up and timed repetitions of ``batches`` batches each
+        measurement, _, _ = time_stream(name, stream, batch_size=settings.batch_size, iters=batches,
+                                        warmup=settings.warmup * batches, repeats=settings.repeats, device=device)
+        results.append(measurement)
 
-    selected = set(args.only.split(",")) if args.only else None
+    def ours(backend: str, variant: str | None = None) -> Iterator[Any]:
+        stream, _ = loader_stream(shard_set, backend=backend, device=device, batch_size=settings.batch_size,
+                                  crop_size=settings.crop_size, seed=0, workers=settings.workers,
+                                  batches_needed=(settings.warmup + settings.repeats) * batches,
+                                  dali_variant=variant, shuffle_buffer=settings.shuffle_buffer)
+        return stream
+
+    selected = set(settings.only.split(",")) if settings.only else None
 
     def wanted(name: str) -> bool:
         return selected is None or any(name.startswith(s) for s in selected)
@@ -147,22 +151,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         kind = "dali-gpu" if device.type == "cuda" else "dali-cpu"
         for variant in variants_for(device.type == "cuda"):
             if wanted(f"{kind}/{variant}"):
-                timed(f"{kind}/{variant}", _loader_stream(args.shards, "dali", args, variant))
+                timed(f"{kind}/{variant}", ours("dali", variant))
     if wanted("torch"):
-        timed("torch", _loader_stream(args.shards, "torch", args))
-    if wanted("baseline-a"):
-        timed("baseline-a", _baseline_stream(urls, args, tensor_decode=False))
-    if wanted("baseline-b"):
-        timed("baseline-b", _baseline_stream(urls, args, tensor_decode=True))
+        timed("torch", ours("torch"))
+    for name, tensor_decode in (("baseline-a", False), ("baseline-b", True)):
+        if wanted(name):
+            timed(name, _baseline_stream(urls, settings, tensor_decode=tensor_decode))
     if wanted("decode-limit"):
-        blobs = _jpeg_blobs(urls, args.decode_images)
-        processes = args.workers or 1
-        parts = [blobs[i::processes] for i in range(processes)]
-        with multiprocessing.get_context("spawn").Pool(processes) as pool:
-            print("measuring decode-limit ...", file=sys.stderr, flush=True)
-            results.append(measure("decode-limit", lambda: pool.map(_decode_all, parts),
-                                   items=len(blobs), warmup=1, repeats=args.repeats))
+        results.append(_decode_limit(urls, settings))
+    return {"conditions": {**conditions(device), "batch_size": settings.batch_size,
+                           "crop_size": settings.crop_size, "workers": settings.workers,
+                           "batches_per_repeat": batches, "shards": str(settings.shards),
+                           "samples": shard_set.num_samples},
+            "results": [m.as_dict() for m in results], "ratios": _ratios(results)}
 
+
+def _decode_limit(urls: list[str], settings: Settings) -> Measurement:
+    """Pillow full decode of the same JPEGs in a tight loop, one process per worker."""
+    blobs = _jpeg_blobs(urls, settings.decode_images)
+    processes = settings.workers or 1
+    parts = [blobs[i::processes] for i in range(processes)]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        print("measuring decode-limit ...", file=sys.stderr, flush=True)
+        return measure("decode-limit", lambda: pool.map(_decode_all, parts), items=len(blobs), warmup=1,
+                       repeats=settings.repeats)
+
+
+def _ratios(results: list[Measurement]) -> dict[str, float]:
+    """Each of our loaders' images/s over each reference's."""
     by_name = {m.name: m.median_rate for m in results}
     ratios = {}
     for name, rate in by_name.items():
@@ -170,11 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for reference in ("baseline-a", "baseline-b", "decode-limit"):
                 if reference in by_name:
                     ratios[f"{name} / {reference}"] = rate / by_name[reference]
-    return {"conditions": {**conditions(device), "batch_size": args.batch_size,
-                           "crop_size": args.crop_size, "workers": args.workers,
-                           "batches_per_repeat": args.batches, "shards": args.shards,
-                           "samples": shard_set.num_samples},
-            "results": [m.as_dict() for m in results], "ratios": ratios}
+    return ratios
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -187,36 +199,46 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"{name:40s} {ratio:6.2f}x")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     epilog="example: python -m bench.loaders --shards /tmp/ecom-perf/shards --batch-size 64")
-    parser.add_argument("--shards", required=True, help="shard directory, manifest or pattern")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--crop-size", type=int, default=224)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="DataLoader workers / DALI threads / decode processes (default: cores)")
-    parser.add_argument("--batches", type=int, default=20, help="batches per timed repetition")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
-    parser.add_argument("--shuffle-buffer", type=int, default=1000)
-    parser.add_argument("--decode-images", type=int, default=2000, help="JPEGs for the decode limit")
-    parser.add_argument("--only", default="", help="comma-separated name prefixes, e.g. dali,baseline-a")
-    parser.add_argument("--json", default="", help="also write the report here")
-    args = parser.parse_args(argv)
-    for name in ("batch_size", "crop_size", "batches", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    report = run(args)
+POSITIVE = click.IntRange(min=1)
+
+
+@click.command("loaders", cls=BenchCommand)
+@click.option("--shards", required=True, help="Shard directory, manifest or pattern.")
+@click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
+@click.option("--crop-size", type=POSITIVE, default=224, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda when present.")
+@click.option("--workers", type=click.IntRange(min=0), default=os.cpu_count() or 1,
+              help="DataLoader workers / DALI threads / decode processes. Default: one per core.")
+@click.option("--batches", type=POSITIVE, default=20, show_default=True, help="Batches per timed repetition.")
+@click.option("--repeats", type=POSITIVE, default=5, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Untimed repetitions first.")
+@click.option("--shuffle-buffer", type=int, default=1000, show_default=True)
+@click.option("--decode-images", type=POSITIVE, default=2000, show_default=True, help="JPEGs for the decode limit.")
+@click.option("--only", default="", help="Comma-separated name prefixes, e.g. dali,baseline-a.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the report here (default: print it).")
+def main(shards: str, batch_size: int, crop_size: int, device: str | None, workers: int, batches: int,
+         repeats: int, warmup: int, shuffle_buffer: int, decode_images: int, only: str,
+         json_path: Path | None) -> None:
+    """Two-view loader images/s: the DALI and PyTorch backends beside what a user would write.
+
+    \b
+    Example:
+      python -m bench loaders --shards /tmp/ecom-perf/shards --batch-size 64
+      python -m bench loaders --shards /tmp/ecom-perf/shards --only dali,baseline-a --json loaders.json
+    """
+    settings = Settings(shards=shards, device=parse_device(device), batch_size=batch_size, crop_size=crop_size,
+                        workers=workers, batches=batches, repeats=repeats, warmup=warmup,
+                        shuffle_buffer=shuffle_buffer, decode_images=decode_images, only=only)
+    report = run(settings)
     print_table(report)
     text = json.dumps(report, indent=2)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as stream:
-            stream.write(text + "\n")
+    if json_path is not None:
+        json_path.write_text(text + "\n", encoding="utf-8")
     else:
-        print(text)
-    return 0
+        click.echo(text)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -5,12 +5,11 @@ one item) on a 32-dimensional subspace; the queries are perturbed copies of data
 fresh process so its peak resident memory (``ru_maxrss``) is its own. The index is recalled
 against exact search on a sample of the timed queries (10-recall@10).
 
-example: python -m bench.match --sizes 10000,100000,1000000 --dim 512 --out bench/results/match.json
+example: python -m bench match --sizes 10000,100000,1000000 --dim 512 --out bench/results/match.json
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import multiprocessing
@@ -20,9 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 import torch
 
+from bench.harness import BenchCommand, parse_device
 from bench.timing import conditions, measure
 
 
@@ -201,49 +202,55 @@ def _search_line(r: dict[str, Any]) -> str:
             f"(database {r['database_mib']:.0f} MiB){extra}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 2)[-1])
-    parser.add_argument("--sizes", default="10000,100000,1000000",
-                        help="database sizes, comma-separated")
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--methods", default="exact,ivf", help="exact, ivf, hnsw (comma-separated)")
-    parser.add_argument("--queries", type=int, default=500, help="queries per timed repeat")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where exact search runs")
-    parser.add_argument("--embed-copies", default="1,4",
-                        help="embed the bundled sample this many times over (memory stays flat)")
-    parser.add_argument("--embed-size", type=int, default=64, help="embedding input size")
-    parser.add_argument("--embed-model", default="resnet18")
-    parser.add_argument("--rerank", default="0,1,2,3",
-                        help="re-ranking depths compared on the sample's distinct photos ('' = skip)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
-    args = parser.parse_args(argv)
+def _integers(text: str, option: str) -> list[int]:
     try:
-        sizes = [int(s) for s in args.sizes.split(",") if s]
-        copies = [int(c) for c in args.embed_copies.split(",") if c]
-        depths = [int(d) for d in args.rerank.split(",") if d]
-    except ValueError as error:
-        parser.error(f"--sizes / --embed-copies / --rerank take integers ({error})")
-    methods = [m for m in args.methods.split(",") if m]
-    for method in methods:
+        return [int(part) for part in text.split(",") if part]
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated integers, got {text!r}") from None
+
+
+@click.command("match", cls=BenchCommand)
+@click.option("--sizes", default="10000,100000,1000000", show_default=True, help="Database sizes, comma-separated.")
+@click.option("--dim", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--methods", default="exact,ivf", show_default=True, help="exact, ivf, hnsw (comma-separated).")
+@click.option("--queries", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Queries per timed repeat.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--device", default=None, help="Where exact search runs. Default: cuda when present.")
+@click.option("--embed-copies", default="1,4", show_default=True,
+              help="Embed the bundled sample this many times over (memory stays flat).")
+@click.option("--embed-size", type=click.IntRange(min=8), default=64, show_default=True, help="Embedding input size.")
+@click.option("--embed-model", default="resnet18", show_default=True)
+@click.option("--rerank", default="0,1,2,3", show_default=True,
+              help="Re-ranking depths compared on the sample's distinct photos ('' = skip).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the figures as JSON.")
+def main(sizes: str, dim: int, methods: str, queries: int, repeats: int, device: str | None, embed_copies: str,
+         embed_size: int, embed_model: str, rerank: str, seed: int, out: Path | None) -> None:
+    """Embed vectors/s, matching queries/s (exact vs index) and peak memory, each case in a fresh process.
+
+    \b
+    Example:
+      python -m bench match --sizes 10000,100000,1000000 --dim 512 --out bench/results/match.json
+    """
+    database_sizes = _integers(sizes, "--sizes")
+    copies, depths = _integers(embed_copies, "--embed-copies"), _integers(rerank, "--rerank")
+    chosen = [m for m in methods.split(",") if m]
+    for method in chosen:
         if method not in ("exact", "ivf", "hnsw"):
-            parser.error(f"unknown method {method!r} (exact, ivf, hnsw)")
-    if min(sizes, default=1) < args.queries:
-        parser.error(f"every size must hold at least --queries ({args.queries}) vectors")
-    c = conditions(args.device)
-    print(f"device {c['device']}  cpu {c['cpu_name']} x{c['cpu_count']}  torch threads "
-          f"{c['torch_threads']}  dim {args.dim}  {args.queries} queries x {args.repeats} repeats",
-          flush=True)
-    result = run(sizes, args.dim, methods, args.queries, args.repeats, args.seed, args.device,
-                 copies, args.embed_size, args.embed_model, depths)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=str))
-        print(f"wrote {args.out}")
+            raise ValueError(f"unknown method {method!r} (exact, ivf, hnsw)")
+    if min(database_sizes, default=1) < queries:
+        raise ValueError(f"every size must hold at least --queries ({queries}) vectors")
+    where = str(parse_device(device))
+    c = conditions(where)
+    click.echo(f"device {c['device']}  cpu {c['cpu_name']} x{c['cpu_count']}  torch threads "
+               f"{c['torch_threads']}  dim {dim}  {queries} queries x {repeats} repeats")
+    result = run(database_sizes, dim, chosen, queries, repeats, seed, where, copies, embed_size, embed_model, depths)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str))
+        click.echo(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
-"""``ecomaug bench``: images/s of every stage from the tar to the MoCo step, and which one limits."""
+"""``python -m bench pipeline``: images/s of every stage from the tar to the MoCo step, and which one limits."""
 
 from __future__ import annotations
 
 import click
 
+from bench.harness import BenchCommand, parse_device
+
 CUDA_DEFAULTS = {"batch_size": 128, "model": "resnet50", "warmup": 3, "iters": 10, "repeats": 5}
 CPU_DEFAULTS = {"batch_size": 16, "model": "resnet18", "warmup": 2, "iters": 3, "repeats": 3}
 
 
-@click.command("bench")
+@click.command("pipeline", cls=BenchCommand)
 @click.option("--shards", type=str, default=None,
               help="Shard directory, manifest, .tar or brace pattern. Default: the bundled sample, "
-                   "converted once into a cache folder (or synthetic shards when it is missing).")
+                   "converted once into a cache folder.")
 @click.option("--backend", "backends", type=click.Choice(["dali", "torch"]), multiple=True,
               help="Loader backend(s) to measure; repeat the option for several. Default: both "
                    "(one that is not installed is reported as unavailable).")
@@ -37,7 +39,7 @@ CPU_DEFAULTS = {"batch_size": 16, "model": "resnet18", "warmup": 2, "iters": 3, 
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for bench.json and bench.png. Default: print the table only.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def bench(shards: str | None, backends: tuple[str, ...], stages: str, batch_size: int | None, crop_size: int,
+def pipeline(shards: str | None, backends: tuple[str, ...], stages: str, batch_size: int | None, crop_size: int,
           model: str | None, device: str | None, warmup: int | None, iters: int | None, repeats: int | None,
           num_workers: int | None, threads: int | None, amp: bool, seed: int, out: str | None,
           progress: bool) -> None:
@@ -50,29 +52,23 @@ def bench(shards: str | None, backends: tuple[str, ...], stages: str, batch_size
 
     \b
     Example, a quick look on the bundled sample, then a real run on your shards:
-      ecomaug bench --device cpu --model resnet10t --batch-size 16 --crop-size 64 --iters 4 --repeats 3
-      ecomaug bench --shards ./shards --device cuda --model resnet50 --out ./bench-results
+      python -m bench pipeline --device cpu --model resnet10t --batch-size 16 --crop-size 64 --iters 4
+      python -m bench pipeline --shards ./shards --device cuda --model resnet50 --out ./bench-results
     """
-    import torch
-
     from bench.report import conditions_text, table_text, write_outputs
-    from bench.stages import STAGES, BenchConfig, run_benchmark
+    from bench.runner import run_benchmark
+    from bench.stages import STAGES, BenchConfig
 
     chosen_stages = tuple(s.strip() for s in stages.split(",") if s.strip())
     unknown = [s for s in chosen_stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch_device = torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from error
+    torch_device = parse_device(device)
     if shards is None:
-        from bench.shards import default_shards
+        from bench.sample import sample_shards
 
         click.echo("no --shards given: using the bundled sample (converted once into a cache folder)", err=True)
-        shards = str(default_shards(seed=seed))
+        shards = str(sample_shards())
     # A CPU cannot run resnet50 at batch 128 for minutes on end: smaller defaults there.
     defaults = CUDA_DEFAULTS if torch_device.type == "cuda" else CPU_DEFAULTS
     given = {"batch_size": batch_size, "model": model, "warmup": warmup, "iters": iters, "repeats": repeats}
@@ -88,3 +84,7 @@ def bench(shards: str | None, backends: tuple[str, ...], stages: str, batch_size
         paths = write_outputs(run, out)
         click.echo("")
         click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+if __name__ == "__main__":
+    pipeline()

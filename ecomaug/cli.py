@@ -19,7 +19,6 @@ COMMANDS: dict[str, str] = {
     "preview": "ecomaug.commands.preview:preview",
     "train": "ecomaug.commands.train:train",
     "export": "ecomaug.commands.export:export",
-    "bench": "ecomaug.commands.bench:bench",
     "embed": "ecomaug.commands.embed:embed",
     "eval": "ecomaug.commands.evaluate:evaluate",
     "match": "ecomaug.commands.match:match",

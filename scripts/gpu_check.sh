@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# Run every GPU check (bench/gpu_check.py) on a lent H100/H200 machine: no network, torch/timm/
-# torchvision installed, DALI/kornia/webdataset from the wheels in .gpuwheels/ (made on the dev
-# machine by ../shared/gpu/prepare.sh; pass it `pytest pluggy iniconfig` too if the GPU machine
-# has no pytest, or check 8 reports "skipped: pytest not installed").
+# Every GPU check on a lent H100/H200 machine: the test suite's CUDA cases (`pytest -m cuda`:
+# tests/test_cuda.py and every `device` case on CUDA), then the GPU section of the benchmark
+# (`python -m bench gpu`: figures against their goals). No network: torch/timm/torchvision
+# installed, DALI/kornia/webdataset (and pytest pluggy iniconfig, if missing) from the wheels in
+# .gpuwheels/ (made on the dev machine by ../shared/gpu/prepare.sh).
 #
 # From the repository root, with .gpuwheels carried to the machine:
-#   scripts/gpu_check.sh              # the full run (about 5 minutes on an H100)
-#   scripts/gpu_check.sh --quick      # a smoke run of every check (about 2 minutes)
+#   scripts/gpu_check.sh                          # the tests, then the full GPU section
+#   scripts/gpu_check.sh --iters 2 --repeats 2    # a shorter GPU section
 # Environment:
-#   OUT=DIR         where gpu_check.json / gpu_check.txt go (the device tool sets $OUT)
+#   OUT=DIR         where gpu.json / gpu.txt go (the device tool sets $OUT)
 #   SHARDS=DIR      existing shards to read (skips the conversion)
 #   CORPUS=PATH     images folder or manifest (csv) to convert instead of the bundled sample
 #   PYTHON=python3  the interpreter that has torch
-# Any further arguments go to `python -m bench.gpu_check` (e.g. --only dali-loader,loader-fed).
+# Any further arguments go to `python -m bench gpu` (e.g. --batch-size 128 --model resnet18).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -27,7 +28,7 @@ fi
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
-# 2. shards: given, or converted from the carried corpus / the bundled sample (bench.gpu_check
+# 2. shards: given, or converted from the carried corpus / the bundled sample (the benchmark
 #    lists a small set several times over, so the 320-image sample is enough)
 if [ -z "${SHARDS:-}" ]; then
   SHARDS=/tmp/gpucheck_shards
@@ -39,5 +40,8 @@ workers=min(16, os.cpu_count() or 1), progress=False)" "$INPUT" "$SHARDS"
   fi
 fi
 
-# 3. the checks; exit code 1 when any check fails (the table and JSON are written either way)
-"$PYTHON" -m bench.gpu_check --shards "$SHARDS" --out "$OUT" --device cuda "$@"
+# 3. the CUDA tests, then the GPU section; the exit code is the first failure's (both run)
+status=0
+"$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests || status=$?
+"$PYTHON" -m bench gpu --shards "$SHARDS" --out "$OUT" --device cuda "$@" || status=$((status ? status : $?))
+exit "$status"

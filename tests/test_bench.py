@@ -1,25 +1,31 @@
-"""ecomaug bench: every stage runs on tiny settings and reports sane figures; verdict and CLI errors.
+"""python -m bench: the harness, the pipeline benchmark (every stage runs on tiny settings and reports sane figures; verdict and CLI errors.
 
 No test asserts a duration: timings on a shared test machine mean nothing. They check that each
 stage ran, that the JSON has its schema, that every figure is positive and finite, and that the
-verdict logic names the right stage for hand-made figures.
+verdict logic names the right stage for hand-made figures.) and the GPU section's smoke run on the CPU.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+from pathlib import Path
 
+import click
 import pytest
+import torch
 from click.testing import CliRunner
 
+from bench.harness import STAGES, cli
 from bench.report import FORMAT_NAME, FORMAT_VERSION, table_text, to_json, verdict, write_outputs
-from bench.shards import pack_jpegs, write_synthetic_images
-from bench.stages import BenchConfig, BenchRun, StageResult, run_benchmark
+from bench.runner import run_benchmark
+from bench.stages import BenchConfig, BenchRun, StageResult
+from bench.streams import time_batches, time_stream
 from bench.timing import Measurement
-from ecomaug.cli import main
 from loaders.build import dali_available
-from loaders.manifest import load_shard_set
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = {"batch_size": 4, "crop_size": 32, "model": "test_resnet", "warmup": 1, "iters": 1, "repeats": 2,
         "num_workers": 1, "queue_size": 64, "threads": 1}
@@ -73,10 +79,10 @@ def test_every_stage_runs_and_reports_positive_finite_figures(sample_shards, dev
 
 
 def test_a_missing_piece_makes_its_stages_unavailable_not_the_run_fail(sample_shards, monkeypatch):
-    def missing(config):
+    def missing(device, seed):
         raise ModuleNotFoundError("No module named 'ecomaug.recipes'")
 
-    monkeypatch.setattr("bench.stages._build_recipe", missing)
+    monkeypatch.setattr("bench.pieces.build_ecom_recipe", missing)
     config = BenchConfig(shards=str(sample_shards), backends=("torch",), stages=("read", "recipe"), **TINY)
     run = run_benchmark(config, progress=False)
     assert [(u.stage, u.mode) for u in run.unavailable] == [("recipe", "alone"), ("recipe", "cumulative")]
@@ -132,17 +138,8 @@ def test_baseline_ratio_is_ours_over_baseline():
     assert to_json(_run(rows))["baseline_ratios"] == pytest.approx({"torch": 2.5})
 
 
-def test_packed_synthetic_shards_read_as_a_shard_set(tmp_path):
-    manifest = write_synthetic_images(tmp_path / "images", count=6, size=48)
-    out = tmp_path / "shards"
-    out.mkdir()
-    pack_jpegs(manifest, out, shard_size=4)
-    shard_set = load_shard_set(out)
-    assert [shard.count for shard in shard_set.shards] == [4, 2] and shard_set.num_samples == 6
-
-
 def test_cli_writes_json_and_chart(sample_shards, tmp_path):
-    result = CliRunner().invoke(main, ["bench", "--shards", str(sample_shards), "--stages", "read,decode",
+    result = CliRunner().invoke(cli, ["pipeline", "--shards", str(sample_shards), "--stages", "read,decode",
                                        "--device", "cpu", "--batch-size", "4", "--warmup", "0", "--iters", "1",
                                        "--repeats", "1", "--workers", "1", "--threads", "1", "--out", str(tmp_path),
                                        "--no-progress"])
@@ -160,7 +157,65 @@ def test_cli_writes_json_and_chart(sample_shards, tmp_path):
     (["--model", "no_such_model"], "unknown timm model"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(sample_shards, arguments, message):
-    result = CliRunner().invoke(main, ["bench", "--shards", str(sample_shards), "--no-progress", *arguments])
+    result = CliRunner().invoke(cli, ["pipeline", "--shards", str(sample_shards), "--no-progress", *arguments])
     assert result.exit_code == 2, result.output
     assert message in result.output and result.output.strip().startswith("Error:")
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_every_registered_stage_is_a_click_command_with_help():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0 and all(name in result.output for name in STAGES)
+    for name in STAGES:
+        command = cli.get_command(click.Context(cli), name)
+        assert isinstance(command, click.Command), name
+        shown = CliRunner().invoke(cli, [name, "--help"])
+        assert shown.exit_code == 0 and "Usage:" in shown.output, (name, shown.output)
+
+
+def test_an_unknown_stage_is_a_usage_error():
+    result = CliRunner().invoke(cli, ["no-such-stage"])
+    assert result.exit_code == 2 and "No such command" in result.output
+
+
+def test_bench_is_a_leaf_nothing_in_ecomaug_or_loaders_imports_it():
+    importers = []
+    for path in [*(REPO / "ecomaug").rglob("*.py"), *(REPO / "loaders").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(name == "bench" or name.startswith("bench.") for name in names):
+                importers.append(str(path.relative_to(REPO)))
+    assert importers == []
+
+
+def test_time_stream_pulls_every_batch_and_keeps_the_last():
+    stream = iter(range(100))
+    measurement, wait, last = time_stream("count", stream, batch_size=4, warmup=1, iters=2, repeats=3)
+    assert last == 6 and measurement.items_per_repeat == 8 and len(measurement.seconds) == 3
+    assert 0.0 <= wait <= 1.0
+
+
+def test_time_batches_counts_every_batch_and_the_wait():
+    calls = []
+
+    def one_batch() -> float:
+        calls.append(1)
+        return 0.0
+
+    measurement, wait = time_batches("count", one_batch, batch_size=4, warmup=2, iters=3, repeats=2)
+    assert len(calls) == 2 + 3 * 2 and measurement.items_per_repeat == 12 and len(measurement.seconds) == 2
+    assert wait == 0.0
+
+
+def test_gpu_section_smoke_run_on_the_cpu_has_every_row_and_no_verdict(sample_shards):
+    from bench.gpu import Settings, run, table
+
+    rows = run(Settings(shards=str(sample_shards), device=torch.device("cpu"), batch_size=4, crop_size=32,
+                        model="test_resnet", warmup=1, iters=1, repeats=1, workers=1))
+    names = [row.name for row in rows]
+    assert names[0] == "torch loader" and "ecom recipe (2 views)" in names and "recipe share of the step" in names
+    assert any(name.startswith("MoCo step") for name in names) and names[-1].startswith("step fed by")
+    assert any(name.startswith("DALI") for name in names)
+    assert all(row.verdict == "n/a" for row in rows)  # goals hold on CUDA only
+    assert "pass/fail" in table(rows).splitlines()[0]

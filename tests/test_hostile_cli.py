@@ -95,7 +95,7 @@ CASES = [
          says="not an ecomaug training checkpoint"),
     Case("export-out-is-a-file", (*ECOMAUG, "export", "{checkpoint}", "--out", "{text}"), says="not a directory"),
     Case("export-ok", (*ECOMAUG, "export", "{checkpoint}", "--out", "{out}"), code=0),
-    # ecomaug shard, embed, match, dewatermark, bench
+    # ecomaug shard, embed, match, dewatermark; python -m bench
     Case("shard-input-missing", (*ECOMAUG, "shard", "{missing}", "{out}"), says="No such file"),
     Case("shard-input-text", (*ECOMAUG, "shard", "{text}", "{out}"), says="INPUT must be a folder or a manifest"),
     Case("embed-data-text", (*ECOMAUG, "embed", "--model", "{checkpoint}", "--data", "{text}", "--out", "{out}.npz"),
@@ -108,7 +108,8 @@ CASES = [
                                            "{checkpoint}", "--out", "{out}"), code=0),
     Case("dewatermark-marks-missing", (*ECOMAUG, "dewatermark", "{shards}", "{out}", "--marks", "{missing}"),
          says="No such watermark directory"),
-    Case("bench-shards-missing", (*ECOMAUG, "bench", "--shards", "{missing}", "--device", "cpu"), says="No such file"),
+    Case("bench-shards-missing", ("python", "-m", "bench", "pipeline", "--shards", "{missing}", "--device", "cpu"),
+         says="No such file"),
 ]
 
 
