@@ -118,7 +118,7 @@ def compare(data: str, val_data: str | None, *, steps: int, model_name: str = "r
     """Train ``exact``, ``ours`` and the lightly reference side by side on identical views."""
     from ecomaug.recipes import build_recipe
     from loaders.build import build_loader
-    from train import Normalise
+    from ecomaug.normalise import Normalise
 
     torch.manual_seed(seed)
     base = MoCo(model_name, dim=128, hidden_dim=512, K=K, m=m, T=T, shuffle_bn=False, bn_splits=1, seed=seed)

@@ -38,7 +38,7 @@ def train_run(recipe: str, *, data: Path, val_data: Path, out: Path, device: str
               overrides: Sequence[str], seed: int, reuse: bool, progress: bool) -> Path:
     """Train one recipe (or reuse a finished run with the same settings); returns its export."""
     from ecomaug.config import parse_config
-    from train import train
+    from ecomaug.engine import train
 
     argv = ["--data", str(data), "--val-data", str(val_data), "--out", str(out), "--preset", preset,
             "--recipe", recipe, "--device", device, "--seed", str(seed)]

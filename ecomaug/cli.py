@@ -12,6 +12,8 @@ import importlib.util
 
 import click
 
+from ecomaug.logs import LEVELS, configure_logging, report_repeats
+
 # name -> "module:attribute" of a click.Command. A subcommand appears once its module exists.
 COMMANDS: dict[str, str] = {
     "shard": "ecomaug.commands.shard:shard",
@@ -79,14 +81,22 @@ def one_line(error: BaseException) -> str:
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ecomaug")
-def main() -> None:
+@click.option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="warning",
+              show_default=True, help="Messages shown on stderr; info adds the backend choice, the shard "
+                                      "check and the queue cut.")
+@click.pass_context
+def main(context: click.Context, log_level: str) -> None:
     """ecomaug: shards, loaders, augmentations and MoCo training for e-commerce item matching.
 
     \b
     Example, from a folder of listing images to a trained embedding:
       ecomaug shard ./images ./shards --max-size 320
       ecomaug train --data ./shards --out ./runs/first
+      ecomaug --log-level info embed --model ./runs/first/export --data ./shards --out emb/first
     """
+    configure_logging(log_level)
+    context.obj = {"log_level": log_level.lower()}
+    context.call_on_close(report_repeats)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The training configuration: one frozen dataclass, presets, and the command line over them.
 
 Precedence, lowest first: the dataclass defaults (MoCo v2 on one device), a preset
-(``--preset``; ``sample`` is picked automatically when no ``--data`` is given), then flags.
+(``--preset``; ``sample`` is picked automatically when no ``--data`` is given), a config file
+(``--config RUN.yaml``, YAML or JSON, e.g. an earlier run's ``config.json``), then flags.
 The result is frozen: nothing changes it after parsing, and ``train.py`` writes it to
 ``RUN/config.json``. Values derived from it at run time (global batch, scaled LR, the queue
 length actually used) are logged separately, never written back.
@@ -156,6 +157,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Options of the command that are not fields of the config.
+COMMAND_OPTIONS = ("config", "log_level")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -199,6 +204,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                "  torchrun --nproc_per_node=8 train.py --data ./shards --out runs/r50 --preset h100\n"
                "  python train.py --data ./shards --out runs/r50 --resume auto\n"
                "  python train.py --overwrite                       # the sample again, from step 0\n"
+               "  python train.py --config runs/sample/config.json --out runs/again\n"
                f"presets: {', '.join(sorted(PRESETS))}")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     hints = get_type_hints(TrainConfig)
@@ -216,27 +222,96 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
             kwargs["metavar"] = item.name.upper()
         kwargs["help"] += f" (default: {item.default})"
         parser.add_argument(_flag(item.name), **kwargs)
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="YAML or JSON file of config fields (e.g. an earlier RUN/config.json); "
+                             "flags given here override it")
+    parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                        help="messages shown on stderr; info adds the backend choice, the shard check "
+                             "and the queue cut (default: warning)")
     return parser
 
 
-def resolve_config(flags: dict[str, Any]) -> TrainConfig:
-    """Defaults, then the preset (``sample`` when no data is given), then ``flags``."""
-    preset = flags.get("preset")
-    if preset is None and flags.get("data") is None:
+def resolve_config(flags: dict[str, Any], file_values: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the preset (``sample`` when no data is given), then ``file_values``, then ``flags``."""
+    values = {**(file_values or {}), **flags}
+    preset = values.get("preset")
+    if preset is None and values.get("data") is None:
         preset = "sample"
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    values = {**(PRESETS[preset] if preset else {}), **flags, "preset": preset}
-    return TrainConfig(**values)
+    return TrainConfig(**{**(PRESETS[preset] if preset else {}), **values, "preset": preset})
 
 
-def parse_config(argv: Sequence[str] | None = None, *, prog: str | None = None) -> TrainConfig:
-    """Parse command-line flags into a frozen :class:`TrainConfig`.
+def _check_type(name: str, value: Any, hint: Any, where: str) -> Any:
+    """A value read from a config file, checked against the field's type (ints pass as floats)."""
+    optional = get_origin(hint) is not None and type(None) in get_args(hint)
+    base = next((arg for arg in get_args(hint) if arg is not type(None)), hint) if optional else hint
+    if value is None and optional:
+        return None
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise ValueError(f"{where}: {name} must be {'null or ' if optional else ''}{base.__name__}, "
+                         f"got {value!r}")
+    return value
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The :class:`TrainConfig` fields a YAML or JSON file sets (``batch_size`` or ``batch-size``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not YAML/JSON, not a mapping, an unknown field, or a value of the wrong type.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except ValueError as error:  # json.JSONDecodeError and yaml.YAMLError's subclasses below
+        raise ValueError(f"--config {path}: not valid JSON ({error})") from error
+    except Exception as error:
+        if type(error).__module__.startswith("yaml"):
+            raise ValueError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from error
+        raise
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of field: value, got {type(values).__name__}")
+    hints = get_type_hints(TrainConfig)
+    known = {item.name for item in dataclasses.fields(TrainConfig)}
+    checked: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ValueError(f"--config {path}: unknown field {key!r} (`train.py --help` lists them)")
+        checked[name] = _check_type(name, value, hints[name], f"--config {path}")
+    return checked
+
+
+def parse_arguments(argv: Sequence[str] | None = None, *,
+                    prog: str | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """Parse the command line into a frozen :class:`TrainConfig` and the options that are not
+    part of it (``--config``, ``--log-level``).
 
     Raises:
         ValueError: an unknown flag, a value of the wrong type, or a value the config refuses.
+        FileNotFoundError: ``--config`` names no file.
     """
-    return resolve_config(vars(build_parser(prog).parse_args(argv)))
+    namespace = build_parser(prog).parse_args(argv)
+    flags = vars(namespace).copy()
+    options = argparse.Namespace(**{name: flags.pop(name) for name in COMMAND_OPTIONS})
+    file_values = read_config_file(options.config) if options.config else None
+    return resolve_config(flags, file_values), options
+
+
+def parse_config(argv: Sequence[str] | None = None, *, prog: str | None = None) -> TrainConfig:
+    """Parse command-line flags into a frozen :class:`TrainConfig` (see :func:`parse_arguments`)."""
+    return parse_arguments(argv, prog=prog)[0]
 
 
 def load_config(path: str | os.PathLike) -> TrainConfig:

@@ -121,3 +121,9 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for on one process)."""
+    if is_distributed():
+        dist.barrier()

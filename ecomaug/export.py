@@ -22,10 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ecomaug.normalise import EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD
+
 WEIGHTS_NAME = "backbone.safetensors"
 CONFIG_NAME = "config.json"
+EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME)
 
 
 def check_model_name(model_name: str) -> None:
@@ -70,7 +71,7 @@ def create_backbone(model_name: str, *, img_size: int | None = None) -> nn.Modul
 
 
 def export_backbone(backbone: nn.Module | dict[str, torch.Tensor], out_dir: str | os.PathLike, *,
-                    model_name: str, input_size: int, interpolation: str = "bilinear",
+                    model_name: str, input_size: int, interpolation: str = EVAL_INTERPOLATION,
                     verify: bool = True) -> Path:
     """Write a backbone's weights and preprocessing config to ``out_dir``.
 
@@ -160,14 +161,3 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(20, "--out is a file, not a directory", str(out_dir))
     return export_backbone(weights, out_dir, model_name=model_name, input_size=int(config.get("crop_size", 224)))
-
-
-def load_exported(export_dir: str | os.PathLike, *, device: torch.device | str = "cpu") -> nn.Module:
-    """Create the timm model an export describes (at its input size) and load its weights, in eval mode."""
-    from safetensors.torch import load_file
-
-    export_dir = Path(export_dir)
-    config = json.loads((export_dir / CONFIG_NAME).read_text(encoding="utf-8"))
-    model = create_backbone(config["model"], img_size=int(config.get("input_size", [3, 224, 224])[-1]))
-    model.load_state_dict(load_file(str(export_dir / WEIGHTS_NAME)))
-    return model.to(device).eval()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from torch import nn
 
 from ecomaug.distributed import (batch_shuffle, batch_unshuffle, concat_all_gather,
                                  encode_in_splits, get_rank)
+from ecomaug.objective import ContrastiveOutput
 
 VERSIONS = ("v2", "v3")
 MOMENTUM_SCHEDULES = ("constant", "cosine")
@@ -68,19 +69,6 @@ class Encoder(nn.Module):
 def has_batch_norm(module: nn.Module) -> bool:
     """True when any layer of ``module`` normalises over the batch (where shuffle BN matters)."""
     return any(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in module.modules())
-
-
-@dataclass
-class ContrastiveOutput:
-    """What a contrastive objective returns for one step.
-
-    Attributes:
-        loss: scalar, the objective to minimise.
-        accuracy: scalar, how often the positive scored highest (a cheap health signal).
-    """
-
-    loss: torch.Tensor
-    accuracy: torch.Tensor
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,6 +150,8 @@ class MoCo(nn.Module):
         hidden_dim: the hidden size of the projection (and v3 predictor) MLP.
         K: queue length (v2 only; v3 uses the other samples of the global batch).
         m: momentum of the key encoder (updated as ``m * key + (1 - m) * query``).
+        momentum_schedule: ``"constant"`` keeps ``m``; ``"cosine"`` ramps it to 1 over the run
+            (set by :meth:`on_step_end`, which the engine calls after every step).
         T: softmax temperature.
         version: ``"v2"`` or ``"v3"``.
         shuffle_bn: shuffle the key batch across ranks (v2). On one process, together with
@@ -176,7 +166,8 @@ class MoCo(nn.Module):
 
     def __init__(self, model_name: str, *, dim: int = 128, hidden_dim: int = 2048, K: int = 65536,
                  m: float = 0.999, T: float = 0.2, version: str = "v2", shuffle_bn: bool = True,
-                 bn_splits: int = 1, seed: int = 0, img_size: int | None = None) -> None:
+                 bn_splits: int = 1, seed: int = 0, img_size: int | None = None,
+                 momentum_schedule: str = "constant") -> None:
         super().__init__()
         if version not in VERSIONS:
             raise ValueError(f"MoCo version must be one of {VERSIONS}, got {version!r}")
@@ -186,8 +177,12 @@ class MoCo(nn.Module):
             raise ValueError(f"temperature T must be > 0, got {T}")
         if bn_splits < 1:
             raise ValueError(f"bn_splits must be >= 1, got {bn_splits}")
+        if momentum_schedule not in MOMENTUM_SCHEDULES:
+            raise ValueError(f"momentum schedule must be one of {MOMENTUM_SCHEDULES}, got {momentum_schedule!r}")
         self.model_name, self.version = model_name, version
         self.K, self.m, self.T = K, m, T
+        self.momentum_schedule = momentum_schedule
+        self.m_now = m  # the momentum of the next step (the schedule's value, see on_step_end)
         self.shuffle_bn = shuffle_bn and version == "v2"
         v3 = version == "v3"
         self.encoder_q = Encoder(model_name, dim=dim, hidden_dim=hidden_dim,
@@ -206,15 +201,35 @@ class MoCo(nn.Module):
             self.register_buffer("queue", F.normalize(torch.randn(dim, K, generator=queue_generator), dim=0))  # D x K
             self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
+    backbone_prefix = "encoder_q.backbone."
+
     @property
     def backbone(self) -> nn.Module:
         """The query encoder's backbone: what is exported and evaluated."""
         return self.encoder_q.backbone
 
+    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+        """Set the momentum of the next step from the schedule; it is logged as ``m``."""
+        self.m_now = momentum_at(step, total_steps, self.m, self.momentum_schedule)
+        return {"m": self.m_now}
+
+    def generators(self) -> dict[str, torch.Generator]:
+        """The shuffle-BN generator (checkpointed so a resumed run shuffles as an unbroken one)."""
+        return {"shuffle": self.shuffle_generator}
+
+    def encoders(self) -> list[nn.Module]:
+        return [self.encoder_q, self.encoder_k]
+
+    def summary(self) -> dict[str, Any]:
+        """The queue's pointer and checksum (v2), so a resume can be checked against the run."""
+        if self.version == "v3":
+            return {"queue_ptr": None, "queue_sum": None}
+        return {"queue_ptr": int(self.queue_ptr), "queue_sum": float(self.queue.double().sum())}
+
     @torch.no_grad()
     def momentum_update(self, m: float | None = None) -> None:
         """key = m * key + (1 - m) * query, for every parameter of the key encoder."""
-        m = self.m if m is None else m
+        m = self.m_now if m is None else m
         key_params = list(self.encoder_k.parameters())
         query_params = [param.detach() for param in self.encoder_q.parameters()]
         torch._foreach_lerp_(key_params, query_params, 1.0 - m)
@@ -234,8 +249,15 @@ class MoCo(nn.Module):
         self.queue[:, positions] = keys.to(self.queue.dtype).T  # D x B
         self.queue_ptr[0] = (ptr + batch_size) % self.K
 
-    def forward(self, view_q: torch.Tensor, view_k: torch.Tensor, *, m: float | None = None) -> ContrastiveOutput:
-        """One MoCo step's loss; updates the key encoder (momentum) and the queue as it goes."""
+    def forward(self, view_q: torch.Tensor, view_k: torch.Tensor, *, m: float | None = None,
+                meta: Sequence[dict[str, Any]] | None = None) -> ContrastiveOutput:
+        """One MoCo step's loss; updates the key encoder (momentum) and the queue as it goes.
+
+        Args:
+            view_q, view_k: two views of the same images.
+            m: the momentum of this step; default: :attr:`m_now` (the schedule's).
+            meta: unused (MoCo needs no labels); accepted as every objective's ``forward`` does.
+        """
         if self.version == "v3":
             return self._forward_v3(view_q, view_k, m=m)
         q = F.normalize(encode_in_splits(self.encoder_q, view_q, self.bn_splits), dim=1)  # N x D

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ecomaug.distributed import encode_in_splits
-from ecomaug.moco import ContrastiveOutput, Encoder
+from ecomaug.moco import Encoder
+from ecomaug.objective import ContrastiveOutput
 
 
 def item_labels(meta: Sequence[dict[str, Any]], *, device: torch.device | str | None = None) -> torch.Tensor:
@@ -90,11 +91,35 @@ class Siamese(nn.Module):
         self.model_name, self.T, self.bn_splits = model_name, T, bn_splits
         self.encoder = Encoder(model_name, dim=dim, hidden_dim=hidden_dim, img_size=img_size)
 
+    backbone_prefix = "encoder.backbone."
+
     @property
     def backbone(self) -> nn.Module:
         return self.encoder.backbone
 
-    def forward(self, view_1: torch.Tensor, view_2: torch.Tensor, *, labels: torch.Tensor) -> ContrastiveOutput:
+    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+        return {}  # no schedule of its own
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {}
+
+    def encoders(self) -> list[nn.Module]:
+        return [self.encoder]
+
+    def summary(self) -> dict[str, Any]:
+        return {"queue_ptr": None, "queue_sum": None}  # no queue
+
+    def forward(self, view_1: torch.Tensor, view_2: torch.Tensor, *, labels: torch.Tensor | None = None,
+                meta: Sequence[dict[str, Any]] | None = None) -> ContrastiveOutput:
+        """The supervised contrastive loss of both views; ``labels`` default to ``item_labels(meta)``.
+
+        Raises:
+            ValueError: neither ``labels`` nor ``meta`` given, or a sample without an item_id.
+        """
+        if labels is None:
+            if meta is None:
+                raise ValueError("the siamese objective needs labels= or meta= (each sample's item_id)")
+            labels = item_labels(meta, device=view_1.device)
         views = torch.cat([view_1, view_2], dim=0)  # 2N x 3 x H x W
         z = F.normalize(encode_in_splits(self.encoder, views, self.bn_splits), dim=1)  # 2N x D
         loss, accuracy = supervised_contrastive_loss(z, torch.cat([labels, labels]), self.T)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import train as train_script
+from ecomaug import engine
 from ecomaug.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ecomaug.config import parse_config
 from ecomaug.evaluation.embed import DiskFullError
@@ -119,11 +119,11 @@ def test_a_second_signal_aborts_at_once_and_handlers_are_restored():
     outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-        with train_script.StopSignals() as stops:
+        with engine.StopSignals() as stops:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.01)  # the handler runs between bytecodes of the main thread
             assert stops.received == signal.SIGTERM  # the first one only sets the flag
-            with pytest.raises(train_script.TrainingAborted, match="second SIGINT"):
+            with pytest.raises(engine.TrainingAborted, match="second SIGINT"):
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(1)
         assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
@@ -135,7 +135,7 @@ def test_a_second_signal_aborts_at_once_and_handlers_are_restored():
 def test_an_ignored_sigint_stays_ignored():
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a shell's background job
     try:
-        with train_script.StopSignals() as stops:
+        with engine.StopSignals() as stops:
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
@@ -145,17 +145,17 @@ def test_an_ignored_sigint_stays_ignored():
 
 
 def test_a_signal_before_the_first_step_saves_nothing(sample_shards, tmp_path, monkeypatch):
-    real_enter = train_script.StopSignals.__enter__
+    real_enter = engine.StopSignals.__enter__
 
     def enter_and_signal(self):
         stops = real_enter(self)
         stops.received = signal.SIGTERM  # as if SIGTERM came during the setup
         return stops
 
-    monkeypatch.setattr(train_script.StopSignals, "__enter__", enter_and_signal)
+    monkeypatch.setattr(engine.StopSignals, "__enter__", enter_and_signal)
     config = parse_config(["--data", str(sample_shards / "shard-000000.tar"), "--out", str(tmp_path / "run"), *TINY])
-    with pytest.raises(train_script.TrainingInterrupted, match="at step 0: no step done") as stop:
-        train_script.train(config)
+    with pytest.raises(engine.TrainingInterrupted, match="at step 0: no step done") as stop:
+        engine.train(config)
     assert stop.value.exit_code == 143 and stop.value.checkpoint is None
     assert list_checkpoints(tmp_path / "run") == []
 
@@ -174,7 +174,7 @@ def test_a_bad_input_fails_before_any_work_and_creates_nothing(sample_shards, tm
     config = parse_config(["--data", str(sample_shards / "shard-000000.tar"), "--out", str(out), *TINY,
                            "--epochs", "1", flag, value])
     with pytest.raises(error):
-        train_script.train(config)
+        engine.train(config)
     assert not out.exists()
 
 
@@ -182,21 +182,21 @@ def test_a_used_out_is_refused_unless_resume_or_overwrite(sample_shards, tmp_pat
     out = tmp_path / "run"
     flags = ["--data", str(sample_shards / "shard-000000.tar"), "--out", str(out), *TINY, "--max-steps", "2",
              "--log-every", "1", "--no-export"]
-    train_script.train(parse_config(flags))
+    engine.train(parse_config(flags))
     metrics_before = (out / "metrics.jsonl").read_bytes()
     checkpoint_before = (out / "checkpoints" / "ckpt-00000002.pt").read_bytes()
 
     with pytest.raises(FileExistsError) as refused:
-        train_script.train(parse_config(flags))
+        engine.train(parse_config(flags))
     message = str(refused.value)
     assert str(out) in message and "add --resume auto" in message and "or --overwrite" in message
     assert (out / "metrics.jsonl").read_bytes() == metrics_before
     assert (out / "checkpoints" / "ckpt-00000002.pt").read_bytes() == checkpoint_before
 
-    result = train_script.train(parse_config([*flags, "--resume", "auto", "--max-steps", "3"]))
+    result = engine.train(parse_config([*flags, "--resume", "auto", "--max-steps", "3"]))
     assert result.step == 3
 
-    result = train_script.train(parse_config([*flags, "--overwrite", "--max-steps", "1"]))
+    result = engine.train(parse_config([*flags, "--overwrite", "--max-steps", "1"]))
     assert result.step == 1
     assert [event["event"] for event in records(out)].count("start") == 1  # the old run's records are gone
     assert [step for step, _ in list_checkpoints(out)] == [1]
@@ -223,19 +223,17 @@ def test_train_py_refusal_tells_the_user_what_to_add(sample_shards, tmp_path):
 def test_a_vit_trains_at_64_pixels_and_its_export_and_checkpoint_load(sample_shards, tmp_path):
     from ecomaug.evaluation.embed import load_checkpoint as embed_checkpoint
     from ecomaug.evaluation.embed import load_export
-    from ecomaug.export import load_exported
 
     out = tmp_path / "run"
     config = parse_config(["--data", str(sample_shards / "shard-000000.tar"), "--out", str(out), *TINY,
                            "--model", "vit_small_patch16_224", "--crop-size", "64", "--max-steps", "1"])
-    result = train_script.train(config)
+    result = engine.train(config)
     assert result.step == 1
     assert json.loads((out / "export" / "config.json").read_text())["input_size"] == [3, 64, 64]
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     for model in (load_export(out / "export", device=torch.device("cpu")),
                   embed_checkpoint(result.checkpoint, device=torch.device("cpu"))):
         assert model.input_size == 64 and model.embed(images).shape == (2, 384)
-    assert load_exported(out / "export")(torch.zeros(1, 3, 64, 64)).shape == (1, 384)
 
 
 # -- a full disk --------------------------------------------------------------------------------
@@ -255,7 +253,8 @@ def test_a_full_disk_during_training_is_one_line_and_keeps_the_previous_checkpoi
 
 
 def test_a_full_disk_during_export_is_one_line_and_keeps_the_previous_export(sample_shards, tmp_path):
-    from ecomaug.export import create_backbone, export_backbone, load_exported
+    from ecomaug.evaluation.embed import load_export
+    from ecomaug.export import create_backbone, export_backbone
 
     source = tmp_path / "ckpt"
     timm_state = create_backbone("test_resnet").state_dict()
@@ -273,7 +272,7 @@ def test_a_full_disk_during_export_is_one_line_and_keeps_the_previous_export(sam
         assert error_line(done.stderr).startswith(f"Error: disk full while writing {disk / 'export'}")
         after = {path.name: path.read_bytes() for path in (disk / "export").iterdir()}
         assert after == before  # the previous export, byte for byte, and no temporary file
-        load_exported(disk / "export")
+        load_export(disk / "export", device=torch.device("cpu"))
 
 
 def test_a_checkpoint_whose_fsync_reports_enospc_leaves_no_temp_file(tmp_path, monkeypatch):

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import train as train_script
+from ecomaug import engine
 from ecomaug.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from ecomaug.config import PRESETS, TrainConfig, load_config, parse_config
+from ecomaug.normalise import Normalise
 
 TINY_FLAGS = ["--model", "test_resnet", "--crop-size", "32", "--batch-size", "16", "--queue-size", "16",
               "--momentum", "0.9", "--opt", "adamw", "--base-lr", "0.05", "--warmup-epochs", "0",
@@ -35,7 +36,7 @@ def trained_run(sample_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     config = tiny_config(sample_shards / "shard-000000.tar", out, "--epochs", "8", "--log-every", "4",
                          "--checkpoint-every", "1000", "--val-data", str(sample_shards), "--knn-every", "4")
-    result = train_script.train(config)
+    result = engine.train(config)
     assert result.step == 32
     return out
 
@@ -63,10 +64,10 @@ def test_loss_falls_on_the_sample(trained_run):
     config = load_config(trained_run / "config.json")
     batch = next(iter(build_loader(config.data, device="cpu", batch_size=32, crop_size=32, mode="eval",
                                    backend="torch", num_workers=0)))
-    normalise = train_script.Normalise(channels_last=False)
+    normalise = Normalise(channels_last=False)
     views = [normalise(build_recipe("mocov2", seed=seed)(batch.views[0])) for seed in (1, 2)]
-    initial = train_script.build_model(config, queue_size=16, bn_splits=1)
-    trained = train_script.build_model(config, queue_size=16, bn_splits=1)
+    initial = engine.build_objective(config, queue_size=16, bn_splits=1)
+    trained = engine.build_objective(config, queue_size=16, bn_splits=1)
     trained.load_state_dict(load_checkpoint(list_checkpoints(trained_run)[0][1])["model"])
     before, after = fixed_batch_loss(initial, views), fixed_batch_loss(trained, views)
     assert after < before - 0.1, (before, after, losses)
@@ -130,8 +131,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sample_shards, tmp_pa
     monkeypatch.setattr(ecomaug.moco, "info_nce", poisoned)
     config = tiny_config(sample_shards / "shard-000000.tar", tmp_path, "--max-steps", "8",
                          "--checkpoint-every", "2", "--log-every", "100", "--no-export")
-    with pytest.raises(train_script.NonFiniteLossError, match="NaN or infinite.*ckpt-00000002.pt"):
-        train_script.train(config)
+    with pytest.raises(engine.NonFiniteLossError, match="NaN or infinite.*ckpt-00000002.pt"):
+        engine.train(config)
     assert [step for step, _ in list_checkpoints(tmp_path)] == [2]
     state = load_checkpoint(tmp_path / "checkpoints" / "ckpt-00000002.pt")
     assert all(torch.isfinite(tensor).all() for tensor in state["model"].values() if tensor.is_floating_point())
@@ -140,7 +141,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sample_shards, tmp_pa
 def test_siamese_objective_trains_on_item_ids(sample_shards, tmp_path):
     config = tiny_config(sample_shards / "shard-000000.tar", tmp_path, "--objective", "siamese",
                          "--max-steps", "2", "--log-every", "1", "--no-export")
-    result = train_script.train(config)
+    result = engine.train(config)
     assert result.step == 2 and all(math.isfinite(r["loss"]) for r in train_records(tmp_path))
     state = load_checkpoint(result.checkpoint)
     assert state["backbone_prefix"] == "encoder.backbone."
@@ -190,7 +191,7 @@ def test_cli_train_reports_bad_flags_in_one_line(tmp_path):
 def test_max_steps_shortens_the_whole_schedule(sample_shards, tmp_path):
     config = tiny_config(sample_shards / "shard-000000.tar", tmp_path / "run", "--epochs", "50",
                          "--max-steps", "6", "--log-every", "1", "--min-lr", "0", "--no-export")
-    train_script.train(config)
+    engine.train(config)
     lrs = [record["lr"] for record in train_records(tmp_path / "run")]
     assert len(lrs) == 6
     assert lrs == sorted(lrs, reverse=True)  # no warm-up asked: the cosine only falls ...
@@ -203,7 +204,7 @@ def test_main_job_holds_out_items_and_closes_with_trained_vs_random_init_recall(
     from loaders.manifest import load_shard_set
 
     out = tmp_path / "sample-run"
-    result = train_script.run(["--out", str(out), *TINY_FLAGS, "--epochs", "1", "--max-steps", "2"])
+    result = engine.run(["--out", str(out), *TINY_FLAGS, "--epochs", "1", "--max-steps", "2"])
     printed = capsys.readouterr().out
     closing = [line for line in printed.splitlines() if line.startswith("held-out kNN recall@1")]
     assert len(closing) == 1 and "trained" in closing[0] and "random-init" in closing[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import train as train_script
+from ecomaug import engine
 from ecomaug.checkpoint import list_checkpoints, load_checkpoint
 from ecomaug.config import parse_config
 
@@ -49,7 +49,7 @@ def test_sigkill_then_resume_auto(sample_shards, tmp_path):
 
     config = parse_config(["--data", data, "--out", str(out), *FLAGS, "--resume", "auto",
                            "--max-steps", str(killed_step + 3)])
-    result = train_script.train(config)
+    result = engine.train(config)
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     resume = [r for r in records if r["event"] == "resume"]

@@ -1,0 +1,67 @@
+"""The command line of a run, shared by ``python train.py`` and ``ecomaug train``: parse, train, report."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+import torch.distributed as dist
+
+from ecomaug.config import parse_arguments
+from ecomaug.engine.errors import NonFiniteLossError, OutOfMemoryError, TrainingAborted, TrainingInterrupted
+from ecomaug.engine.trainer import TrainResult, train
+from ecomaug.logs import configure_logging, report_repeats
+
+
+def report(result: TrainResult) -> None:
+    """Say where the outputs are, and the closing held-out recall (rank 0 only)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    print(f"trained {result.step} steps; run directory: {result.run_dir}")
+    print(f"checkpoint: {result.checkpoint}")
+    if result.export_dir is not None:
+        print(f"exported backbone: {result.export_dir} (backbone.safetensors, config.json)")
+    if result.held_out is not None:
+        held_out = result.held_out
+        print(f"held-out kNN recall@1 on {held_out['num_queries']} images of items not trained on: "
+              f"trained {held_out['trained_recall@1']:.3f} vs random-init {held_out['random_init_recall@1']:.3f} "
+              f"({held_out['data']})")
+
+
+def run(argv: Sequence[str] | None = None, *, prog: str | None = None) -> TrainResult:
+    """Parse ``argv`` (``--log-level`` included), train, and report where the outputs are.
+
+    Raises:
+        Whatever :func:`ecomaug.engine.train` raises; the process group is left either way.
+    """
+    config, options = parse_arguments(argv, prog=prog)
+    configure_logging(options.log_level)
+    try:
+        result = train(config)
+    finally:
+        report_repeats()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    report(result)
+    return result
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """``python train.py``: errors become one line and exit code 2; SIGTERM/SIGINT exit 143/130."""
+    from ecomaug.cli import USER_ERRORS, is_user_error, one_line
+
+    try:
+        run(argv, prog=prog)
+    except TrainingInterrupted as stop:
+        print(stop, file=sys.stderr)
+        return stop.exit_code
+    except TrainingAborted as abort:
+        print(f"Error: {abort}", file=sys.stderr)
+        return 128 + abort.signal_number
+    except (*USER_ERRORS, OSError, NonFiniteLossError, OutOfMemoryError) as error:
+        if not (is_user_error(error) or isinstance(error, (NonFiniteLossError, OutOfMemoryError))):
+            raise
+        print(f"Error: {one_line(error)}", file=sys.stderr)
+        return 2
+    return 0

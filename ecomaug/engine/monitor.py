@@ -1,0 +1,69 @@
+"""Held-out item-matching recall@1 during and at the end of training (the kNN monitor)."""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+
+from ecomaug.config import TrainConfig
+from ecomaug.normalise import Normalise
+
+
+@torch.no_grad()
+def knn_recall_at_1(backbone: torch.nn.Module, shards: str | os.PathLike, *, config: TrainConfig,
+                    device: torch.device, normalise: Normalise,
+                    autocast: AbstractContextManager) -> dict[str, Any]:
+    """Leave-one-out item-matching recall@1 of the backbone's pooled features on ``shards``.
+
+    Raises:
+        ValueError: fewer than 2 samples of ``shards`` carry an item_id.
+    """
+    from ecomaug.evaluation.retrieval import retrieval_metrics
+    from loaders.build import build_loader
+
+    loader = build_loader(shards, backend=config.backend, device=device, batch_size=config.batch_size,
+                          crop_size=config.crop_size, mode="eval", drop_last=False,
+                          num_workers=config.num_workers)
+    was_training = backbone.training
+    backbone.eval()
+    embeddings, items, keys = [], [], []
+    try:
+        for batch in loader:
+            with autocast:
+                features = backbone(normalise(batch.views[0].float() / 255.0))  # N x F
+            for index, sample in enumerate(batch.meta):
+                if sample.get("item_id") not in (None, ""):
+                    embeddings.append(features[index].float())
+                    items.append(str(sample["item_id"]))
+                    keys.append(batch.keys[index])
+    finally:
+        backbone.train(was_training)
+    if len(embeddings) < 2:
+        raise ValueError(f"--val-data {shards} has fewer than 2 samples with an item_id")
+    stacked = torch.stack(embeddings)  # M x F
+    summary = retrieval_metrics(stacked, items, stacked, items, ks=(1,), exclude_same_key=True,
+                                query_keys=keys, gallery_keys=keys, compute_map=False)
+    return {"recall@1": float(summary["recall@1"]), "num_queries": int(summary["num_queries"])}
+
+
+def closing_recall(backbone: torch.nn.Module, shards: str | os.PathLike, *, config: TrainConfig,
+                   device: torch.device, normalise: Normalise,
+                   autocast: AbstractContextManager) -> dict[str, Any]:
+    """The run's closing evidence: held-out kNN recall@1 of the trained backbone and of a
+    random-init one of the same architecture and input size (seeded with ``config.seed``)."""
+    from ecomaug.export import create_backbone
+
+    trained = knn_recall_at_1(backbone, shards, config=config, device=device, normalise=normalise,
+                              autocast=autocast)
+    with torch.random.fork_rng(devices=[]):  # the caller's generator stream stays untouched
+        torch.manual_seed(config.seed)
+        baseline = create_backbone(config.model, img_size=config.crop_size).to(device)
+    if config.channels_last:
+        baseline = baseline.to(memory_format=torch.channels_last)
+    random_init = knn_recall_at_1(baseline, shards, config=config, device=device, normalise=normalise,
+                                  autocast=autocast)
+    return {"trained_recall@1": trained["recall@1"], "random_init_recall@1": random_init["recall@1"],
+            "num_queries": trained["num_queries"], "data": str(shards)}

@@ -1,0 +1,133 @@
+"""The setup phase's parts: the device and process group, the epoch plan, the objective, the views.
+
+Each is a plain function of the config, so ``bench`` and the tests build exactly what a run builds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ecomaug.config import TrainConfig
+from ecomaug.moco import MoCo, resolve_queue_size
+from ecomaug.siamese import Siamese
+
+logger = logging.getLogger(__name__)
+
+
+def setup_distributed(device_name: str) -> torch.device:
+    """Join the process group when started by torchrun (NCCL on GPU, gloo on CPU); pick the device.
+
+    Raises:
+        ValueError: an unknown device, CUDA asked for where there is none, or no such GPU.
+    """
+    from ecomaug.evaluation.embed import resolve_device
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(device_name)  # "auto": CUDA when present, else CPU
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device_name!r}: training runs on cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device_name}: no {device} here, this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the data and the world size make of the config: steps, the queue, the scaled LR.
+
+    Attributes:
+        data: the training shards (the converted sample when ``--data`` was not given).
+        val_data: held-out shards for the kNN monitor, or None.
+        num_samples: training samples (the manifest's counts; None when unknown).
+        steps_per_epoch: batches per rank in one epoch.
+        total_steps: optimizer steps of the whole run (``--max-steps`` included).
+        global_batch: images per step over all ranks.
+        lr: ``base_lr * global_batch / 256``.
+        queue_size: the MoCo queue length actually used (cut for small datasets).
+        bn_splits: ghost-BN sub-batches per device asked for.
+    """
+
+    data: str | Path
+    val_data: str | Path | None
+    num_samples: int | None
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: int
+    lr: float
+    queue_size: int
+    bn_splits: int
+
+
+def plan_run(config: TrainConfig, shard_set, *, data: str | Path, val_data: str | Path | None,
+             world_size: int) -> RunPlan:
+    """Plan the run from the shard set's counts (no loader is built for it).
+
+    Raises:
+        ValueError: the data holds less than one batch per rank, counts are unknown, or the
+            dataset is too small for a MoCo queue.
+    """
+    from loaders.sharding import epoch_plan
+
+    global_batch = config.batch_size * world_size
+    num_samples = shard_set.num_samples
+    if num_samples is not None and (num_samples // world_size) // config.batch_size == 0:
+        raise ValueError(f"{data} holds {num_samples} samples: not one batch of "
+                         f"{config.batch_size} per rank for {world_size} rank(s); lower --batch-size")
+    # A DALI epoch can be a few batches shorter (its shard check leaves corrupt samples out);
+    # the loop then ends that epoch early.
+    steps_per_epoch = epoch_plan(shard_set, batch_size=config.batch_size, world_size=world_size,
+                                 seed=config.seed).num_batches
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    queue_size = config.queue_size
+    if config.objective == "moco" and config.moco_version == "v2":
+        queue_size, message = resolve_queue_size(config.queue_size, num_samples=num_samples,
+                                                 global_batch=global_batch)
+        if message:
+            logger.info(message)
+    bn_splits = config.bn_splits or (1 if world_size > 1 else min(4, max(1, config.batch_size // 8)))
+    return RunPlan(data=data, val_data=val_data, num_samples=num_samples, steps_per_epoch=steps_per_epoch,
+                   total_steps=total_steps, global_batch=global_batch,
+                   lr=config.base_lr * global_batch / 256, queue_size=queue_size, bn_splits=bn_splits)
+
+
+def build_objective(config: TrainConfig, *, queue_size: int, bn_splits: int) -> MoCo | Siamese:
+    """The objective ``config.objective`` names (MoCo v2/v3 or the Siamese baseline), on the CPU.
+
+    timm initialises weights from the global generator: it is seeded with ``config.seed`` on
+    every rank (DDP would broadcast rank 0's weights anyway; this makes runs repeatable).
+    """
+    torch.manual_seed(config.seed)
+    if config.objective == "siamese":
+        return Siamese(config.model, dim=config.dim, hidden_dim=config.hidden_dim, T=config.temperature,
+                       bn_splits=bn_splits, img_size=config.crop_size)
+    return MoCo(config.model, dim=config.dim, hidden_dim=config.hidden_dim, K=queue_size,
+                m=config.momentum, T=config.temperature, version=config.moco_version,
+                shuffle_bn=config.shuffle_bn, bn_splits=bn_splits, seed=config.seed, img_size=config.crop_size,
+                momentum_schedule=config.momentum_schedule)
+
+
+def build_views(config: TrainConfig, *, device: torch.device, rank: int) -> tuple[nn.Module, torch.Generator]:
+    """The augmentation recipe that makes the two views, and the generator it draws from.
+
+    The generator is seeded ``seed + rank`` so ranks see different views; it is checkpointed.
+    """
+    from ecomaug.recipes import build_recipe
+
+    generator = torch.Generator(device=device).manual_seed(config.seed + rank)
+    return build_recipe(config.recipe, generator=generator), generator
