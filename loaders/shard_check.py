@@ -3,7 +3,7 @@
 A DALI decoder that meets one corrupt JPEG fails the whole batch and offers no per-sample skip
 (NVIDIA/DALI#3913), so the DALI backend checks its shards when a loader is built and leaves the
 corrupt samples out of a filtered copy of the index. The check is structural
-(:func:`loaders.jpeg_structure.jpeg_problem`: the segment chain from SOI to EOI, the frame
+(:func:`loaders.convert.jpeg_structure.jpeg_problem`: the segment chain from SOI to EOI, the frame
 header, and the marker codes in the entropy-coded data), but it reads every byte of the shard,
 which for millions of images is the whole dataset. So a result is remembered:
 
@@ -28,7 +28,7 @@ from typing import Any
 
 from loaders.atomic import write_json_atomic
 from loaders.dali_index import IndexSample, read_samples
-from loaders.jpeg_structure import jpeg_problem
+from loaders.convert.jpeg_structure import jpeg_problem
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 import loaders
 from loaders.convert import convert_to_shards
-from loaders.inputs import input_key
+from loaders.convert.inputs import input_key
 from loaders.manifest import FORMAT_NAME, FORMAT_VERSION, iter_skipped, load_shard_set
 
 

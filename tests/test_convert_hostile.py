@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from loaders.convert import convert_to_shards
-from loaders.inputs import input_key
+from loaders.convert.inputs import input_key
 from loaders.manifest import iter_skipped
 
 

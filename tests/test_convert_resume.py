@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import loaders.convert as convert_module
+import loaders.convert.run as convert_module
 from loaders.convert import convert_to_shards
 from loaders.manifest import iter_skipped
 
@@ -112,7 +112,7 @@ def test_crash_after_rename_before_journal_redoes_that_shard(tmp_path, monkeypat
     source = _photo_folder(tmp_path / "in", 20)
     reference = convert_to_shards(source, tmp_path / "reference", shard_size=3, workers=0, progress=False)
 
-    real_append = convert_module._append_journal
+    real_append = convert_module.append_journal
     calls = []
 
     def crash_on_third_commit(stream, record):
@@ -121,11 +121,11 @@ def test_crash_after_rename_before_journal_redoes_that_shard(tmp_path, monkeypat
             raise RuntimeError("simulated crash")
         real_append(stream, record)
 
-    monkeypatch.setattr(convert_module, "_append_journal", crash_on_third_commit)
+    monkeypatch.setattr(convert_module, "append_journal", crash_on_third_commit)
     with pytest.raises(RuntimeError, match="simulated crash"):
         convert_to_shards(source, tmp_path / "out", shard_size=3, workers=0, progress=False)
     assert (tmp_path / "out" / "shard-000002.tar").exists()
-    monkeypatch.setattr(convert_module, "_append_journal", real_append)
+    monkeypatch.setattr(convert_module, "append_journal", real_append)
 
     report = convert_to_shards(source, tmp_path / "out", shard_size=3, workers=0, progress=False)
     assert report.resumed and report.processed == report.inputs - 6

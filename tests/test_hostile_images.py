@@ -16,9 +16,9 @@ from PIL import Image
 
 import loaders
 from loaders.convert import convert_to_shards
-from loaders.images import HygieneOptions, Prepared, Rejected, list_image_files, prepare_image, read_image
-from loaders.inputs import input_key
-from loaders.jpeg_structure import jpeg_layout
+from loaders.convert.hygiene import HygieneOptions, Prepared, Rejected, prepare_image, read_image
+from loaders.convert.inputs import input_key, list_image_files
+from loaders.convert.jpeg_structure import jpeg_layout
 from loaders.manifest import iter_skipped
 from loaders.shard_check import check_shard
 

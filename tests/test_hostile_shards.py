@@ -25,7 +25,9 @@ from PIL import Image
 
 import loaders
 from ecomaug.cli import main as cli
-from loaders import convert
+import loaders.convert as convert
+from loaders.convert import out_dir as convert_out_dir
+from loaders.convert import shard_writer
 from loaders.build import dali_available
 from loaders.manifest import load_shard_set, write_json_atomic
 
@@ -332,7 +334,7 @@ def leftovers(out: Path) -> list[str]:
 def test_a_full_disk_is_one_line_with_no_temporary_left_and_the_rerun_resumes(tmp_path, sample_manifest,
                                                                                 monkeypatch):
     out = tmp_path / "out"
-    real_write = convert._ShardWriter.write
+    real_write = shard_writer.ShardWriter.write
     calls = {"n": 0}
 
     def write_until_full(self, *args):
@@ -342,12 +344,12 @@ def test_a_full_disk_is_one_line_with_no_temporary_left_and_the_rerun_resumes(tm
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(self, *args)
 
-    monkeypatch.setattr(convert._ShardWriter, "write", write_until_full)
+    monkeypatch.setattr(shard_writer.ShardWriter, "write", write_until_full)
     arguments = ["shard", str(sample_manifest), str(out), "--no-progress", "--workers", "0", "--shard-size", "8"]
     line = one_error_line(CliRunner().invoke(cli, arguments))
     assert "the disk is full" in line and str(out) in line
     assert leftovers(out) == [] and (out / ".convert-journal.jsonl").exists()
-    monkeypatch.setattr(convert._ShardWriter, "write", real_write)
+    monkeypatch.setattr(shard_writer.ShardWriter, "write", real_write)
     result = CliRunner().invoke(cli, arguments)
     assert result.exit_code == 0 and "(resumed)" in result.output
     assert json.loads((out / "manifest.json").read_text())["totals"]["written"] == 320
@@ -378,7 +380,7 @@ def test_a_second_run_into_a_locked_out_dir_says_who_holds_it(tmp_path, sample_m
     out = tmp_path / "out"
     out.mkdir()
     arguments = ["shard", str(sample_manifest), str(out), "--no-progress", "--workers", "0"]
-    with convert._out_dir_lock(out / ".lock"):
+    with convert_out_dir.out_dir_lock(out / ".lock"):
         line = one_error_line(CliRunner().invoke(cli, arguments))
         assert "being written by another" in line
         assert f"pid {os.getpid()} on host {socket.gethostname()}" in line
@@ -390,7 +392,7 @@ def test_a_second_run_into_a_locked_out_dir_says_who_holds_it(tmp_path, sample_m
 def test_split_jobs_lock_only_their_own_job(tmp_path, sample_manifest):
     out = tmp_path / "out"
     out.mkdir()
-    with convert._out_dir_lock(out / ".lock-j000"):
+    with convert_out_dir.out_dir_lock(out / ".lock-j000"):
         with pytest.raises(convert.OutDirLocked):
             convert.convert_to_shards(sample_manifest, out, num_jobs=2, job_index=0, workers=0, progress=False)
         report = convert.convert_to_shards(sample_manifest, out, num_jobs=2, job_index=1, workers=0,
@@ -401,17 +403,17 @@ def test_split_jobs_lock_only_their_own_job(tmp_path, sample_manifest):
 def test_two_processes_one_lock(tmp_path):
     path = tmp_path / ".lock"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from loaders.convert import _out_dir_lock\n"
-        f"with _out_dir_lock(Path({str(path)!r})):\n    print('held', flush=True); sys.stdin.read()")],
+        "import sys, time; from pathlib import Path; from loaders.convert.out_dir import out_dir_lock\n"
+        f"with out_dir_lock(Path({str(path)!r})):\n    print('held', flush=True); sys.stdin.read()")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(convert.OutDirLocked, match=f"pid {holder.pid} "):
-            with convert._out_dir_lock(path):
+            with convert_out_dir.out_dir_lock(path):
                 pass
     finally:
         holder.communicate("", timeout=60)
-    with convert._out_dir_lock(path):  # released by the other process: free again
+    with convert_out_dir.out_dir_lock(path):  # released by the other process: free again
         assert path.exists()
     assert not path.exists()
 
@@ -526,7 +528,7 @@ def test_an_empty_s3_prefix_is_one_error(s3_shards):
 
 @pytest.mark.slow
 def test_train_py_trains_on_s3_shards(s3_shards, tmp_path):
-    import train as train_script
+    from ecomaug import engine
     from ecomaug.config import parse_config
 
     url, _, _ = s3_shards
@@ -535,7 +537,7 @@ def test_train_py_trains_on_s3_shards(s3_shards, tmp_path):
                            "--warmup-epochs", "0", "--no-channels-last", "--no-progress", "--backend", "auto",
                            "--num-workers", "0", "--hidden-dim", "32", "--dim", "16", "--max-steps", "3",
                            "--log-every", "1", "--no-export"])
-    train_script.train(config)
+    engine.train(config)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum(record["event"] == "train" for record in records) >= 1
 

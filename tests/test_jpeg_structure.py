@@ -11,7 +11,7 @@ from PIL import Image
 import loaders
 
 from loaders.build import dali_available
-from loaders.jpeg_structure import RESERVED, TRUNCATED, JpegStructureError, jpeg_layout, too_little_data
+from loaders.convert.jpeg_structure import RESERVED, TRUNCATED, JpegStructureError, jpeg_layout, too_little_data
 from loaders.shard_check import check_shard, jpeg_problem  # the DALI backend's check
 
 

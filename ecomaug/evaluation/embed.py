@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 
 from loaders.atomic import DiskFullError, write_atomic  # noqa: F401 -- DiskFullError: raised by save
-from loaders.images import list_image_files, read_image
+from loaders.convert.hygiene import read_image
+from loaders.convert.inputs import list_image_files
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -491,7 +492,7 @@ def iter_manifest_samples(manifest: str | os.PathLike, *, report: ReadReport | N
     The key is the path as written in the manifest; ``source`` holds it too. Relative paths are
     relative to the manifest.
     """
-    from loaders.inputs import read_inputs
+    from loaders.convert.inputs import read_inputs
 
     position = 0
     for item in read_inputs(manifest).items:
@@ -517,7 +518,7 @@ def count_samples(data: str | os.PathLike) -> int | None:
     if kind == "folder":
         return len(list_image_files(data))
     if kind == "manifest":
-        from loaders.inputs import read_inputs
+        from loaders.convert.inputs import read_inputs
 
         return len(read_inputs(data).items)
     from loaders.manifest import load_shard_set

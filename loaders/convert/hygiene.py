@@ -10,8 +10,8 @@ baseline RGB JPEG that needs no change, whose bytes then pass through without wh
 end-of-image marker.
 
 :func:`read_image` is the same reading for everything else that opens image files (``preview
---images``, ``embed`` on a folder), and :func:`list_image_files` the same choice of files, so a
-folder is seen as its shards are.
+--images``, ``embed`` on a folder), and :func:`loaders.convert.inputs.list_image_files` the same
+choice of files, so a folder is seen as its shards are.
 """
 
 from __future__ import annotations
@@ -19,16 +19,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from loaders.jpeg_structure import JpegLayout, JpegStructureError, jpeg_layout, too_little_data
+from loaders.convert.jpeg_structure import JpegLayout, JpegStructureError, jpeg_layout, too_little_data
 
 RESIZE_SIDES = ("longer", "shorter")
 ORIENTATION_TAG = 0x0112
@@ -212,39 +210,6 @@ def read_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: i
     except Exception as error:
         raise UnreadableImage("corrupt image", _one_line(error)) from None
     return _decode_rgb(image, None if min_side is None else (min_side, min_side), orientation)
-
-
-def list_image_files(folder: str | os.PathLike) -> list[Path]:
-    """The image files under ``folder`` (recursive), chosen by content as a conversion would.
-
-    Hidden files and folders are left out, as :func:`loaders.inputs.read_inputs` leaves them
-    out; a file counts as an image when Pillow recognises its header, whatever its name.
-
-    Returns:
-        The paths, sorted by their path relative to ``folder``.
-
-    Raises:
-        FileNotFoundError: ``folder`` is not a directory.
-    """
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(2, "No such image directory", str(root))
-    found = []
-    for directory, subdirectories, files in os.walk(root):
-        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
-        for name in files:
-            path = Path(directory) / name
-            if name.startswith(".") or not path.is_file():
-                continue
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    with Image.open(path):
-                        pass
-            except Exception:  # not an image (or not readable): not one of the folder's images
-                continue
-            found.append(path)
-    return sorted(found, key=lambda path: path.relative_to(root).as_posix())
 
 
 _ONE_TORCH_THREAD = [False]

@@ -1,7 +1,7 @@
 """The segment structure of a JPEG file: where its frame header, scans and end of image are.
 
 One parser serves two readers: the DALI shard check (:mod:`loaders.shard_check`: would a decoder
-fail on these bytes?) and the conversion's hygiene (:mod:`loaders.images`: the frame's size and
+fail on these bytes?) and the conversion's hygiene (:mod:`loaders.convert.hygiene`: the frame's size and
 coding, and where the image ends so that a trailer after it is not copied into a shard).
 
 A JPEG is a chain of marker segments. Header segments (APPn, DQT, DHT, SOFn, ...) carry a

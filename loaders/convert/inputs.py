@@ -2,6 +2,8 @@
 
 Each input has an *identity* (its path relative to the folder, or the manifest's path value as
 written) from which its shard key is derived, so keys are stable across runs, jobs and resumes.
+The folder walk is the one listing of image files: :func:`list_image_files` (``preview --images``,
+``embed`` on a folder) keeps the entries of the same walk that Pillow recognises.
 """
 
 from __future__ import annotations
@@ -12,15 +14,19 @@ import hashlib
 import json
 import os
 import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from loaders.remote import file_kind
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 KEY_LENGTH = 20
 NOT_REGULAR = "not a regular file"  # the skip reason of a folder entry that is not an image file
+ITEM_ID_SOURCES = ("column", "parent")  # a manifest's item_id column, or each image's folder name
 
 
 @dataclass(frozen=True)
@@ -146,7 +152,20 @@ def _read_jsonl(path: Path, path_column: str) -> tuple[list[InputItem], tuple[st
     return items, tuple(columns)
 
 
-def read_inputs(source: str | os.PathLike, *, path_column: str = "path") -> InputListing:
+def _item_id_from_parent(listing: InputListing) -> InputListing:
+    """Each input's ``item_id`` from the folder holding it (``shoes/a123/1.jpg`` -> ``a123``);
+    inputs directly in the top folder get none."""
+    items = []
+    for item in listing.items:
+        parent = Path(item.identity).parent.name
+        meta = {**item.meta, "item_id": parent} if parent else {k: v for k, v in item.meta.items() if k != "item_id"}
+        items.append(InputItem(identity=item.identity, path=item.path, meta=meta, problem=item.problem))
+    columns = listing.columns if "item_id" in listing.columns else (*listing.columns, "item_id")
+    return InputListing(source=listing.source, kind=listing.kind, items=items, columns=columns)
+
+
+def read_inputs(source: str | os.PathLike, *, path_column: str = "path",
+                item_id_from: str = "column") -> InputListing:
     """List the inputs of a conversion.
 
     Args:
@@ -154,15 +173,24 @@ def read_inputs(source: str | os.PathLike, *, path_column: str = "path") -> Inpu
             and its type is decided later by content) or a ``.csv`` / ``.jsonl`` manifest with a
             path column (relative paths are relative to the manifest) and metadata columns.
         path_column: the manifest column holding the image path.
+        item_id_from: ``"column"`` (a manifest's ``item_id`` column, if any) or ``"parent"``
+            (each image's folder name, for a folder of one sub-folder per item).
 
     Returns:
         The inputs: folder files sorted by relative path, manifest rows in file order.
 
     Raises:
         FileNotFoundError: ``source`` does not exist.
-        ValueError: an empty folder or manifest, an unknown file type, a missing path column.
+        ValueError: an empty folder or manifest, an unknown file type, a missing path column,
+            an unknown ``item_id_from``.
     """
-    path = Path(source)
+    if item_id_from not in ITEM_ID_SOURCES:
+        raise ValueError(f"item_id_from must be one of {ITEM_ID_SOURCES} (got {item_id_from!r})")
+    listing = _read_listing(Path(source), path_column)
+    return _item_id_from_parent(listing) if item_id_from == "parent" else listing
+
+
+def _read_listing(path: Path, path_column: str) -> InputListing:
     if not path.exists():
         raise FileNotFoundError(2, "No such file or directory", str(path))
     if path.is_dir():
@@ -180,3 +208,33 @@ def read_inputs(source: str | os.PathLike, *, path_column: str = "path") -> Inpu
     if not items:
         raise ValueError(f"{path}: the manifest lists no inputs")
     return InputListing(source=path, kind=kind, items=items, columns=columns)
+
+
+def list_image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files under ``folder`` (recursive), chosen by content as a conversion would.
+
+    The entries of :func:`read_inputs`' walk (hidden files and folders left out) that are
+    regular files whose header Pillow recognises, whatever their names.
+
+    Returns:
+        The paths, sorted by their path relative to ``folder``.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a directory.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(2, "No such image directory", str(root))
+    found = []
+    for item in _walk_folder(root):
+        if item.problem is not None:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(item.path):
+                    pass
+        except Exception:  # not an image (or not readable): not one of the folder's images
+            continue
+        found.append(Path(item.path))
+    return found

@@ -1,0 +1,382 @@
+"""``convert_to_shards``: list the inputs, plan this job, write the shards, then the manifest.
+
+The pieces, one per file: :mod:`~loaders.convert.inputs` (what is read),
+:mod:`~loaders.convert.plan` (in which order, which job, which split),
+:mod:`~loaders.convert.workers` (cleaning in worker processes), :mod:`~loaders.convert.shard_writer`
+(one shard on disk), :mod:`~loaders.convert.journal` (crash safety),
+:mod:`~loaders.convert.out_dir` (lock, checks, a full disk) and :mod:`~loaders.convert.outputs`
+(``manifest.json``, ``skipped.jsonl``, the report).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import tarfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, BinaryIO, Sequence
+
+from loaders.atomic import DISK_FULL_ERRNOS
+from loaders.convert.hygiene import HygieneOptions, ImageHook, Prepared, Rejected
+from loaders.convert.inputs import ITEM_ID_SOURCES, InputListing, read_inputs
+from loaders.convert.journal import JOURNAL_NAME, NAME_ERRORS, JournalState, append_journal, read_journal
+from loaders.convert.out_dir import (DiskFullError, JobNames, check_out_dir, check_siblings, disk_full,
+                                     job_names, out_dir_lock, raise_if_different)
+from loaders.convert.outputs import ConvertReport, finished_report, report, write_outputs
+from loaders.convert.plan import Task, inputs_digest, plan_tasks, split_listing, validation_items
+from loaders.convert.shard_writer import TAR_BLOCK, ShardWriter, final_tar_size, fsync_directory, padded
+from loaders.convert.workers import results_in_order
+
+DEFAULT_SHARD_SIZE = 1000
+DEFAULT_MAX_SIZE = 384
+DEFAULT_QUALITY = 90
+DEFAULT_MIN_SIZE = 32
+DEFAULT_MAX_PIXELS = 89_478_485
+RESERVED_META = ("key", "source", "width", "height")
+VAL_DIR = "val"  # where val_split writes the validation set: OUT_DIR/val
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """Everything one conversion job is run with, checked."""
+
+    options: HygieneOptions
+    image_hook: ImageHook | None
+    shard_size: int
+    shard_bytes: int | None
+    group_columns: list[str]
+    workers: int
+    progress: bool
+    start_method: str
+    num_jobs: int
+    job_index: int
+    recorded_options: dict[str, Any]
+    fingerprint: dict[str, Any]
+    split: dict[str, Any] | None = None
+
+
+def validate(shard_size: int, shard_bytes: int | None, per_group: int | None, balance_by: str | None,
+             num_jobs: int, job_index: int, workers: int, prefix: str) -> None:
+    """Raise ValueError naming the first bad option."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1 (got {shard_size})")
+    if shard_bytes is not None and shard_bytes < tarfile.RECORDSIZE:
+        raise ValueError(f"shard_bytes must be at least {tarfile.RECORDSIZE} (got {shard_bytes})")
+    if per_group is not None and per_group < 1:
+        raise ValueError(f"per_group must be >= 1 (got {per_group})")
+    if per_group is not None and balance_by is None:
+        raise ValueError("per_group needs balance_by (the column whose groups are sampled evenly)")
+    if num_jobs < 1:
+        raise ValueError(f"num_jobs must be >= 1 (got {num_jobs})")
+    if not 0 <= job_index < num_jobs:
+        raise ValueError(f"job_index must be in 0..{num_jobs - 1} (got {job_index})")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (got {workers})")
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]*", prefix):
+        raise ValueError(f"prefix must be letters, digits, '_' or '-' (got {prefix!r})")
+
+
+def hook_name(image_hook: ImageHook | None) -> str | None:
+    """How the recorded options name a hook: a hook object that describes its settings in its
+    ``repr`` (like ``Dewatermarker``) is recorded by that, so a rerun with other settings is refused
+    rather than mixed into the same shards; a function by its qualified name."""
+    if image_hook is None:
+        return None
+    if not callable(getattr(image_hook, "func", None)) and type(image_hook).__repr__ is not object.__repr__ \
+            and not hasattr(image_hook, "__qualname__"):
+        return repr(image_hook)
+    target = getattr(image_hook, "func", image_hook)  # functools.partial
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__name__)}"
+
+
+def convert_to_shards(input_path: str | os.PathLike, out_dir: str | os.PathLike, *,
+                      prefix: str = "shard", shard_size: int = DEFAULT_SHARD_SIZE,
+                      shard_bytes: int | None = None, max_size: int = DEFAULT_MAX_SIZE,
+                      resize_side: str = "longer", quality: int = DEFAULT_QUALITY,
+                      min_size: int = DEFAULT_MIN_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      path_column: str = "path", item_id_from: str = "column",
+                      balance_by: str | None = None, per_group: int | None = None, seed: int = 0,
+                      shuffle: bool = False, val_split: float | None = None, num_jobs: int = 1,
+                      job_index: int = 0, workers: int | None = None, progress: bool = True,
+                      image_hook: ImageHook | None = None, start_method: str | None = None) -> ConvertReport:
+    """Convert a folder or manifest of images into WebDataset shards.
+
+    Args:
+        input_path: a folder (recursive; types decided by content) or a ``.csv`` / ``.jsonl``
+            manifest with a path column; other manifest columns go into each ``<key>.json``.
+        out_dir: where shards, indexes, ``manifest.json`` and ``skipped.jsonl`` go (created).
+        prefix: shard file prefix; with ``num_jobs > 1`` it becomes ``{prefix}-j{job_index:03d}``.
+        shard_size: most samples per shard.
+        shard_bytes: most bytes per shard (optional): a shard closes before it would exceed it;
+            a single sample larger than this gets a shard of its own.
+        max_size: cap in pixels of the longer (or shorter, see ``resize_side``) side; never
+            enlarges. The default 384 keeps the shorter side of 4:3 photos at 288 >= 256, the
+            eval resize for 224-px crops, and leaves headroom for scale-0.2 random crops.
+        resize_side: ``"longer"`` or ``"shorter"``.
+        quality: JPEG quality when re-encoding.
+        min_size: images whose shorter side is below this are skipped (``too small``).
+        max_pixels: decompression-bomb limit; larger images are skipped (``too many pixels``).
+        path_column: the manifest column holding the image path.
+        item_id_from: ``"column"`` (a manifest's ``item_id`` column, if any) or ``"parent"`` (the
+            name of the folder holding each image: one sub-folder per item, no manifest needed).
+        balance_by: manifest column to sample evenly by (for example ``region``).
+        per_group: inputs kept per group (default: the smallest group's size); the rest are
+            skipped as ``not sampled``. Deterministic under ``seed``.
+        seed: seed of the per-group sampling, of ``shuffle`` and of ``val_split``.
+        shuffle: write the inputs in a seeded random order instead of input order.
+        val_split: hold out this fraction of the items (all photos of each, drawn with ``seed``)
+            as a validation set in ``out_dir/val`` (a shard set of its own); both manifests
+            record the split, and train + val inputs = all inputs.
+        num_jobs: split the inputs deterministically (by key) into this many jobs ...
+        job_index: ... and convert only this one (0-based); together they equal one run.
+        workers: worker processes (default: all CPUs; 0 runs in this process).
+        progress: show a tqdm bar with images/s.
+        image_hook: optional picklable ``hook(rgb_image) -> (image, meta_update, changed)``
+            run in the workers on each cleaned image at its output size; changed images are
+            re-encoded, ``meta_update`` is merged into the sample's json, and the manifest's
+            ``totals.changed`` counts them.
+        start_method: how worker processes start (``"fork"``, ``"spawn"``, ``"forkserver"``);
+            default ``"fork"`` where available (fast start). Use ``"spawn"`` when the hook needs
+            CUDA or this process has already initialised it.
+
+    Returns:
+        A :class:`ConvertReport` (with ``val``, the validation set's, when ``val_split`` is
+        given). Running again after completion returns the finished report; running again
+        after a crash resumes.
+
+    Raises:
+        FileNotFoundError: ``input_path`` does not exist.
+        ValueError: bad options, an empty input, an unknown manifest column, or an ``out_dir``
+            that holds a conversion with different input or options.
+        PermissionError: ``out_dir`` cannot be written.
+        OutDirLocked: another run of this job is writing into ``out_dir`` (a FileExistsError).
+        DiskFullError: the disk filled up (an OSError; temporary files are removed and the
+            same command resumes).
+    """
+    started = time.perf_counter()
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    validate(shard_size, shard_bytes, per_group, balance_by, num_jobs, job_index, workers, prefix)
+    methods = multiprocessing.get_all_start_methods()
+    start_method = start_method or ("fork" if "fork" in methods else methods[0])
+    if start_method not in methods:
+        raise ValueError(f"start_method must be one of {methods} (got {start_method!r})")
+    if item_id_from not in ITEM_ID_SOURCES:
+        raise ValueError(f"item_id_from must be one of {ITEM_ID_SOURCES} (got {item_id_from!r})")
+    options = HygieneOptions(max_size=max_size, resize_side=resize_side, quality=quality,
+                             min_size=min_size, max_pixels=max_pixels)
+    input_path, out_dir = Path(input_path), Path(out_dir)
+    listing = read_inputs(input_path, path_column=path_column, item_id_from=item_id_from)
+    if balance_by is not None and balance_by not in listing.columns:
+        where = "a folder input has no columns" if listing.kind == "folder" else \
+            f"columns: {', '.join(listing.columns) or 'none'}"
+        raise ValueError(f"balance_by column '{balance_by}' is not in {input_path} ({where})")
+    check_out_dir(out_dir, input_path)
+    recorded_options = {
+        "prefix": prefix, "shard_size": shard_size, "shard_bytes": shard_bytes, "max_size": max_size,
+        "resize_side": resize_side, "quality": quality, "min_size": min_size,
+        "max_pixels": max_pixels, "path_column": path_column, "balance_by": balance_by,
+        "per_group": per_group, "seed": seed, "shuffle": shuffle, "image_hook": hook_name(image_hook),
+        **({"item_id_from": item_id_from} if item_id_from != "column" else {}),
+        **({"val_split": val_split} if val_split is not None else {}),
+    }
+    settings = JobSettings(
+        options=options, image_hook=image_hook, shard_size=shard_size, shard_bytes=shard_bytes,
+        group_columns=[balance_by] if balance_by else [c for c in ("region",) if c in listing.columns],
+        workers=workers, progress=progress, start_method=start_method, num_jobs=num_jobs,
+        job_index=job_index, recorded_options=recorded_options,
+        fingerprint={**recorded_options, "input": str(input_path.resolve()), "num_jobs": num_jobs,
+                     "job_index": job_index})
+    plan = dict(balance_by=balance_by, per_group=per_group, seed=seed, shuffle=shuffle)
+    if val_split is None:
+        return _convert_listing(listing, out_dir, prefix, settings, plan, started)
+    held_out = validation_items(listing, val_split, seed=seed)
+    train, val = split_listing(listing, held_out)
+    split = {"val_split": val_split, "seed": seed, "inputs": len(listing.items),
+             "items": len({str(i.meta.get("item_id")) for i in listing.items if i.meta.get("item_id")}),
+             "val_items": len(held_out), "train_inputs": len(train.items), "val_inputs": len(val.items),
+             "train_dir": ".", "val_dir": VAL_DIR}
+    del listing
+    result = _convert_listing(train, out_dir, prefix, replace(settings, split={**split, "part": "train"}),
+                              plan, started)
+    val_settings = replace(settings, split={**split, "part": "val"},
+                           fingerprint={**settings.fingerprint, "part": "val"})
+    result.val = _convert_listing(val, out_dir / VAL_DIR, prefix, val_settings, plan, time.perf_counter())
+    return result
+
+
+def _convert_listing(listing: InputListing, out_dir: Path, prefix: str, settings: JobSettings,
+                     plan: dict[str, Any], started: float) -> ConvertReport:
+    """Plan this job's share of ``listing`` and convert it into ``out_dir`` under the lock."""
+    tasks = plan_tasks(listing, num_jobs=settings.num_jobs, job_index=settings.job_index, **plan)
+    names = job_names(out_dir, prefix, settings.num_jobs, settings.job_index)
+    if names.manifest.exists():
+        return finished_report(names, settings.fingerprint, len(tasks), started)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise PermissionError(13, "Permission denied (OUT_DIR is not writable)", str(out_dir))
+    try:
+        with out_dir_lock(names.lock):
+            if names.manifest.exists():  # another run finished while this one was starting
+                return finished_report(names, settings.fingerprint, len(tasks), started)
+            try:
+                return _convert_job(tasks, names, out_dir, settings, started)
+            except OSError as error:
+                if error.errno not in DISK_FULL_ERRNOS or isinstance(error, DiskFullError):
+                    raise
+                raise disk_full(error, out_dir, names) from error
+    except OSError as error:  # the lock file itself could not be made
+        if error.errno not in DISK_FULL_ERRNOS or isinstance(error, DiskFullError):
+            raise
+        raise disk_full(error, out_dir, names) from error
+
+
+def _convert_job(tasks: list[Task], names: JobNames, out_dir: Path, settings: JobSettings,
+                 started: float) -> ConvertReport:
+    """The conversion proper, run while this job holds OUT_DIR's lock: resume or start the
+    journal, write the shards, then skipped.jsonl and manifest.json."""
+    fingerprint = settings.fingerprint
+    check_siblings(out_dir, names, fingerprint)
+    header = {"journal": JOURNAL_NAME, "version": 1, "fingerprint": fingerprint,
+              "inputs": len(tasks), "inputs_digest": inputs_digest(tasks)}
+    found_header, entries, good_length = read_journal(names.journal)
+    if found_header is not None:
+        raise_if_different(
+            {**fingerprint, "inputs": len(tasks), "inputs_digest": header["inputs_digest"]},
+            {**found_header.get("fingerprint", {}), "inputs": found_header.get("inputs"),
+             "inputs_digest": found_header.get("inputs_digest")}, names.journal)
+    known_files = {name for entry in entries if entry.get("shard")
+                   for name in (entry["shard"]["tar"], entry["shard"]["index"])}
+    strays = [p for p in out_dir.iterdir() if names.shard_pattern.match(p.name) and p.name not in known_files]
+    if found_header is None and any(not p.name.startswith(".") for p in strays):
+        raise ValueError(f"OUT_DIR {out_dir} already holds shards named {names.prefix}-*.tar from "
+                         f"another run; use an empty directory or another --prefix")
+    for path in strays:  # shards of a crashed run that the journal never recorded, temporaries
+        path.unlink()
+
+    with open(names.journal, "r+b" if found_header is not None else "wb") as journal:
+        if found_header is None:
+            append_journal(journal, header)
+        else:
+            journal.truncate(good_length)  # drop a torn last line
+            journal.seek(good_length)
+        job = _JobWriter(JournalState.from_entries(entries), journal, out_dir, names, settings)
+        processed = job.run(tasks)
+
+    manifest = write_outputs(names, settings.recorded_options, fingerprint, settings.num_jobs,
+                             settings.job_index, len(tasks), settings.group_columns, settings.split)
+    names.journal.unlink()
+    fsync_directory(out_dir)
+    return report(names, manifest, resumed=found_header is not None, processed=processed,
+                  seconds=time.perf_counter() - started)
+
+
+@dataclass
+class _JobWriter:
+    """Writes the not-yet-settled tasks into shards, one journal line per closed shard."""
+
+    state: JournalState
+    journal: BinaryIO
+    out_dir: Path
+    names: JobNames
+    settings: JobSettings
+    writer: ShardWriter | None = None
+    consumed: int = 0
+    written: int = 0
+    skipped: int = 0
+    pending_skips: list[dict[str, Any]] = field(default_factory=list)
+    pending_samples: list[list[str]] = field(default_factory=list)
+    pending_counts: dict[str, int] = field(default_factory=lambda: {"changed": 0, "passed_through": 0})
+
+    def run(self, tasks: Sequence[Task]) -> int:
+        """Process the tasks after the journal's settled prefix; returns how many were processed."""
+        from tqdm import tqdm
+
+        settings = self.settings
+        start = self.consumed = self.state.consumed
+        bar = tqdm(total=len(tasks), initial=start, unit="img", disable=not settings.progress,
+                   desc=self.names.prefix, dynamic_ncols=True, smoothing=0.1)
+        outcomes = results_in_order(tasks, start, settings.options, settings.image_hook, settings.workers,
+                                    settings.start_method)
+        try:
+            for task, outcome in outcomes:
+                self.settle(task, outcome)
+                self.consumed += 1
+                bar.update(1)
+                if self.writer is not None and self.writer.count >= settings.shard_size:
+                    self.commit()
+                    bar.set_postfix(written=self.written, skipped=self.skipped, refresh=False)
+            self.commit()  # the last, partial shard and the last skips
+        except BaseException:
+            if self.writer is not None:
+                self.writer.abandon()
+            raise
+        finally:
+            bar.close()
+        return self.consumed - start
+
+    def settle(self, task: Task, outcome: Prepared | Rejected | None) -> None:
+        """Write or skip one task, in order."""
+        state = self.state
+        if task.skip is not None:
+            self.skip(task, task.skip["reason"], task.skip.get("detail", ""), task.skip.get("duplicate_of"))
+        elif isinstance(outcome, Rejected):
+            self.skip(task, outcome.reason, outcome.detail)
+        elif outcome.bytes_digest in state.by_bytes:
+            self.skip(task, "duplicate bytes", "", state.by_bytes[outcome.bytes_digest])
+        elif outcome.pixel_digest in state.by_pixels:
+            self.skip(task, "duplicate pixels", "", state.by_pixels[outcome.pixel_digest])
+        else:
+            self.write(task, outcome)
+
+    def write(self, task: Task, outcome: Prepared) -> None:
+        meta = {key: value for key, value in {**task.item.meta, **outcome.meta}.items()
+                if key not in RESERVED_META}
+        meta = {"key": task.key, "source": task.item.identity, "width": outcome.width,
+                "height": outcome.height, **meta}
+        meta_json = json.dumps(meta, ensure_ascii=False, sort_keys=False).encode("utf-8", NAME_ERRORS)
+        sample_bytes = 2 * TAR_BLOCK + padded(len(outcome.jpeg)) + padded(len(meta_json))
+        shard_bytes = self.settings.shard_bytes
+        if (self.writer is not None and self.writer.count and shard_bytes is not None
+                and final_tar_size(self.writer.bytes + sample_bytes) > shard_bytes):
+            self.commit()  # this sample opens the next shard
+        if self.writer is None:
+            self.writer = ShardWriter(self.out_dir, f"{self.names.prefix}-{self.state.next_shard:06d}")
+        self.writer.write(task.key, outcome.jpeg, meta_json)
+        for column in self.settings.group_columns:
+            if meta.get(column) not in (None, ""):
+                self.writer.count_group(column, meta[column])
+        self.state.by_bytes[outcome.bytes_digest] = task.key
+        self.state.by_pixels.setdefault(outcome.pixel_digest, task.key)
+        self.pending_samples.append([task.key, outcome.bytes_digest, outcome.pixel_digest])
+        self.pending_counts["changed"] += int(outcome.changed)
+        self.pending_counts["passed_through"] += int(outcome.passed_through)
+        self.written += 1
+
+    def skip(self, task: Task, reason: str, detail: str = "", duplicate_of: str | None = None) -> None:
+        record = {"source": task.item.identity, "key": task.key, "reason": reason}
+        if duplicate_of is not None:
+            record["duplicate_of"] = duplicate_of
+        if detail:
+            record["detail"] = detail
+        self.pending_skips.append(record)
+        self.skipped += 1
+
+    def commit(self) -> None:
+        """Close the open shard (if it holds a sample) and journal what is settled so far."""
+        writer = self.writer
+        shard_entry = writer.finish() if writer is not None and writer.count else None
+        if writer is not None and not writer.count:
+            writer.abandon()
+        if shard_entry is not None:
+            self.state.next_shard += 1
+        append_journal(self.journal, {"consumed": self.consumed, "shard": shard_entry,
+                                      "skipped": self.pending_skips, "samples": self.pending_samples,
+                                      **self.pending_counts})
+        self.writer = None
+        self.pending_skips = []
+        self.pending_samples = []
+        self.pending_counts = {"changed": 0, "passed_through": 0}
