@@ -38,6 +38,12 @@ def parse_size(text: str | None) -> int | None:
 @click.option("--prefix", type=str, default="shard", show_default=True, help="Shard file name prefix.")
 @click.option("--path-column", type=str, default="path", show_default=True,
               help="Manifest column holding the image path (relative to the manifest).")
+@click.option("--item-id-from", type=click.Choice(["column", "parent"]), default="column", show_default=True,
+              help="Where each image's item_id comes from: the manifest's item_id column, or the name of "
+                   "the folder holding the image (a folder tree of one sub-folder per item, no manifest).")
+@click.option("--val-split", type=float, default=None,
+              help="Hold out this fraction of the items (all their photos, seeded by --seed) as a "
+                   "validation set, written to OUT_DIR/val (for ecomaug eval and train.py --val-data).")
 @click.option("--balance-by", type=str, default=None,
               help="Manifest column to sample evenly by, e.g. region.")
 @click.option("--per-group", type=int, default=None,
@@ -53,7 +59,7 @@ def parse_size(text: str | None) -> int | None:
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def shard(input_path: str, out_dir: str, max_size: int, resize_side: str, quality: int, min_size: int,
           max_pixels: int, shard_size: int, shard_bytes: str | None, prefix: str, path_column: str,
-          balance_by: str | None, per_group: int | None, seed: int, shuffle: bool, num_jobs: int,
+          item_id_from: str, val_split: float | None, balance_by: str | None, per_group: int | None, seed: int, shuffle: bool, num_jobs: int,
           job_index: int, workers: int | None, progress: bool) -> None:
     """Convert INPUT (a folder of images, or a .csv/.jsonl manifest) into shards in OUT_DIR.
 
@@ -65,6 +71,7 @@ def shard(input_path: str, out_dir: str, max_size: int, resize_side: str, qualit
     Examples:
       ecomaug shard ecomaug/assets/sample/items.csv ./shards --shard-size 64
       ecomaug shard ./images ./shards --max-size 384 --quality 90 --workers 8
+      ecomaug shard ./my_photos ./shards --item-id-from parent --val-split 0.1
       ecomaug shard items.csv ./shards --balance-by region --per-group 1000000 --seed 0
       ecomaug shard items.csv ./shards --num-jobs 16 --job-index $SLURM_ARRAY_TASK_ID
     """
@@ -75,11 +82,19 @@ def shard(input_path: str, out_dir: str, max_size: int, resize_side: str, qualit
         report = convert_to_shards(
             input_path, out_dir, prefix=prefix, shard_size=shard_size, shard_bytes=parse_size(shard_bytes),
             max_size=max_size, resize_side=resize_side, quality=quality, min_size=min_size,
-            max_pixels=max_pixels, path_column=path_column, balance_by=balance_by, per_group=per_group,
+            max_pixels=max_pixels, path_column=path_column, item_id_from=item_id_from,
+            val_split=val_split, balance_by=balance_by, per_group=per_group,
             seed=seed, shuffle=shuffle, num_jobs=num_jobs, job_index=job_index, workers=workers,
             progress=progress)
     except DiskFullError as error:  # an OSError, which the CLI otherwise leaves as a traceback
         raise CommandError(str(error)) from error
+    _echo_report(report)
+    if report.val is not None:
+        click.echo(f"validation set (--val-split {val_split}, by item): {report.val.out_dir}")
+        _echo_report(report.val)
+
+
+def _echo_report(report) -> None:
     reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(report.skipped_by_reason.items()))
     if report.already_complete:
         click.echo(f"already complete: {report.manifest_path} ({report.written} written, "

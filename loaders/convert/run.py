@@ -202,8 +202,7 @@ def convert_to_shards(input_path: str | os.PathLike, out_dir: str | os.PathLike,
     del listing
     result = _convert_listing(train, out_dir, prefix, replace(settings, split={**split, "part": "train"}),
                               plan, started)
-    val_settings = replace(settings, split={**split, "part": "val"},
-                           fingerprint={**settings.fingerprint, "part": "val"})
+    val_settings = replace(settings, split={**split, "part": "val"})
     result.val = _convert_listing(val, out_dir / VAL_DIR, prefix, val_settings, plan, time.perf_counter())
     return result
 
