@@ -41,8 +41,16 @@ class TrainConfig:
     backend: str = _option("auto", "loader backend", choices=("auto", "dali", "dali-gpu", "dali-cpu", "torch"))
     num_workers: int | None = _option(None, "loader workers (default: the loader's choice)")
     shuffle_buffer: int = _option(1000, "samples in the loader's shuffle buffer")
-    recipe: str = _option("ecom", "augmentation recipe (ecomaug.build_recipe): ecom, or the mocov2 baseline",
-                          choices=("mocov2", "ecom"))
+    recipe: str | None = _option(None, "augmentation recipe (ecomaug.build_recipe): ecom, or the mocov2 baseline; "
+                                       "none: the --recipe-config file's, else ecom", choices=("mocov2", "ecom"))
+    recipe_config: str | None = _option(None, "recipe file, YAML or JSON: recipe, set (options), order (of the "
+                                              "stages), stages (module:Class augmentations); see ecomaug.recipe_config")
+    recipe_set: tuple[str, ...] = _option((), "override a recipe option, NAME=VALUE (repeatable; wins over "
+                                              "--recipe-config), e.g. --recipe-set watermark_p=0.5")
+    watermark_dir: str | None = _option(None, "your mark pool (a folder of PNG/JPEG marks): the only pool the "
+                                              "watermark overlay draws from; ecomaug dewatermark takes the same")
+    allow_recipe_change: bool = _option(False, "let --resume continue a run with a recipe other than the one "
+                                               "recorded in OUT/config.json")
     crop_size: int = _option(224, "side of the square training crops, pixels")
     # model and objective
     objective: str = _option("moco", "self-supervised MoCo, or the supervised siamese baseline on item_id",
@@ -87,6 +95,9 @@ class TrainConfig:
     progress: bool = _option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
+        if isinstance(self.recipe_set, str) or not all(isinstance(pair, str) for pair in self.recipe_set):
+            raise ValueError(f"--recipe-set takes NAME=VALUE strings, got {self.recipe_set!r}")
+        object.__setattr__(self, "recipe_set", tuple(self.recipe_set))  # a list from JSON/YAML: one type
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -119,7 +130,7 @@ class TrainConfig:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
         for item in dataclasses.fields(self):
             choices = item.metadata.get("choices")
-            if choices and getattr(self, item.name) not in choices:
+            if choices and getattr(self, item.name) is not None and getattr(self, item.name) not in choices:
                 raise ValueError(f"--{item.name.replace('_', '-')} must be one of {list(choices)}, "
                                  f"got {getattr(self, item.name)!r}")
 
@@ -130,11 +141,16 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the resolved configuration as JSON (``TrainConfig(**json.load(...))`` reads it back)."""
+    def save(self, path: str | os.PathLike, *, derived: dict[str, Any] | None = None) -> None:
+        """Write the resolved configuration as JSON (:func:`load_config` and ``--config`` read it back).
+
+        Args:
+            derived: records beside the fields, resolved from them at run time (``recipe_spec``:
+                the recipe as it ran); they are not config fields, and reading the file skips them.
+        """
         from loaders.manifest import write_json_atomic
 
-        write_json_atomic(path, self.to_dict())
+        write_json_atomic(path, {**self.to_dict(), **(derived or {})})
 
 
 # Presets override the defaults; flags override presets.
@@ -159,6 +175,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Options of the command that are not fields of the config.
 COMMAND_OPTIONS = ("config", "log_level")
+# Records RUN/config.json holds beside the fields (see TrainConfig.save); a config file may carry them.
+DERIVED_KEYS = ("recipe_spec",)
 
 
 def _flag(name: str) -> str:
@@ -217,6 +235,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
             kwargs["choices"] = item.metadata["choices"]
         if hints[item.name] is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(hints[item.name]) is tuple:  # repeatable: --recipe-set A=1 --recipe-set B=2
+            kwargs.update(action="append", type=str, metavar="NAME=VALUE")
         else:
             kwargs["type"] = _converter(hints[item.name])
             kwargs["metavar"] = item.name.upper()
@@ -248,6 +268,10 @@ def _check_type(name: str, value: Any, hint: Any, where: str) -> Any:
     base = next((arg for arg in get_args(hint) if arg is not type(None)), hint) if optional else hint
     if value is None and optional:
         return None
+    if get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(entry, str) for entry in value):
+            raise ValueError(f"{where}: {name} must be a list of strings, got {value!r}")
+        return tuple(value)
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
@@ -287,6 +311,8 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     checked: dict[str, Any] = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
+        if name in DERIVED_KEYS:
+            continue
         if name not in known:
             raise ValueError(f"--config {path}: unknown field {key!r} (`train.py --help` lists them)")
         checked[name] = _check_type(name, value, hints[name], f"--config {path}")

@@ -16,6 +16,7 @@ from torch import nn
 
 from ecomaug.config import TrainConfig
 from ecomaug.moco import MoCo, resolve_queue_size
+from ecomaug.recipe_config import RecipeSpec
 from ecomaug.siamese import Siamese
 
 logger = logging.getLogger(__name__)
@@ -122,12 +123,47 @@ def build_objective(config: TrainConfig, *, queue_size: int, bn_splits: int) -> 
                 momentum_schedule=config.momentum_schedule)
 
 
-def build_views(config: TrainConfig, *, device: torch.device, rank: int) -> tuple[nn.Module, torch.Generator]:
+def resolve_views(config: TrainConfig) -> RecipeSpec:
+    """The recipe of the run's views: ``--recipe``, ``--recipe-config``, ``--recipe-set`` and ``--watermark-dir``
+    resolved as ``ecomaug preview`` resolves them (cheap: loads no marks; imports only the named stages).
+
+    Raises:
+        ValueError: a bad recipe file, option, value or custom stage.
+    """
+    from ecomaug.recipe_config import resolve_recipe
+
+    return resolve_recipe(config.recipe, config_file=config.recipe_config, settings=config.recipe_set,
+                          watermark_dir=config.watermark_dir)
+
+
+def check_recipe_unchanged(config: TrainConfig, spec: RecipeSpec) -> None:
+    """``--resume`` continues the recipe recorded in ``OUT/config.json``, unless ``--allow-recipe-change``.
+
+    Raises:
+        ValueError: the recipe differs; the message names what changed.
+    """
+    import json
+
+    from ecomaug.recipe_config import recipe_changes
+
+    recorded = config.out_dir / "config.json"
+    if config.resume is None or config.allow_recipe_change or not recorded.is_file():
+        return
+    saved = json.loads(recorded.read_text(encoding="utf-8")).get("recipe_spec")
+    changes = recipe_changes(saved, spec) if saved is not None else []  # None: a run from before specs
+    if changes:
+        raise ValueError(f"--resume: the recipe differs from the run's ({recorded}): {'; '.join(changes)}; "
+                         "add --allow-recipe-change to continue with the new one")
+
+
+def build_views(config: TrainConfig, *, device: torch.device, rank: int,
+                spec: RecipeSpec | None = None) -> tuple[nn.Module, torch.Generator]:
     """The augmentation recipe that makes the two views, and the generator it draws from.
 
     The generator is seeded ``seed + rank`` so ranks see different views; it is checkpointed.
+    ``spec`` is :func:`resolve_views`'s (resolved here when not given).
     """
-    from ecomaug.recipes import build_recipe
+    from ecomaug.recipes import build_recipe_from_spec
 
     generator = torch.Generator(device=device).manual_seed(config.seed + rank)
-    return build_recipe(config.recipe, generator=generator), generator
+    return build_recipe_from_spec(spec or resolve_views(config), generator=generator), generator

@@ -26,7 +26,8 @@ from ecomaug.engine.metrics import MetricsLog
 from ecomaug.engine.monitor import closing_recall, knn_recall_at_1
 from ecomaug.engine.rundir import check_run_dir, clear_run
 from ecomaug.engine.sample import sample_shards
-from ecomaug.engine.setup import RunPlan, build_objective, build_views, plan_run, setup_distributed
+from ecomaug.engine.setup import (RunPlan, build_objective, build_views, check_recipe_unchanged, plan_run,
+                                  resolve_views, setup_distributed)
 from ecomaug.engine.signals import StopSignals
 from ecomaug.engine.step import TrainStep
 
@@ -105,7 +106,7 @@ class Trainer:
         if config.channels_last:
             objective = objective.to(memory_format=torch.channels_last)
         self.objective = objective
-        recipe, augment_generator = build_views(config, device=self.device, rank=self.rank)
+        recipe, augment_generator = build_views(config, device=self.device, rank=self.rank, spec=self.recipe_spec)
         self.train_step = TrainStep.from_config(config, objective, device=self.device, lr=self.plan.lr,
                                                 total_steps=self.plan.total_steps,
                                                 steps_per_epoch=self.plan.steps_per_epoch, recipe=recipe)
@@ -150,6 +151,8 @@ class Trainer:
         shard_set = load_shard_set(config.data) if config.data is not None else None
         if config.val_data is not None:
             load_shard_set(config.val_data)
+        self.recipe_spec = resolve_views(config)
+        check_recipe_unchanged(config, self.recipe_spec)
         resume_from = None
         if config.resume not in (None, "auto"):
             resume_from = (Path(config.resume), load_checkpoint(config.resume))
@@ -160,7 +163,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if self.config.overwrite:
                 clear_run(self.run_dir)
-            self.config.save(self.run_dir / "config.json")
+            self.config.save(self.run_dir / "config.json", derived={"recipe_spec": self.recipe_spec.to_dict()})
         barrier()
 
     def _resume(self, resume_from: tuple[Path, dict[str, Any]] | None) -> None:
@@ -228,6 +231,8 @@ class Trainer:
                       lr=self.train_step.optimizer.param_groups[0]["lr"],
                       images_per_s=steps * self.plan.global_batch / elapsed,
                       data_wait=min(window["wait"] / elapsed, 1.0), **self.train_step.stats)
+        if self.train_step.recipe is not None:  # rank 0's share of samples each stage changed in the window
+            record["fired"] = {name: round(rate, 4) for name, rate in self.train_step.recipe.fired_rates().items()}
         self.metrics.write("train", **record)
         self.bar.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{record['lr']:.2e}",
                              img_s=f"{record['images_per_s']:.0f}", wait=f"{record['data_wait']:.0%}")
