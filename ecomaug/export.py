@@ -3,13 +3,18 @@
 ``OUT/backbone.safetensors`` holds exactly the state dict of :func:`create_backbone`, i.e.
 ``timm.create_model(name, pretrained=False, num_classes=0)`` (with ``img_size=S`` for models
 that take one, such as ViTs); ``OUT/config.json`` says which model that is and how its inputs
-were prepared::
+were prepared, both our way and timm's::
 
     {"model": "resnet50", "num_features": 2048, "input_size": [3, 224, 224],
-     "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"}
+     "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bilinear",
+     "architecture": "resnet50", "num_classes": 0, "model_args": {},
+     "pretrained_cfg": {"input_size": [3, 224, 224], "interpolation": "bilinear", ...}}
 
-Both files are staged beside the old ones and renamed together, so a failed export (a full
-disk) leaves the previous export as it was.
+``OUT/model.safetensors`` is the same file under the name timm looks for (a hard link, so no
+second copy on disk), so ``timm.create_model("local-dir:OUT", pretrained=True)`` builds the
+backbone with these weights and ``timm.data.resolve_data_config(model=...)`` gives the real
+input size and interpolation. The files are staged beside the old ones and renamed together,
+so a failed export (a full disk) leaves the previous export as it was.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from ecomaug.normalise import EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD
 
 WEIGHTS_NAME = "backbone.safetensors"
 CONFIG_NAME = "config.json"
-EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME)
+TIMM_WEIGHTS_NAME = "model.safetensors"  # the name timm's local-dir: loader looks for
+EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, TIMM_WEIGHTS_NAME)
 
 
 def check_model_name(model_name: str) -> None:
@@ -106,25 +112,50 @@ def export_backbone(backbone: nn.Module | dict[str, torch.Tensor], out_dir: str 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = serialise(state, metadata={"model": model_name, "format": "pt"})
-    config: dict[str, Any] = {
-        "model": model_name,
-        "num_features": int(reference.num_features),
-        "input_size": [3, int(input_size), int(input_size)],
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "interpolation": interpolation,
-    }
-    text = (json.dumps(config, indent=2) + "\n").encode("utf-8")
+    text = (json.dumps(export_config(reference, model_name, input_size, interpolation), indent=2)
+            + "\n").encode("utf-8")
     staged: dict[Path, Path] = {}
     try:  # stage both files, then rename both: the old export stays whole if anything fails
         staged[out_dir / WEIGHTS_NAME] = stage_file(out_dir / WEIGHTS_NAME, lambda stream: stream.write(weights))
         staged[out_dir / CONFIG_NAME] = stage_file(out_dir / CONFIG_NAME, lambda stream: stream.write(text))
         for target, temporary in staged.items():
             os.replace(temporary, target)
+        staged[out_dir / TIMM_WEIGHTS_NAME] = _link_or_copy(out_dir / WEIGHTS_NAME, out_dir / TIMM_WEIGHTS_NAME)
+        os.replace(staged[out_dir / TIMM_WEIGHTS_NAME], out_dir / TIMM_WEIGHTS_NAME)
     finally:
         for temporary in staged.values():
             temporary.unlink(missing_ok=True)
     return out_dir
+
+
+def export_config(reference: nn.Module, model_name: str, input_size: int, interpolation: str) -> dict[str, Any]:
+    """``config.json``: ecomaug's fields and timm's (``architecture``, ``model_args``, ``pretrained_cfg``)."""
+    import inspect
+
+    size = [3, int(input_size), int(input_size)]
+    preprocessing = {"input_size": size, "interpolation": interpolation, "mean": list(IMAGENET_MEAN),
+                     "std": list(IMAGENET_STD)}
+    # Models built for one input size (ViTs) need img_size to rebuild as trained; CNNs take none.
+    takes_size = "img_size" in inspect.signature(type(reference).__init__).parameters
+    return {"model": model_name, "num_features": int(reference.num_features), **preprocessing,
+            "architecture": model_name, "num_classes": 0,
+            "model_args": {"img_size": int(input_size)} if takes_size else {},
+            # The loaders' eval mode: shorter side to S, the centre S x S square (crop_pct 1).
+            "pretrained_cfg": {**preprocessing, "crop_pct": 1.0, "crop_mode": "center", "num_classes": 0}}
+
+
+def _link_or_copy(source: Path, target: Path) -> Path:
+    """A temporary beside ``target`` holding ``source``'s bytes: a hard link, or a copy where links fail."""
+    from ecomaug.checkpoint import stage_file
+
+    temporary = target.with_name(f".{target.name}.link")
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError:  # a file system without hard links
+        data = source.read_bytes()
+        return stage_file(target, lambda stream: stream.write(data))
+    return temporary
 
 
 def backbone_state_from_checkpoint(state: dict[str, Any]) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:

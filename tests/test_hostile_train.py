@@ -230,6 +230,10 @@ def test_a_vit_trains_at_64_pixels_and_its_export_and_checkpoint_load(sample_sha
     result = engine.train(config)
     assert result.step == 1
     assert json.loads((out / "export" / "config.json").read_text())["input_size"] == [3, 64, 64]
+    import timm
+
+    vit = timm.create_model(f"local-dir:{out / 'export'}", pretrained=True)  # img_size 64 from model_args
+    assert vit.pretrained_cfg["input_size"] == [3, 64, 64] and vit.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 384)
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     for model in (load_export(out / "export", device=torch.device("cpu")),
                   embed_checkpoint(result.checkpoint, device=torch.device("cpu"))):
@@ -305,5 +309,5 @@ def test_checkpoints_and_exports_honour_the_umask(tmp_path, umask, mode):
                                  input_size=32)
     finally:
         os.umask(previous)
-    for path in (checkpoint, export / "backbone.safetensors", export / "config.json"):
+    for path in (checkpoint, export / "backbone.safetensors", export / "config.json", export / "model.safetensors"):
         assert oct(path.stat().st_mode & 0o777) == oct(mode), path

@@ -97,9 +97,9 @@ def test_exported_weights_load_into_timm(trained_run, tmp_path):
     from ecomaug.cli import main as cli
 
     export = json.loads((trained_run / "export" / "config.json").read_text())
-    assert export == {"model": "test_resnet", "num_features": 96, "input_size": [3, 32, 32],
-                      "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                      "interpolation": "bilinear"}
+    assert {key: export[key] for key in ("model", "num_features", "input_size", "mean", "std", "interpolation")} \
+        == {"model": "test_resnet", "num_features": 96, "input_size": [3, 32, 32],
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"}
     weights = load_file(str(trained_run / "export" / "backbone.safetensors"))
     model = timm.create_model("test_resnet", pretrained=False, num_classes=0)
     model.load_state_dict(weights)  # strict
@@ -115,6 +115,28 @@ def test_exported_weights_load_into_timm(trained_run, tmp_path):
     assert all(torch.equal(again[name], weights[name]) for name in weights)
     missing = CliRunner().invoke(cli, ["export", str(tmp_path / "nope.pt"), "--out", str(tmp_path)])
     assert missing.exit_code == 2 and "nope.pt" in missing.output
+
+
+def test_the_export_loads_the_timm_way_with_its_real_input_size(trained_run):
+    import timm
+    from safetensors.torch import load_file
+
+    from ecomaug.evaluation.embed import load_export
+
+    export = trained_run / "export"
+    model = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
+    assert model.num_classes == 0
+    config = timm.data.resolve_data_config({}, model=model)
+    assert tuple(config["input_size"]) == (3, 32, 32) and config["interpolation"] == "bilinear"
+    assert config["crop_pct"] == 1.0 and tuple(config["mean"]) == timm.data.IMAGENET_DEFAULT_MEAN
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    ours = load_export(export, device=torch.device("cpu"))
+    normalised = (images.float() / 255 - torch.tensor(config["mean"]).view(1, 3, 1, 1)) \
+        / torch.tensor(config["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(normalised), ours.embed(images))
+    weights, timm_weights = load_file(str(export / "backbone.safetensors")), load_file(str(export / "model.safetensors"))
+    assert all(torch.equal(weights[name], timm_weights[name]) for name in weights)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sample_shards, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""``ecomaug export``: a training checkpoint's backbone -> safetensors + config.json for timm."""
+"""``ecomaug export``: a training checkpoint's backbone -> safetensors + config.json, loadable by timm."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import click
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=str))
 @click.option("--out", "out_dir", type=click.Path(path_type=str), required=True,
-              help="Directory for backbone.safetensors and config.json.")
+              help="Directory for backbone.safetensors (and model.safetensors, timm's name) and config.json.")
 def export(checkpoint: str, out_dir: str) -> None:
     """Export the query backbone of CHECKPOINT so timm can load it.
 
@@ -16,12 +16,12 @@ def export(checkpoint: str, out_dir: str) -> None:
     Example:
       ecomaug export runs/sample/checkpoints/ckpt-00000060.pt --out runs/sample/export
     \b
-    Then, in Python:
-      model = timm.create_model(json.load(open("runs/sample/export/config.json"))["model"],
-                                pretrained=False, num_classes=0)
-      model.load_state_dict(safetensors.torch.load_file("runs/sample/export/backbone.safetensors"))
+    Then, in Python (input size, mean/std and interpolation come with it):
+      model = timm.create_model("local-dir:runs/sample/export", pretrained=True)
+      preprocessing = timm.data.resolve_data_config({}, model=model)
     """
     from ecomaug.export import export_checkpoint
 
     written = export_checkpoint(checkpoint, out_dir)
-    click.echo(f"exported {checkpoint} -> {written}/backbone.safetensors, {written}/config.json")
+    click.echo(f"exported {checkpoint} -> {written}/backbone.safetensors, {written}/config.json "
+               f"(timm: local-dir:{written})")
