@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import random
-import tarfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -36,7 +35,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from loaders.batch import Batch
 from loaders.options import LoaderOptions
 from loaders.crops import intra_op_threads, resize_crop
-from loaders.remote import WEBDATASET_SCHEMES, check_readable, open_shard, store_error, url_scheme
+from loaders.remote import WEBDATASET_SCHEMES, check_readable, url_scheme
+from loaders.shard_reader import SHARD_ERRORS, first_line, shard_samples, shuffle_samples
 from loaders.sharding import (FOREVER, EpochPlan, Segment, check_start_batch, derive_seed, epoch_plan,
                               split_for_workers)
 
@@ -45,43 +45,7 @@ logger = logging.getLogger(__name__)
 Box = tuple[float, float, float, float]  # left, top, width, height in source pixels
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-# What reading a broken shard raises: tarfile's errors, I/O errors (a missing object, a
-# truncated stream), and ValueError (webdataset on a duplicate member, a non-regular file).
-SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
 MISSING = "__missing__"  # a placeholder for a position a broken shard could not fill
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's own message (webdataset appends the stream to ``args``)."""
-    if isinstance(error, OSError) and error.strerror:
-        text = error.strerror
-    else:
-        text = str(error.args[0]) if error.args else ""
-    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
-
-
-def shard_samples(url: str) -> Iterator[dict[str, Any]]:
-    """The samples of one shard, in tar order: ``{"__key__": key, "jpg": bytes, ...}``.
-
-    The stream is opened by :func:`loaders.remote.open_shard` (regular local files, fsspec
-    URLs, a typed ``pipe:``) and grouped into samples by webdataset's tar stages.
-
-    Raises:
-        tarfile.TarError, OSError, EOFError, ValueError: the shard cannot be read (lazily, as
-            the samples are read).
-    """
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    try:
-        stream = open_shard(url)
-    except (OSError, ValueError, ImportError):
-        raise
-    except Exception as error:  # noqa: BLE001 -- a store's own exception: this shard is unreadable
-        raise store_error(url, error) from error
-    try:
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
-    finally:
-        stream.close()
 
 
 def random_resized_box(rng: random.Random, width: int, height: int, scale: tuple[float, float],
@@ -211,21 +175,6 @@ class ShardStream(IterableDataset):
             for index in missing:
                 yield url, {"__key__": f"{Path(url).name}#{index}", MISSING: f"the shard is {problem}"}
 
-    def _shuffled(self, records: Iterator[Any], rng: random.Random) -> Iterator[Any]:
-        size = self.options.shuffle_buffer if self.options.shuffle else 0
-        if size <= 1:
-            yield from records
-            return
-        buffer: list[Any] = []
-        for record in records:
-            buffer.append(record)
-            if len(buffer) >= size:
-                index = rng.randrange(len(buffer))
-                buffer[index], buffer[-1] = buffer[-1], buffer[index]
-                yield buffer.pop()
-        rng.shuffle(buffer)
-        yield from buffer
-
     def _boxes(self, position_seed: int) -> Any:
         options = self.options
         if options.mode == "eval":
@@ -254,7 +203,7 @@ class ShardStream(IterableDataset):
         # lap shuffled on its own so a lap holds every sample once -- until a lap reads nothing
         for _ in itertools.count() if self.repeat else range(1):
             readable = 0
-            for record in self._shuffled(self._records(segments), rng):
+            for record in shuffle_samples(self._records(segments), self.options.shuffle_buffer if self.options.shuffle else 0, rng):
                 readable += MISSING not in record[1]
                 yield record
             if self.repeat and not readable:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -373,32 +372,6 @@ class ReadReport:
     duplicate_keys: int = 0
 
 
-def _tar_samples(url: str) -> Iterator[tuple[str, bytes | None, bytes | None]]:
-    """Group a local tar's members into samples in stream order (webdataset's rule: consecutive
-    members with one key form a sample; a repeated extension starts the next one)."""
-    with tarfile.open(url, "r:") as archive:
-        key: str | None = None
-        group: dict[str, bytes] = {}
-        for member in archive:
-            if not member.isfile():
-                continue
-            name_key, _, extension = member.name.rpartition("/")[2].partition(".")
-            if key is not None and (name_key != key or extension in group):
-                yield key, group.get("json"), group.get("jpg")
-                group = {}
-            key = name_key
-            group[extension] = archive.extractfile(member).read()  # type: ignore[union-attr]
-        if key is not None:
-            yield key, group.get("json"), group.get("jpg")
-
-
-def _remote_samples(url: str) -> Iterator[tuple[str, bytes | None, bytes | None]]:
-    import webdataset
-
-    for sample in webdataset.WebDataset(url, shardshuffle=False, empty_check=False):
-        yield sample["__key__"], sample.get("json"), sample.get("jpg")
-
-
 def _reason(error: BaseException) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return f"{type(error).__name__}: {text}"
@@ -419,14 +392,15 @@ def iter_shard_samples(shards: Any, *, report: ReadReport | None = None
         ValueError: a shard cannot be read (only when ``report`` is None).
     """
     from loaders.manifest import load_shard_set
+    from loaders.shard_reader import SHARD_ERRORS, shard_samples
 
     position = 0
     duplicates = 0
     for shard in load_shard_set(shards).shards:
         seen: dict[str, int] = {}
-        samples = _tar_samples(shard.url) if shard.is_local else _remote_samples(shard.url)
         try:
-            for key, meta_bytes, jpeg in samples:
+            for sample in shard_samples(shard.url):
+                key, meta_bytes, jpeg = sample["__key__"], sample.get("json"), sample.get("jpg")
                 if jpeg is None:
                     if report is not None:
                         report.skipped.append({"where": shard.url, "key": key, "position": position,
@@ -442,7 +416,7 @@ def iter_shard_samples(shards: Any, *, report: ReadReport | None = None
                     seen[key] = 0
                 position += 1
                 yield key, meta, jpeg
-        except (tarfile.TarError, OSError, EOFError, ValueError) as error:
+        except SHARD_ERRORS as error:
             if report is None:
                 raise ValueError(f"{shard.url}: cannot read this shard ({_reason(error)}); "
                                  f"{position} samples were read before it") from error
