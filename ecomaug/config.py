@@ -56,7 +56,10 @@ class TrainConfig:
     objective: str = _option("moco", "self-supervised MoCo, or the supervised siamese baseline on item_id",
                              choices=OBJECTIVES)
     moco_version: str = _option("v2", "MoCo v2 (queue) or v3 (in-batch negatives, predictor)", choices=("v2", "v3"))
-    model: str = _option("resnet50", "any timm backbone name (created with pretrained=False)")
+    model: str = _option("resnet50", "any timm backbone name (random init unless --init or --pretrained)")
+    init: str | None = _option(None, "start the backbone (query and key encoder) from these weights: a "
+                                     "safetensors file, a timm checkpoint (.pth, .pth.tar) or an ecomaug export folder")
+    pretrained: bool = _option(False, "start the backbone from timm's pretrained weights (needs the model hub)")
     dim: int = _option(128, "embedding size of the projection head")
     hidden_dim: int = _option(2048, "hidden size of the projection MLP")
     queue_size: int = _option(65536, "K: negatives in the queue (cut automatically for small datasets)")
@@ -119,6 +122,10 @@ class TrainConfig:
             raise ValueError("--warmup-epochs, --weight-decay and --min-lr must be >= 0")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"--clip-grad must be > 0, got {self.clip_grad}")
+        if self.init is not None and self.pretrained:
+            raise ValueError(f"--init {self.init} and --pretrained both name starting weights; give one")
+        if self.init is not None and not str(self.init).strip():
+            raise ValueError("--init must name a file or folder, got an empty string")
         if self.overwrite and self.resume is not None:
             raise ValueError(f"--overwrite and --resume {self.resume} contradict each other: --resume "
                              f"continues the run in {self.out}, --overwrite deletes it; give one")

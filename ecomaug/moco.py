@@ -213,6 +213,11 @@ class MoCo(nn.Module):
         self.m_now = momentum_at(step, total_steps, self.m, self.momentum_schedule)
         return {"m": self.m_now}
 
+    def load_backbone(self, weights: dict[str, torch.Tensor]) -> None:
+        """Start the query backbone from ``weights`` (strict) and the key encoder as its copy."""
+        self.encoder_q.backbone.load_state_dict(weights)
+        self.encoder_k.load_state_dict(self.encoder_q.state_dict())
+
     def generators(self) -> dict[str, torch.Generator]:
         """The shuffle-BN generator (checkpointed so a resumed run shuffles as an unbroken one)."""
         return {"shuffle": self.shuffle_generator}

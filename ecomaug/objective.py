@@ -2,7 +2,7 @@
 
 An objective is an ``nn.Module`` that turns two views of a batch into a loss. The engine knows
 nothing else about it: it calls ``forward`` (through DDP when there are ranks), then
-``on_step_end`` after every optimizer step, checkpoints ``generators()``, compiles
+``on_step_end`` after every optimizer step, ``load_backbone`` for ``--init``, checkpoints ``generators()``, compiles
 ``encoders()``, and exports ``backbone`` (whose keys sit under ``backbone_prefix`` in the
 objective's ``state_dict``). To add an objective, write one module with these members and name
 it in :func:`ecomaug.engine.setup.build_objective`.
@@ -53,6 +53,9 @@ class Objective(Protocol):
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
         """Called with the steps done so far (after each step, and once before the first):
         update schedules; return values to log with the step's record."""
+
+    def load_backbone(self, weights: dict[str, torch.Tensor]) -> None:
+        """Start the backbone (every copy of it, e.g. MoCo's key encoder) from ``weights``."""
 
     def generators(self) -> dict[str, torch.Generator]:
         """Random generators the objective draws from, saved in checkpoints."""

@@ -100,6 +100,9 @@ class Siamese(nn.Module):
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
         return {}  # no schedule of its own
 
+    def load_backbone(self, weights: dict[str, torch.Tensor]) -> None:
+        self.encoder.backbone.load_state_dict(weights)  # strict
+
     def generators(self) -> dict[str, torch.Generator]:
         return {}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from ecomaug.checkpoint import find_latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ecomaug.config import TrainConfig
 from ecomaug.distributed import all_reduce_mean, barrier, get_rank, get_world_size, is_distributed
+from ecomaug.engine.initial_weights import initial_weights
 from ecomaug.engine.errors import NonFiniteLossError, OutOfMemoryError, TrainingInterrupted, is_out_of_memory
 from ecomaug.engine.metrics import MetricsLog
 from ecomaug.engine.monitor import closing_recall, knn_recall_at_1
@@ -102,6 +104,10 @@ class Trainer:
         self.plan: RunPlan = plan_run(config, shard_set, data=data, world_size=self.world_size,
                                       val_data=config.val_data if config.val_data is not None else val_data)
         objective = build_objective(config, queue_size=self.plan.queue_size, bn_splits=self.plan.bn_splits)
+        weights = initial_weights(config, objective.backbone)
+        if weights is not None:
+            objective.load_backbone(weights)
+            logger.info("backbone starts from %s", config.init or f"timm's pretrained {config.model}")
         objective = objective.to(self.device)
         if config.channels_last:
             objective = objective.to(memory_format=torch.channels_last)
@@ -151,6 +157,8 @@ class Trainer:
         shard_set = load_shard_set(config.data) if config.data is not None else None
         if config.val_data is not None:
             load_shard_set(config.val_data)
+        if config.init is not None and not os.path.exists(config.init):
+            raise FileNotFoundError(2, "No such --init file or folder", config.init)
         self.recipe_spec = resolve_views(config)
         check_recipe_unchanged(config, self.recipe_spec)
         resume_from = None
