@@ -3,8 +3,8 @@
 A model comes from an export directory (``backbone.safetensors`` + ``config.json``), a run
 directory (its ``export/``, else its newest ``checkpoints/ckpt-*.pt``), a checkpoint file (read
 with ``weights_only=True``), or a timm name with random weights (the random-init baseline).
-Images are resized (shorter side to the input size) and centre-cropped like the loaders' eval
-mode, normalised with the model's mean/std and embedded in batches on the given device. The
+Images are cut and resized exactly as the loaders' eval mode does (:func:`prepare`: the centre
+square, antialiased bilinear, the export's ``interpolation``), normalised with the model's mean/std and embedded in batches on the given device. The
 result is saved as one ``.npz`` holding the embeddings, their keys and each sample's metadata,
 or streamed by :func:`embed_to_parts` into a folder of such files (resumable, split by rank),
 which :func:`load_embeddings` reads as one set. Readers record what they cannot read in a
@@ -24,13 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ecomaug.normalise import IMAGENET_MEAN, IMAGENET_STD  # timm's: the one normalisation
 from loaders.atomic import DiskFullError, write_atomic  # noqa: F401 -- DiskFullError: raised by save
 from loaders.convert.hygiene import read_image
 from loaders.convert.inputs import list_image_files
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -184,21 +183,26 @@ def load_model(source: str | os.PathLike, *, device: torch.device,
 
 
 def prepare(image: Image.Image | bytes, size: int) -> torch.Tensor:
-    """Decode if needed, resize the shorter side to ``size`` and centre-crop a square.
+    """Decode if needed, then the loaders' eval crop: the centre square, resized to ``size``.
+
+    The same preprocessing as ``build_loader(mode="eval")`` (the centred square that "shorter
+    side to ``size``, centre crop" keeps, resized with torch's antialiased bilinear kernel,
+    :func:`loaders.crops.resize_crop`) and as the export's ``interpolation`` says.
 
     Shape:
         - output: :math:`(3, size, size)` uint8.
     """
+    from loaders.crops import resize_crop
+    from loaders.torch_backend import centre_box
+
     if isinstance(image, (bytes, bytearray)):
         image = read_image(bytes(image))  # as the shard conversion reads: EXIF, alpha on white
-    image = image.convert("RGB")
-    width, height = image.size
-    scale = size / min(width, height)
-    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))),
-                           Image.BICUBIC, reducing_gap=3.0)
-    left, top = (resized.width - size) // 2, (resized.height - size) // 2
-    crop = resized.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1)
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())  # H x W x 3
+    height, width = pixels.shape[:2]
+    left, top, side, _ = centre_box(width, height)
+    x0, y0 = round(left), round(top)  # rounded as the loaders round their windows
+    x1, y1 = max(round(left + side), x0 + 1), max(round(top + side), y0 + 1)
+    return resize_crop(pixels, y0, x0, y1 - y0, x1 - x0, size).contiguous()  # 3 x S x S
 
 
 @dataclass
