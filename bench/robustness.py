@@ -10,7 +10,7 @@ the same architecture and size and a pixel baseline (16 x 16 thumbnails).
 
     python -m bench.robustness                                   # defaults: the sample preset, 930 steps (~16 min) per recipe on 2 CPU cores
     python -m bench.robustness --max-steps 200 --eval-items 100  # a quick look
-    python -m bench.robustness --query-regions none,grid         # also score queries by their best item region
+    python -m bench.robustness --query-regions none,items        # whole images only, and by the best item region
     python -m bench.robustness --device cuda --train-images 20000 --set crop_size=128 --set epochs=100
 
 Output (``--out``): ``robustness.txt`` (the table), ``robustness.json``, ``robustness.png``,
@@ -195,8 +195,9 @@ def run_benchmark(*, cache: Path, out: Path, recipes: Sequence[str], settings: C
 @click.option("--max-steps", type=int, default=None, help="Shorter runs (the schedule follows).")
 @click.option("--set", "overrides", multiple=True, metavar="NAME=VALUE",
               help="Any train.py flag for every run, e.g. --set crop_size=96 --set model=resnet10t.")
-@click.option("--query-regions", default="none", show_default=True,
-              help="Query embeddings to score: none (whole image), grid (best item region), or both.")
+@click.option("--query-regions", default="items", show_default=True,
+              help="Query embeddings to score, comma-separated: items (best item region, the default of "
+                   "ecomaug eval), none (whole image), grid (best layout cell).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--reuse/--retrain", default=True, show_default=True, help="Reuse finished runs with the same settings.")

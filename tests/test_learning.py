@@ -14,7 +14,8 @@ from PIL import Image, ImageDraw
 from ecomaug.augmentation.mocov2 import SeededGaussianBlur
 from ecomaug.augmentation.sampling import RandomSource
 from ecomaug.evaluation.baselines import tiny_image_model
-from ecomaug.evaluation.regions import GRIDS, embed_regions, region_boxes, region_crops, retrieve_regions
+from ecomaug.evaluation.regions import (GRIDS, MAX_ITEMS, embed_regions, item_boxes, region_boxes, region_crops,
+                                        retrieve_regions)
 from ecomaug.evaluation.retrieval import retrieve
 
 
@@ -91,6 +92,66 @@ def test_the_best_region_finds_an_item_on_a_multi_item_canvas():
     assert np.all(np.isfinite(by_region.average_precision))
 
 
+def _bundle(tiles: list[Image.Image], size: tuple[int, int] = (192, 96)) -> Image.Image:
+    canvas = Image.new("RGB", size, (200, 200, 205))
+    step = size[0] // len(tiles)
+    for index, tile in enumerate(tiles):
+        canvas.paste(tile.resize((step - 8, step - 8)), (index * step + 4, (size[1] - step + 8) // 2))
+    return canvas
+
+
+def test_item_proposals_box_each_item_of_a_bundle_and_leave_a_single_item_whole():
+    tiles = [_item(colour, "box") for colour in ((200, 30, 30), (30, 160, 40), (40, 60, 200))]
+    boxes = item_boxes(_bundle(tiles))
+    assert len(boxes) == 3
+    assert sorted(box[0] // 64 for box in boxes) == [0, 1, 2]  # one box per tile, in its third
+    single = Image.new("RGB", (96, 96), (200, 200, 205))
+    single.paste(tiles[0], (16, 16))
+    assert len(item_boxes(single)) == 1
+    assert region_crops(_jpeg(single), 32, mode="items").shape == (1, 3, 32, 32)  # whole image only
+    assert region_crops(_jpeg(_bundle(tiles)), 32, mode="items").shape == (4, 3, 32, 32)
+
+
+def test_item_regions_pad_with_the_whole_image_and_find_the_item_in_a_bundle():
+    colours = [(200, 30, 30), (30, 160, 40), (40, 60, 200), (220, 180, 20), (150, 40, 160), (20, 170, 170)]
+    gallery_images = [_item(colour, shape) for colour in colours for shape in ("ellipse", "box")]
+    gallery_items = [f"item{index}" for index in range(len(gallery_images))]
+    model = tiny_image_model(input_size=32, side=8)
+    gallery = model.embed(torch.stack([region_crops(image, 32, [(1, 1)])[0] for image in gallery_images]))
+    rng = random.Random(0)
+    queries = []
+    for target in range(len(gallery_images)):
+        others = rng.sample([index for index in range(len(gallery_images)) if index != target], 2)
+        tiles = [gallery_images[target]] + [gallery_images[index].rotate(90) for index in others]
+        rng.shuffle(tiles)
+        queries.append((f"q{target}", {"item_id": gallery_items[target]}, _jpeg(_bundle(tiles))))
+    single = (("single", {"item_id": "item0"}, _jpeg(gallery_images[0])),)
+    regions = embed_regions(model, [*queries, *single], batch_size=64, mode="items")
+    assert regions.shape == (len(queries) + 1, 1 + MAX_ITEMS, gallery.shape[1])
+    torch.testing.assert_close(regions[-1], regions[-1, :1].expand(1 + MAX_ITEMS, -1))  # one region, padded
+    items = gallery_items
+    by_region = retrieve_regions(regions[:-1], items, gallery, gallery_items, depth=3)
+    whole = retrieve(regions[:-1, 0], items, gallery, gallery_items, depth=3)
+    assert (by_region.first_hit_rank == 1).mean() == 1.0
+    assert (whole.first_hit_rank == 1).mean() < 0.5
+
+
+def test_multi_item_companions_are_items_held_out_of_the_gallery():
+    from ecomaug.evaluation.queries import build_eval_set
+
+    colours = [(rng_value * 37 % 256, rng_value * 91 % 256, rng_value * 53 % 256) for rng_value in range(1, 13)]
+    samples = [(f"{index:02d}-{view}", {"item_id": f"item{index}"}, _jpeg(_item(colour, ("box", "ellipse")[view])))
+               for index, colour in enumerate(colours) for view in range(2)]
+    eval_set = build_eval_set(samples, disturbances=["clean", "multi_item"], seed=0, progress=False)
+    gallery_items = {meta["item_id"] for _, meta, _ in eval_set.gallery}
+    assert len(gallery_items) == 10 and "held out of the gallery" in eval_set.protocol["multi_item_companions"]
+    assert {meta["item_id"] for _, meta, _ in eval_set.queries["multi_item"]} <= gallery_items
+    kept = build_eval_set(samples, disturbances=["clean"], seed=0, progress=False)  # no canvases: all items
+    assert kept.num_items == 12 and "multi_item_companions" not in kept.protocol
+    with pytest.raises(ValueError, match="companion_share"):
+        build_eval_set(samples, companion_share=1.0, progress=False)
+
+
 def test_retrieve_regions_rejects_mismatched_shapes():
     with pytest.raises(ValueError):
         retrieve_regions(torch.zeros(2, 3, 4), ["a", "b"], torch.zeros(5, 8), list("abcde"))
@@ -121,12 +182,12 @@ def test_robustness_benchmark_runs_end_to_end(tmp_path):
     settings = CorpusSettings(train_images=48, eval_items=8, images_per_item=2, size=48, seed=0)
     report = run_benchmark(
         cache=tmp_path / "corpus", out=tmp_path / "out", recipes=["mocov2", "ecom"], settings=settings,
-        device="cpu", preset="sample", query_regions=["none", "grid"], seed=0, reuse=True, progress=False,
+        device="cpu", preset="sample", query_regions=["none", "items"], seed=0, reuse=True, progress=False,
         overrides=["model=test_resnet", "crop_size=32", "batch_size=16", "max_steps=2", "hidden_dim=32", "dim=16",
                    "backend=torch", "num_workers=0", "knn_every=100"],
         corpus_sources={"clipart_root": clipart, "photos": []})
     labels = [row["model"] for row in report["rows"]]
-    assert len(labels) == 8 and "trained, ecom [grid]" in labels and "16x16 pixels [none]" in labels
+    assert len(labels) == 8 and "trained, ecom [items]" in labels and "16x16 pixels [none]" in labels
     for row in report["rows"]:
         for name in ("clean", "perspective", "watermark", "colour", "multi_item", "all_disturbed"):
             assert 0.0 <= row[f"{name}@1"] <= row[f"{name}@5"] <= 1.0

@@ -28,9 +28,11 @@ from ecomaug.evaluation.disturbances import DISTURBANCES
                    "exist (default: region, where the queries have it).")
 @click.option("--backend", type=click.Choice(["torch", "faiss"]), default="torch", show_default=True,
               help="torch: exact top-k in chunks on the device; faiss: IndexFlatIP (if installed).")
-@click.option("--query-regions", type=click.Choice(["none", "grid"]), default="none", show_default=True,
-              help="grid: also embed each query's item regions (the cells of 2-6 item layouts) and "
-                   "score it by its best region; finds an item in a multi-item image.")
+@click.option("--query-regions", type=click.Choice(["items", "none", "grid"]), default="items", show_default=True,
+              help="items: also embed each query's item regions (the blobs standing out from its "
+                   "backdrop, when it shows two or more) and score it by its best region, which finds "
+                   "an item in a multi-item image; none: whole images only; grid: the cells of 2-6 "
+                   "item layouts (measured worse).")
 @click.option("--pixel-baseline/--no-pixel-baseline", default=False, show_default=True,
               help="Add the 16x16-pixel thumbnail baseline a trained model must beat.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")

@@ -68,6 +68,17 @@ class _OtherItems(SequenceABC):
         return lambda: _decode(data)
 
 
+def _hold_out_companions(samples: Sequence[Sample], *, share: float, seed: int
+                         ) -> tuple[list[Sample], list[Sample]]:
+    """Split off a seeded ``share`` of the items (at least 2, only with 10 items or more)."""
+    items = sorted({str(sample[1]["item_id"]) for sample in samples if sample[1].get("item_id") not in (None, "")})
+    if share <= 0 or len(items) < 10:
+        return list(samples), []
+    held = set(random.Random(f"{seed}-companions").sample(items, max(2, round(share * len(items)))))
+    kept = [sample for sample in samples if str(sample[1].get("item_id")) not in held]
+    return kept, [sample for sample in samples if str(sample[1].get("item_id")) in held]
+
+
 def split_gallery(samples: Sequence[Sample], *, max_items: int | None = None,
                   max_queries_per_item: int | None = None, seed: int = 0
                   ) -> tuple[list[Sample], list[Sample]]:
@@ -110,8 +121,16 @@ def split_gallery(samples: Sequence[Sample], *, max_items: int | None = None,
 
 def build_eval_set(samples: Sequence[Sample], *, disturbances: Sequence[str] = DISTURBANCES,
                    seed: int = 0, max_items: int | None = None,
-                   max_queries_per_item: int | None = None, progress: bool = True) -> EvalSet:
+                   max_queries_per_item: int | None = None, companion_share: float = 0.2,
+                   progress: bool = True) -> EvalSet:
     """Split into gallery and queries, then make every query set (deterministic under ``seed``).
+
+    A multi-item query shows its item among companions. Were the companions other gallery items,
+    the canvas would show several gallery items with one of them called "the" target, and a
+    perfect matcher would score R@1 = 1/items-on-the-canvas (0.29 on average for 2-6 items). So
+    when ``multi_item`` is asked for and there are 10 items or more, ``companion_share`` of the
+    items (seeded, at least 2) are held out of the gallery and the queries and only lend their
+    images as companions: the target is the one gallery item on its canvas.
 
     Args:
         samples: ``(key, meta, bytes)`` with ``meta["item_id"]``, e.g. from
@@ -120,19 +139,29 @@ def build_eval_set(samples: Sequence[Sample], *, disturbances: Sequence[str] = D
         seed: seed of the disturbances and of the item subset.
         max_items: evaluate on this many items (seeded subset); all when None.
         max_queries_per_item: cap on queries per item.
+        companion_share: share of the items held out as multi-item companions (0 keeps every
+            item in the gallery and draws companions from other items' query images).
         progress: show a tqdm bar while disturbing.
     """
+    if not 0.0 <= companion_share < 1.0:
+        raise ValueError(f"companion_share must be in [0, 1); got {companion_share}")
     unknown = [name for name in disturbances if name not in DISTURBANCES]
     if unknown or not disturbances:
         raise ValueError(f"unknown disturbance(s) {unknown or '(none given)'}; choose from "
                          f"{', '.join(DISTURBANCES)}")
+    share = companion_share if "multi_item" in disturbances else 0.0
+    samples, companions = _hold_out_companions(samples, share=share, seed=seed)
     gallery, plain_queries = split_gallery(samples, max_items=max_items,
                                            max_queries_per_item=max_queries_per_item, seed=seed)
-    # Companions on multi-item canvases: other items' non-gallery images, so a canvas never
-    # holds an exact copy of some gallery entry (gallery images when no other item has more).
-    pool = [(str(meta["item_id"]), data) for _, meta, data in plain_queries]
-    if len({item for item, _ in pool}) < 2:
-        pool = [(str(meta["item_id"]), data) for _, meta, data in gallery]
+    if companions:
+        pool = [(str(meta["item_id"]), data) for _, meta, data in companions]
+        companion_rule = (f"images of {len({item for item, _ in pool})} items held out of the gallery "
+                          "and the queries: the target is the only gallery item on its canvas")
+    else:  # too few items to spare: other items' non-gallery images (never a gallery copy)
+        pool = [(str(meta["item_id"]), data) for _, meta, data in plain_queries]
+        if len({item for item, _ in pool}) < 2:
+            pool = [(str(meta["item_id"]), data) for _, meta, data in gallery]
+        companion_rule = "other gallery items' images (few items): R@1 is capped near 1/items on the canvas"
     blocks: dict[str, tuple[int, int]] = {}
     for position, (item, _) in enumerate(pool):
         start, _stop = blocks.get(item, (position, position))
@@ -160,6 +189,7 @@ def build_eval_set(samples: Sequence[Sample], *, disturbances: Sequence[str] = D
         "items": len(gallery), "queries_per_disturbance": len(plain_queries),
         "disturbances": list(disturbances), "seed": seed,
         "independent_of_training": True,
+        **({"multi_item_companions": companion_rule} if "multi_item" in disturbances else {}),
     }
     return EvalSet(gallery=gallery, queries=queries, seed=seed, num_items=len(gallery),
                    protocol=protocol)

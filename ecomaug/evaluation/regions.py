@@ -4,10 +4,19 @@ A bundle photo or a shop banner shows the wanted item among others; its whole-im
 averages all of them and matches none. Embedding the image's item regions as well and keeping,
 for every gallery entry, the best score over the regions finds the item wherever it sits.
 
-The regions are the cells of the layouts that multi-item listings use (2 and 3 side by side or
-stacked, 2 x 2, 3 x 2 and 2 x 3), plus the whole image, which keeps single-item queries
-unchanged. Each cell is padded to a square with the image's border colour (so an item keeps its
-aspect ratio, as in the gallery) before it is resized to the model's input.
+Two ways to find the regions (``query_regions``):
+
+* ``"items"`` (class-agnostic proposals): the connected blobs that stand out from the image's
+  border colour (the backdrop a bundle's items are laid out on), each blob's box a region. An
+  image with fewer than two such blobs is a single-item image and keeps its whole-image
+  embedding alone, so single-item queries barely change.
+* ``"grid"``: every cell of the layouts multi-item listings use (2 and 3 side by side or
+  stacked, 2 x 2, 3 x 2 and 2 x 3). Measured worse: half-items and empty cells match wrong
+  gallery items more strongly than the whole image matches the right one.
+
+The whole image is always a region. Each region is padded to a square with the image's border
+colour (so an item keeps its aspect ratio, as in the gallery) before it is resized to the
+model's input.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING, Sequence
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -26,7 +36,30 @@ if TYPE_CHECKING:
 
 # (columns, rows) of each layout; (1, 1) is the whole image.
 GRIDS: tuple[tuple[int, int], ...] = ((1, 1), (2, 1), (1, 2), (3, 1), (1, 3), (2, 2), (3, 2), (2, 3))
-QUERY_REGIONS = ("none", "grid")
+QUERY_REGIONS = ("none", "items", "grid")
+MAX_ITEMS = 8  # proposals kept per image, the largest first
+
+
+def item_boxes(image: Image.Image, *, tolerance: int = 30, min_area: float = 0.02,
+               max_items: int = MAX_ITEMS) -> list[tuple[int, int, int, int]]:
+    """Class-agnostic item proposals: boxes of the blobs that differ from the border colour.
+
+    A pixel is foreground when one of its channels differs from the border's median colour by
+    more than ``tolerance``; a 3 x 3 opening drops specks and thin text strokes; each 8-connected
+    blob whose box covers at least ``min_area`` of the image is one proposal.
+
+    Returns:
+        ``(left, top, right, bottom)`` boxes, the largest first; fewer than two means "one item".
+    """
+    pixels = np.asarray(image.convert("RGB")).astype(np.int16)
+    mask = (np.abs(pixels - np.array(_border_colour(pixels))).max(axis=-1) > tolerance).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    _, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    height, width = mask.shape
+    boxes = [(int(x), int(y), int(x + w), int(y + h)) for x, y, w, h, _ in stats[1:]
+             if w * h >= min_area * width * height]
+    boxes.sort(key=lambda box: -(box[2] - box[0]) * (box[3] - box[1]))
+    return boxes[:max_items]
 
 
 def region_boxes(width: int, height: int, grids: Sequence[tuple[int, int]] = GRIDS
@@ -48,12 +81,24 @@ def _border_colour(pixels: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(value) for value in np.median(border, axis=0))  # type: ignore[return-value]
 
 
-def region_crops(image: Image.Image | bytes, size: int, grids: Sequence[tuple[int, int]] = GRIDS
-                 ) -> torch.Tensor:
+def region_count(mode: str, grids: Sequence[tuple[int, int]] = GRIDS) -> int:
+    """Regions per image for ``mode`` (``"items"`` pads to a fixed count with the whole image)."""
+    if mode == "items":
+        return 1 + MAX_ITEMS
+    if mode == "grid":
+        return len(region_boxes(8, 8, grids))
+    raise ValueError(f"query regions must be 'items' or 'grid'; got {mode!r}")
+
+
+def region_crops(image: Image.Image | bytes, size: int, grids: Sequence[tuple[int, int]] = GRIDS,
+                 *, mode: str = "grid") -> torch.Tensor:
     """Every region of ``image`` as a ``size`` square: padded with the border colour, then resized.
 
+    With ``mode="items"`` the regions are the whole image and its :func:`item_boxes` (none when
+    it shows fewer than two), so R varies from image to image (1 to ``1 + MAX_ITEMS``).
+
     Shape:
-        - output: :math:`(R, 3, size, size)` uint8, R = the number of cells of all ``grids``.
+        - output: :math:`(R, 3, size, size)` uint8, the whole image first.
     """
     from ecomaug.evaluation.embed import prepare
 
@@ -61,8 +106,13 @@ def region_crops(image: Image.Image | bytes, size: int, grids: Sequence[tuple[in
         image = Image.open(io.BytesIO(image))
     image = image.convert("RGB")
     fill = _border_colour(np.asarray(image))
+    if mode == "items":
+        items = item_boxes(image)
+        boxes = [(0, 0, *image.size)] + (items if len(items) >= 2 else [])
+    else:
+        boxes = region_boxes(*image.size, grids)
     crops = []
-    for box in region_boxes(*image.size, grids):
+    for box in boxes:
         cell = image.crop(box)
         side = max(cell.size)
         square = Image.new("RGB", (side, side), fill)
@@ -72,25 +122,35 @@ def region_crops(image: Image.Image | bytes, size: int, grids: Sequence[tuple[in
 
 
 def embed_regions(model: "EmbeddingModel", samples: Sequence[tuple[str, dict, bytes]], *,
-                  batch_size: int = 64, grids: Sequence[tuple[int, int]] = GRIDS,
+                  batch_size: int = 64, grids: Sequence[tuple[int, int]] = GRIDS, mode: str = "grid",
                   progress: bool = False, description: str = "regions") -> torch.Tensor:
     """Embed every region of every sample.
 
+    An image with fewer regions than :func:`region_count` is padded with its whole-image
+    embedding, which leaves its best score unchanged (and is not embedded twice).
+
     Shape:
-        - output: :math:`(Q, R, D)` float32 on the model's device.
+        - output: :math:`(Q, R, D)` float32 on the model's device, R = :func:`region_count`.
     """
     from tqdm.auto import tqdm
 
-    per_query = len(region_boxes(8, 8, grids))
+    per_query = region_count(mode, grids)
     vectors, pending = [], []
     chunk = max(1, batch_size // per_query)
-    for index, (_, _, data) in enumerate(tqdm(samples, desc=description, unit="img", disable=not progress)):
-        pending.append(region_crops(data() if callable(data) else data, model.input_size, grids))
-        if len(pending) == chunk or index == len(samples) - 1:
-            crops = torch.cat(pending)  # chunk*R x 3 x S x S
-            vectors.append(model.embed(crops).view(len(pending), per_query, -1))
-            pending = []
-    return torch.cat(vectors)
+
+    def flush() -> None:
+        embedded = model.embed(torch.cat(pending)).split([len(crops) for crops in pending])
+        for regions in embedded:  # R_i x D, whole image first
+            vectors.append(torch.cat([regions, regions[:1].expand(per_query - len(regions), -1)]))
+        pending.clear()
+
+    for _, _, data in tqdm(samples, desc=description, unit="img", disable=not progress):
+        pending.append(region_crops(data() if callable(data) else data, model.input_size, grids, mode=mode))
+        if len(pending) == chunk:
+            flush()
+    if pending:
+        flush()
+    return torch.stack(vectors)
 
 
 def retrieve_regions(region_embeddings: torch.Tensor, query_items: Sequence[object], gallery_emb: torch.Tensor,

@@ -68,9 +68,9 @@ def evaluate_models(eval_set: EvalSet, models: Sequence[ModelSpec], *, batch_siz
         group_by: metadata columns of the queries to break the metrics down by (those absent
             from the metadata are skipped).
         backend: retrieval backend, ``"torch"`` or ``"faiss"``.
-        query_regions: ``"none"`` (one embedding per query) or ``"grid"``: each query also
-            embedded by its item regions, scored by its best region
-            (:mod:`ecomaug.evaluation.regions`; exact search only).
+        query_regions: ``"none"`` (one embedding per query), ``"items"`` or ``"grid"``: each
+            query also embedded by its item regions (proposals or layout cells), scored by its
+            best region (:mod:`ecomaug.evaluation.regions`; exact search only).
         progress: show progress bars.
     """
     from ecomaug.evaluation.regions import QUERY_REGIONS, embed_regions, retrieve_regions
@@ -93,8 +93,9 @@ def evaluate_models(eval_set: EvalSet, models: Sequence[ModelSpec], *, batch_siz
         for name, samples in eval_set.queries.items():
             metas = [meta for _, meta, _ in samples]
             items = [str(meta["item_id"]) for meta in metas]
-            if query_regions == "grid":
+            if query_regions != "none":
                 regions = embed_regions(model, samples, batch_size=batch_size, progress=progress,
+                                        mode=query_regions,
                                         description=f"{spec.label}: {name} regions")
                 ranking = retrieve_regions(regions, items, gallery.vectors.to(model.device),
                                            gallery_items, depth=max(KS))
@@ -316,7 +317,7 @@ def robustness_report(gallery: str | os.PathLike, models: Sequence[ModelSpec],
                       seed: int = 0, max_items: int | None = None,
                       max_queries_per_item: int | None = None, batch_size: int = 64,
                       group_by: Sequence[str] | None = None, backend: str = "torch",
-                      examples_per_disturbance: int = 3, query_regions: str = "none",
+                      examples_per_disturbance: int = 3, query_regions: str = "items",
                       progress: bool = True) -> tuple[str, dict[str, Path]]:
     """From shards (or an ``items.csv``) with ``item_id`` to the written report.
 
@@ -333,8 +334,8 @@ def robustness_report(gallery: str | os.PathLike, models: Sequence[ModelSpec],
             before any model runs). None: ``region`` where the queries have it.
         backend: ``"torch"`` (exact, chunked) or ``"faiss"``.
         examples_per_disturbance: example queries per disturbance on the examples page.
-        query_regions: ``"none"`` or ``"grid"`` (score each query by its best item region;
-            see :func:`evaluate_models`).
+        query_regions: ``"items"`` (score each query by its best item region), ``"none"`` or
+            ``"grid"``; see :func:`evaluate_models`.
         progress: show progress bars.
 
     Returns:
