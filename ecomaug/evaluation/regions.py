@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ecomaug.evaluation.retrieval import RetrievalResult
+from ecomaug.evaluation.retrieval import RetrievalResult, encode_labels, first_hit_ranks, ranking_average_precision
 
 if TYPE_CHECKING:
     from ecomaug.evaluation.embed import EmbeddingModel
@@ -169,12 +169,11 @@ def retrieve_regions(region_embeddings: torch.Tensor, query_items: Sequence[obje
         raise ValueError("one item id per query and per gallery entry is needed")
     regions = torch.nn.functional.normalize(region_embeddings.float(), dim=-1)
     gallery = torch.nn.functional.normalize(gallery_emb.float().to(regions.device), dim=-1)
-    codes: dict[object, int] = {}
-    gallery_codes = torch.tensor([codes.setdefault(item, len(codes)) for item in gallery_items])
-    query_codes = torch.tensor([codes.get(item, -1) for item in query_items])
+    query_codes, gallery_codes = encode_labels(query_items, gallery_items)
     if depth < 1:
         raise ValueError(f"depth must be >= 1; got {depth}")
     found = min(depth, gallery.shape[0])  # a small gallery pads the ranking with -1 / -inf
+    gallery_codes_t, query_codes_t = torch.from_numpy(gallery_codes), torch.from_numpy(query_codes)
     indices, scores, average_precision = [], [], []
     for start in range(0, regions.shape[0], query_chunk):
         block = torch.einsum("qrd,gd->qrg", regions[start:start + query_chunk], gallery).amax(dim=1).cpu()  # Qc x G
@@ -183,15 +182,10 @@ def retrieve_regions(region_embeddings: torch.Tensor, query_items: Sequence[obje
         indices.append(torch.nn.functional.pad(top_indices, (0, padding), value=-1))
         scores.append(torch.nn.functional.pad(top_scores, (0, padding), value=float("-inf")))
         order = torch.argsort(block, dim=1, descending=True)  # Qc x G
-        hits = (gallery_codes[order] == query_codes[start:start + query_chunk, None]).double()  # Qc x G
-        ranks = torch.arange(1, block.shape[1] + 1, dtype=torch.float64)
-        precision = hits.cumsum(dim=1) / ranks
-        counts = hits.sum(dim=1)
-        average_precision.append(torch.where(counts > 0, (precision * hits).sum(dim=1) / counts.clamp(min=1),
-                                             torch.full_like(counts, float("nan"))))
+        hits = gallery_codes_t[order] == query_codes_t[start:start + query_chunk, None]  # Qc x G, the whole ranking
+        average_precision.append(ranking_average_precision(hits, hits.sum(dim=1)))
     topk_indices = torch.cat(indices).numpy()
-    hits = (topk_indices >= 0) & (gallery_codes.numpy()[np.maximum(topk_indices, 0)] == query_codes.numpy()[:, None])
-    has_relevant = np.isin(query_codes.numpy(), gallery_codes.numpy())
     return RetrievalResult(topk_indices=topk_indices, topk_scores=torch.cat(scores).numpy(),
-                           first_hit_rank=np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, 0),
-                           average_precision=torch.cat(average_precision).numpy(), has_relevant=has_relevant)
+                           first_hit_rank=first_hit_ranks(topk_indices, query_codes, gallery_codes),
+                           average_precision=torch.cat(average_precision).numpy(),
+                           has_relevant=np.isin(query_codes, gallery_codes))

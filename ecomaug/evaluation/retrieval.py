@@ -65,9 +65,13 @@ def _check_inputs(query_emb: torch.Tensor, query_items: Sequence[Any], gallery_e
         raise ValueError("the gallery is empty")
 
 
-def _encode_labels(query_values: Sequence[Any], gallery_values: Sequence[Any]
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Map arbitrary hashable labels to shared integer codes (-1 = absent from the other side)."""
+def encode_labels(query_values: Sequence[Any], gallery_values: Sequence[Any]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Map arbitrary hashable labels to shared integer codes (-1: a query label the gallery lacks).
+
+    Returns:
+        ``(query_codes, gallery_codes)``, int64 arrays of shapes :math:`(Q,)` and :math:`(G,)`.
+    """
     codes: dict[Any, int] = {}
     gallery_codes = np.array([codes.setdefault(value, len(codes)) for value in gallery_values],
                              dtype=np.int64)
@@ -126,6 +130,38 @@ def _average_precision(relevant_scores: torch.Tensor, valid: torch.Tensor,
     count = valid.sum(dim=1).to(torch.float64)
     return torch.where(count > 0, precision.sum(dim=1) / count.clamp(min=1),
                        torch.full_like(count, float("nan")))
+
+
+def ranking_average_precision(hits: torch.Tensor, relevant_counts: torch.Tensor) -> torch.Tensor:
+    """AP of each query from its ranking: the mean of the precision at every relevant rank.
+
+    Args:
+        hits: whether the entry at each rank is relevant, best rank first.
+        relevant_counts: relevant entries of each query in the whole gallery (more than ``hits``
+            shows when the ranking is cut short: the missing ones add zero precision).
+
+    Returns:
+        float64 AP per query, NaN where a query has no relevant entry.
+
+    Shape:
+        - hits: :math:`(Q, N)`; relevant_counts and output: :math:`(Q,)`.
+    """
+    hits = hits.to(torch.float64)
+    counts = relevant_counts.to(torch.float64)
+    ranks = torch.arange(1, hits.shape[1] + 1, dtype=torch.float64)
+    precision = hits.cumsum(dim=1) / ranks  # Q x N
+    return torch.where(counts > 0, (precision * hits).sum(dim=1) / counts.clamp(min=1),
+                       torch.full_like(counts, float("nan")))
+
+
+def first_hit_ranks(topk_indices: np.ndarray, query_codes: np.ndarray, gallery_codes: np.ndarray) -> np.ndarray:
+    """1-based rank of each query's first relevant entry among ``topk_indices`` (0: none there).
+
+    Shape:
+        - topk_indices: :math:`(Q, depth)`, -1 where there is none; output: :math:`(Q,)`.
+    """
+    hits = (topk_indices >= 0) & (gallery_codes[np.maximum(topk_indices, 0)] == query_codes[:, None])
+    return np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, 0)
 
 
 def _count_above(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -275,7 +311,7 @@ def retrieve(query_emb: torch.Tensor, query_items: Sequence[Any], gallery_emb: t
     num_queries = query_emb.shape[0]
     query = torch.nn.functional.normalize(query_emb.float(), dim=1)
     gallery = torch.nn.functional.normalize(gallery_emb.float().to(query.device), dim=1)
-    query_codes, gallery_codes = _encode_labels(query_items, gallery_items)
+    query_codes, gallery_codes = encode_labels(query_items, gallery_items)
     excluded = _excluded_positions(query_keys, gallery_keys, num_queries)
     relevant = _relevant_positions(query_codes, gallery_codes, excluded)
     has_relevant = np.array([len(r) > 0 for r in relevant], dtype=bool)
@@ -294,17 +330,12 @@ def retrieve(query_emb: torch.Tensor, query_items: Sequence[Any], gallery_emb: t
         average_precision = np.full(num_queries, np.nan)
         if compute_map:
             map_exact = False
-            hits = np.where(indices >= 0, gallery_codes[np.maximum(indices, 0)] == query_codes[:, None],
-                            False)
-            ranks = np.arange(1, search_depth + 1)
-            precision = np.cumsum(hits, axis=1) / ranks
-            counts = np.array([len(r) for r in relevant])
-            with np.errstate(invalid="ignore", divide="ignore"):
-                average_precision = np.where(counts > 0, (precision * hits).sum(1) / counts, np.nan)
+            hits = (indices >= 0) & (gallery_codes[np.maximum(indices, 0)] == query_codes[:, None])
+            counts = torch.tensor([len(r) for r in relevant])
+            average_precision = ranking_average_precision(torch.from_numpy(hits), counts).numpy()
         indices, scores = indices[:, :depth], scores[:, :depth]
-    hits = np.where(indices >= 0, gallery_codes[np.maximum(indices, 0)] == query_codes[:, None], False)
-    first_hit_rank = np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, 0)
-    return RetrievalResult(topk_indices=indices, topk_scores=scores, first_hit_rank=first_hit_rank,
+    return RetrievalResult(topk_indices=indices, topk_scores=scores,
+                           first_hit_rank=first_hit_ranks(indices, query_codes, gallery_codes),
                            average_precision=average_precision, has_relevant=has_relevant,
                            map_exact=map_exact)
 
