@@ -26,7 +26,7 @@ import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -208,48 +208,14 @@ def build_corpus(out_dir: str | Path, settings: CorpusSettings = CorpusSettings(
     eval_files = [p for p in files if is_eval_item(p, clipart_root, eval_fraction)]
     train_files = [p for p in files if not is_eval_item(p, clipart_root, eval_fraction)]
     rng.shuffle(eval_files), rng.shuffle(train_files)
-    backgrounds = Backgrounds(photo_files() if photos is None else photos, settings.size)
-    max_side = settings.size
+    photographer = Photographer(out, settings, Backgrounds(photo_files() if photos is None else photos, settings.size),
+                                rng, clipart_root)
     for name in ("train", "eval"):
         (out / name).mkdir(parents=True, exist_ok=True)
-
-    train_rows = []
-    bar = tqdm(total=settings.train_images + settings.eval_items, desc="product corpus",
-               disable=not progress, unit="item")
-    for path in train_files:
-        if len(train_rows) >= settings.train_images:
-            break
-        item = load_item(path, max_side)
-        if item is None:
-            continue
-        name = f"train/{len(train_rows):05d}.jpg"
-        _write(compose(item, backgrounds.draw(rng), rng), out / name, rng)
-        train_rows.append({"path": name, "clipart": str(path.relative_to(clipart_root))})
-        bar.update(1)
-    eval_rows = []
-    items = 0
-    for path in eval_files:
-        if items >= settings.eval_items:
-            break
-        item = load_item(path, max_side)
-        if item is None:
-            continue
-        studio = compose(item, backgrounds.draw(rng, (1.0, 0.0, 0.0, 0.0)), rng, scale=(0.7, 0.9), tilt=5.0)
-        for view in range(settings.images_per_item):
-            name = f"eval/{items:04d}_{view}.jpg"
-            if view == 0:  # the gallery's photo: the maker's studio shot
-                photo = studio
-            elif settings.eval_variation == "stock":
-                photo = recrop(studio, rng)
-            else:
-                weights, framing = EVAL_VARIATIONS["shops"]
-                photo = compose(item, backgrounds.draw(rng, weights), rng, **framing)
-            _write(photo, out / name, rng)
-            eval_rows.append({"path": name, "item_id": f"item{items:04d}",
-                              "clipart": str(path.relative_to(clipart_root))})
-        items += 1
-        bar.update(1)
-    bar.close()
+    with tqdm(total=settings.train_images + settings.eval_items, desc="product corpus",
+              disable=not progress, unit="item") as bar:
+        train_rows = photographer.train_photos(train_files, bar)
+        eval_rows, items = photographer.eval_photos(eval_files, bar)
     if len(train_rows) < settings.train_images or items < settings.eval_items:
         raise ValueError(f"only {len(train_rows)} training images and {items} evaluation items could be "
                          f"made from {len(files)} clip-art files; lower --train-images/--eval-items")
@@ -263,3 +229,55 @@ def build_corpus(out_dir: str | Path, settings: CorpusSettings = CorpusSettings(
                           progress=progress)
     stamp.write_text(json.dumps({"settings": asdict(settings)}, indent=2))
     return paths
+
+
+class Photographer:
+    """Takes the corpus' listing photos into ``out``, all from one seeded generator, in a fixed order."""
+
+    def __init__(self, out: Path, settings: CorpusSettings, backgrounds: Backgrounds, rng: random.Random,
+                 clipart_root: Path) -> None:
+        self.out, self.settings, self.backgrounds, self.rng = out, settings, backgrounds, rng
+        self.clipart_root = clipart_root
+
+    def train_photos(self, files: Sequence[Path], bar: Any) -> list[dict[str, str]]:
+        """One listing photo per usable training item, up to ``train_images``; their csv rows."""
+        rows: list[dict[str, str]] = []
+        for path in files:
+            if len(rows) >= self.settings.train_images:
+                break
+            item = load_item(path, self.settings.size)
+            if item is None:
+                continue
+            name = f"train/{len(rows):05d}.jpg"
+            _write(compose(item, self.backgrounds.draw(self.rng), self.rng), self.out / name, self.rng)
+            rows.append({"path": name, "clipart": str(path.relative_to(self.clipart_root))})
+            bar.update(1)
+        return rows
+
+    def eval_photos(self, files: Sequence[Path], bar: Any) -> tuple[list[dict[str, str]], int]:
+        """``images_per_item`` photos of each usable evaluation item, the studio shot first; rows and items."""
+        settings, rng = self.settings, self.rng
+        rows: list[dict[str, str]] = []
+        items = 0
+        for path in files:
+            if items >= settings.eval_items:
+                break
+            item = load_item(path, settings.size)
+            if item is None:
+                continue
+            studio = compose(item, self.backgrounds.draw(rng, (1.0, 0.0, 0.0, 0.0)), rng, scale=(0.7, 0.9), tilt=5.0)
+            for view in range(settings.images_per_item):
+                name = f"eval/{items:04d}_{view}.jpg"
+                if view == 0:  # the gallery's photo: the maker's studio shot
+                    photo = studio
+                elif settings.eval_variation == "stock":
+                    photo = recrop(studio, rng)
+                else:
+                    weights, framing = EVAL_VARIATIONS["shops"]
+                    photo = compose(item, self.backgrounds.draw(rng, weights), rng, **framing)
+                _write(photo, self.out / name, rng)
+                rows.append({"path": name, "item_id": f"item{items:04d}",
+                             "clipart": str(path.relative_to(self.clipart_root))})
+            items += 1
+            bar.update(1)
+        return rows, items
