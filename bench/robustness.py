@@ -23,41 +23,52 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import click
 import torch
 
 from bench.product_corpus import CorpusSettings, build_corpus
 
+if TYPE_CHECKING:
+    from ecomaug.config import TrainConfig
+
 DISTURBED = ("perspective", "watermark", "colour", "multi_item")
 DEFAULT_CACHE = Path.home() / ".cache" / "ecomaug" / "robustness-corpus"
 
 
-def train_run(recipe: str, *, data: Path, val_data: Path, out: Path, device: str, preset: str,
-              overrides: Sequence[str], seed: int, reuse: bool, progress: bool) -> Path:
-    """Train one recipe (or reuse a finished run with the same settings); returns its export."""
+def run_config(recipe: str, *, data: Path, val_data: Path, out: Path, device: str, preset: str,
+               overrides: Sequence[str], seed: int, progress: bool) -> TrainConfig:
+    """The configuration of one recipe's run: the preset, the recipe, then every ``--set NAME=VALUE``.
+
+    It carries ``--overwrite``: a run is either reused whole (:func:`train_run`) or started again.
+    """
     from ecomaug.config import parse_config
-    from ecomaug.engine import train
 
     argv = ["--data", str(data), "--val-data", str(val_data), "--out", str(out), "--preset", preset,
-            "--recipe", recipe, "--device", device, "--seed", str(seed)]
+            "--recipe", recipe, "--device", device, "--seed", str(seed), "--overwrite"]
     for item in overrides:
         name, separator, value = item.partition("=")
         if not separator:
             raise ValueError(f"--set expects NAME=VALUE (a train.py flag without --), got {item!r}")
         argv += [f"--{name.replace('_', '-')}", value]
-    config = parse_config(argv + ([] if progress else ["--no-progress"]))
+    return parse_config(argv + ([] if progress else ["--no-progress"]))
+
+
+def train_run(config: TrainConfig, *, reuse: bool) -> Path:
+    """Train ``config`` (or reuse a finished run in its ``out`` with the same settings); returns its export."""
+    from ecomaug.engine import train
+
+    out = config.out_dir
     stamp = out / "bench-settings.json"
     wanted = {key: value for key, value in config.to_dict().items() if key not in ("progress", "overwrite")}
     if reuse and (out / "export" / "backbone.safetensors").is_file() and stamp.is_file():
         if json.loads(stamp.read_text()) == json.loads(json.dumps(wanted)):
             return out / "export"
-    config = parse_config(argv + ["--overwrite"] + ([] if progress else ["--no-progress"]))
     started = time.perf_counter()
     result = train(config)
     if result.export_dir is None:
-        raise RuntimeError(f"the {recipe} run wrote no export")
+        raise RuntimeError(f"the {config.recipe} run wrote no export")
     stamp.write_text(json.dumps(wanted, indent=1))
     (out / "bench-time.json").write_text(json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
     return result.export_dir
@@ -128,22 +139,21 @@ def run_benchmark(*, cache: Path, out: Path, recipes: Sequence[str], settings: C
                   preset: str, overrides: Sequence[str], query_regions: Sequence[str], seed: int,
                   reuse: bool, progress: bool, corpus_sources: dict[str, Any] | None = None) -> dict[str, Any]:
     """Corpus -> one run per recipe -> the table of every model (see the module docstring)."""
-    from ecomaug.config import parse_config
     from ecomaug.evaluation.baselines import tiny_image_model
     from ecomaug.evaluation.embed import iter_data, load_model, random_init_model, resolve_device
     from ecomaug.evaluation.queries import build_eval_set
     from ecomaug.evaluation.report import ModelSpec, evaluate_models
 
+    if not recipes:
+        raise ValueError("--recipes names no recipe; give at least one, e.g. mocov2,ecom")
     corpus = build_corpus(cache, settings, progress=progress, **(corpus_sources or {}))
     target = resolve_device(device)
-    exports = {recipe: train_run(recipe, data=corpus["train"], val_data=corpus["eval"], out=out / "runs" / recipe,
-                                 device=device, preset=preset, overrides=overrides, seed=seed, reuse=reuse,
-                                 progress=progress)
+    configs = {recipe: run_config(recipe, data=corpus["train"], val_data=corpus["eval"], out=out / "runs" / recipe,
+                                  device=device, preset=preset, overrides=overrides, seed=seed, progress=progress)
                for recipe in recipes}
-    probe = parse_config(["--data", str(corpus["train"]), "--preset", preset,
-                          *[f"--{item.partition('=')[0].replace('_', '-')}={item.partition('=')[2]}"
-                            for item in overrides]])
-    size, model_name = probe.crop_size, probe.model
+    exports = {recipe: train_run(config, reuse=reuse) for recipe, config in configs.items()}
+    # The recipe changes no model or crop size: every run's config names the same ones.
+    size, model_name = configs[recipes[0]].crop_size, configs[recipes[0]].model
     specs = [ModelSpec(f"trained, {recipe}", (lambda path=path: load_model(path, device=target)), kind=f"moco/{recipe}")
              for recipe, path in exports.items()]
     specs.append(ModelSpec(f"random-init {model_name}",
