@@ -10,11 +10,12 @@ and gaps are ranked by how many listings (and shops) the cluster holds: the oppo
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from ecomaug.matching.calibrate import (Calibration, choose_threshold, plot_curv
 from ecomaug.matching.catalogue import Catalogue, check_compatible
 from ecomaug.matching.rerank import expand
 from ecomaug.matching.search import EXACT_LIMIT, SearchResult, fingerprint, search
+from loaders.atomic import write_atomic
 
 # Used only when nothing better is known, and always reported as uncalibrated.
 DEFAULT_THRESHOLD = 0.8
@@ -148,19 +150,23 @@ def _number(value: Any) -> float | None:
 
 
 def _write_csv(path: Path, header: list[str], rows: Iterable[list[Any]]) -> int:
-    temporary = path.with_name(f".{path.name}.tmp")
+    """Write a CSV through the one atomic writer (readers never see half of it); returns the rows."""
     count = 0
-    try:
-        with open(temporary, "w", newline="", encoding="utf-8") as stream:
-            writer = csv.writer(stream)
-            writer.writerow(header)
-            for row in rows:
-                writer.writerow(row)
-                count += 1
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+
+    def write(stream: BinaryIO) -> None:
+        nonlocal count
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow(row)
+            count += 1
+            if text.tell() > 1 << 20:  # hand the disk a megabyte at a time
+                stream.write(text.getvalue().encode("utf-8"))
+                text.seek(0), text.truncate()
+        stream.write(text.getvalue().encode("utf-8"))
+
+    write_atomic(path, write)
     return count
 
 
