@@ -86,8 +86,8 @@ def plan_run(config: TrainConfig, shard_set, *, data: str | Path, val_data: str 
     global_batch = config.batch_size * world_size
     num_samples = shard_set.num_samples
     if num_samples is not None and (num_samples // world_size) // config.batch_size == 0:
-        raise ValueError(f"{data} holds {num_samples} samples: not one batch of "
-                         f"{config.batch_size} per rank for {world_size} rank(s); lower --batch-size")
+        raise ValueError(f"{data} holds {num_samples} samples over {world_size} rank(s), fewer than "
+                         f"batch_size={config.batch_size} per rank: not one batch; lower --batch-size")
     # A DALI epoch can be a few batches shorter (its shard check leaves corrupt samples out);
     # the loop then ends that epoch early.
     steps_per_epoch = epoch_plan(shard_set, batch_size=config.batch_size, world_size=world_size,
