@@ -26,6 +26,7 @@ import click
 import torch
 from torch import nn
 
+from bench.harness import BenchCommand
 from ecomaug.moco import MoCo
 
 
@@ -181,7 +182,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         "InfoNCE loss (10-step mean)", "instance accuracy", "held-out kNN recall@1"))
 
 
-@click.command()
+@click.command("moco-reference", cls=BenchCommand)
 @click.option("--data", required=True, help="Training shards.")
 @click.option("--val-data", default=None, help="Held-out shards with item_id for kNN recall@1.")
 @click.option("--steps", type=int, default=300, show_default=True)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import click
 import torch
 
+from bench.harness import BenchCommand
 from bench.product_corpus import CorpusSettings, build_corpus
 
 if TYPE_CHECKING:
@@ -188,7 +189,7 @@ def run_benchmark(*, cache: Path, out: Path, recipes: Sequence[str], settings: C
     return report
 
 
-@click.command()
+@click.command("robustness", cls=BenchCommand)
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_CACHE, show_default=True,
               help="Where the product corpus and its shards are built (reused when its settings match).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/robustness"),
