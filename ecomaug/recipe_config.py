@@ -1,6 +1,6 @@
 """A recipe as a team writes it: a name, a file, ``NAME=VALUE`` settings -> one resolved, JSON-ready spec.
 
-Precedence, lowest first: the recipe's defaults (:data:`ecomaug.recipes.RECIPES`), the recipe file
+Precedence, lowest first: the recipe's defaults (:data:`ecomaug.recipe_defaults.RECIPES`), the recipe file
 (``--recipe-config``), then the flags (``--recipe-set NAME=VALUE``, ``--watermark-dir DIR``). The
 same resolution serves ``train.py`` and ``ecomaug preview``, so a preview shows what training draws.
 The recipe file (YAML or JSON)::
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ecomaug.augmentation.sampling import check_probability
+from ecomaug.recipe_defaults import DEFAULT_ORDER, RECIPES
 
 _FILE_KEYS = ("recipe", "set", "order", "stages")
 _STAGE_KEYS = ("name", "class", "args", "after", "before")
@@ -124,8 +125,6 @@ def resolve_recipe(name: str | None = None, *, config_file: str | Path | None = 
     Raises:
         ValueError: a conflicting name, an unknown option or stage, a bad value or position.
     """
-    from ecomaug.recipes import DEFAULT_ORDER, RECIPES
-
     data = load_recipe_file(config_file) if config_file is not None else {}
     base = Path(config_file).resolve().parent if config_file is not None else Path.cwd()
     file_name = data.get("recipe")

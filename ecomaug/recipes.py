@@ -17,35 +17,9 @@ from ecomaug.augmentation import (ColourShift, MultiItemMosaic, PerspectiveShift
                                   SeededGaussianBlur, SeededGrayscale, SeededHorizontalFlip, WatermarkOverlay)
 from ecomaug.augmentation.custom import build_custom_stage
 from ecomaug.recipe_config import RecipeSpec, resolve_recipe
+from ecomaug.recipe_defaults import DEFAULT_ORDER, RECIPES  # noqa: F401 -- re-exported: the tables live there
 
-# blur_sigma is in pixels of a blur_reference_size crop and scales with the crop (None: absolute pixels).
-_MOCO_TAIL: dict[str, Any] = {"grayscale_p": 0.2, "blur_p": 0.5, "blur_sigma": (0.1, 2.0), "blur_reference_size": 224,
-                              "flip_p": 0.5}
-
-# Every option of every recipe, with its default.
-RECIPES: dict[str, dict[str, Any]] = {
-    "mocov2": {"jitter_p": 0.8, "jitter_brightness": 0.4, "jitter_contrast": 0.4, "jitter_saturation": 0.4,
-               "jitter_hue": 0.1, **_MOCO_TAIL},
-    "ecom": {
-        "perspective_p": 0.5, "perspective_distortion": 0.5, "perspective_degrees": (-15.0, 15.0),
-        "perspective_turn_p": 0.1, "perspective_white_p": 0.5,
-        "colour_p": 0.8, "colour_brightness": (0.5, 1.5), "colour_contrast": (0.5, 1.5),
-        "colour_saturation": (0.2, 1.8), "colour_hue": (-0.1, 0.1), "colour_recolour_p": 0.3,
-        "colour_recolour_turn": (0.15, 0.5),
-        "mosaic_p": 0.1, "mosaic_min_items": 1, "mosaic_max_items": 6,
-        "watermark_p": 0.3, "watermark_dir": None, "watermark_texts": (), "watermark_scale": (0.25, 0.6),
-        "watermark_tiled_scale": (0.25, 0.45), "watermark_opacity": (0.5, 0.95),
-        "watermark_tiled_opacity": (0.2, 0.45),
-        "watermark_placements": {"corner": 0.4, "centre": 0.15, "over_item": 0.25, "tiled": 0.2},
-        **_MOCO_TAIL},
-}
 _COMMON = {"seed": None, "generator": None}
-# The stages of each recipe, in the order they run. In ecom, flip comes before the marks and the
-# mosaic, so that watermark text never reads mirrored.
-DEFAULT_ORDER: dict[str, tuple[str, ...]] = {
-    "mocov2": ("colour_jitter", "grayscale", "blur", "flip"),
-    "ecom": ("perspective", "flip", "colour", "mosaic", "watermark", "grayscale", "blur"),
-}
 
 
 class AugmentationRecipe(nn.Module):
@@ -131,7 +105,7 @@ def build_recipe(name: str, **overrides: Any) -> AugmentationRecipe:
     Args:
         name: ``"mocov2"`` (colour jitter, grayscale, blur, flip as in MoCo v2) or ``"ecom"`` (perspective,
             colour with recolouring, multi-item mosaic, watermarks, then the MoCo v2 grayscale/blur/flip).
-        **overrides: any option of the recipe (see ``RECIPES[name]``), plus ``seed`` (int) or
+        **overrides: any option of the recipe (see ``RECIPES[name]`` in :mod:`ecomaug.recipe_defaults`), plus ``seed`` (int) or
             ``generator`` (``torch.Generator``) for reproducible views.
 
     Returns:

@@ -30,7 +30,7 @@ LONG_FUNCTIONS: set[str] = {
     "ecomaug.evaluation.embed.embed_to_parts", "loaders.convert.run.convert_to_shards",  # loaders
 }
 UPWARD_IMPORTS: set[tuple[str, str]] = set()
-IGNORED_EDGES: set[tuple[str, str]] = {("ecomaug.recipe_config", "ecomaug.recipes")}  # recipes, at work
+IGNORED_EDGES: set[tuple[str, str]] = set()
 
 
 def python_files() -> list[Path]:
