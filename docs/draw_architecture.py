@@ -33,7 +33,8 @@ COLUMNS: list[dict] = [
      "command": "", "bench": "loaders · pipeline", "hands": "Batch: uint8 N×3×S×S"},
     {"step": "pixels → views", "layer": "views", "lines": [
         ("ecomaug/", "folder"),
-        ("recipes.py", "4"), ("recipe_config · marks", "file"), ("watermark_pool", "file"),
+        ("recipes.py", "4"), ("recipe_config", "file"), ("recipe_defaults", "file"),
+        ("marks · watermark_pool", "file"),
         ("ecomaug/augmentation/", "folder"),
         ("perspective · colour", "file"), ("mosaic · watermark", "file"),
         ("mocov2 · custom · sampling", "file")],
