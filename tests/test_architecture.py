@@ -20,12 +20,11 @@ MAX_FUNCTION_LINES = 80
 MAX_FILE_LINES = 400
 # Known exceptions, each owned by an agent still at work on it; these lists should end empty.
 LONG_FILES: set[str] = {
-    "bench.gpu_check",  # bench (becomes cuda-marked tests)
     "ecomaug.evaluation.embed", "loaders.torch_backend",  # loaders
     "ecomaug.evaluation.retrieval",  # lead
 }
 LONG_FUNCTIONS: set[str] = {
-    "bench.product_corpus.build_corpus", "ecomaug.matching.match.match_catalogues",
+    "ecomaug.matching.match.match_catalogues",
     "ecomaug.matching.search.search",  # lead
     "ecomaug.evaluation.embed.embed_to_parts", "loaders.convert.run.convert_to_shards",  # loaders
 }
