@@ -20,13 +20,13 @@ MAX_FUNCTION_LINES = 80
 MAX_FILE_LINES = 400
 # Known exceptions, each owned by an agent still at work on it; these lists should end empty.
 LONG_FILES: set[str] = {
-    "ecomaug.evaluation.embed", "loaders.torch_backend",  # loaders
+    "loaders.torch_backend",  # trim
     "ecomaug.evaluation.retrieval",  # lead
 }
 LONG_FUNCTIONS: set[str] = {
     "ecomaug.matching.match.match_catalogues",
     "ecomaug.matching.search.search",  # lead
-    "ecomaug.evaluation.embed.embed_to_parts", "loaders.convert.run.convert_to_shards",  # loaders
+    "loaders.convert.run.convert_to_shards",  # trim
 }
 UPWARD_IMPORTS: set[tuple[str, str]] = set()
 IGNORED_EDGES: set[tuple[str, str]] = set()
