@@ -211,6 +211,105 @@ def _resolve_threshold(a_vectors: torch.Tensor, b_vectors: torch.Tensor, a: Cata
     return DEFAULT_THRESHOLD, "uncalibrated default", None, []
 
 
+@dataclass
+class _Pairs:
+    """The pairs written to pairs.csv: A's row, its neighbour slot and B's row of each, and the flags."""
+
+    a_rows: np.ndarray
+    slots: np.ndarray
+    b_rows: np.ndarray
+    is_pair: np.ndarray
+    mutual: np.ndarray
+    count: int
+
+
+def _write_pairs(a: Catalogue, b: Catalogue, ab: SearchResult, ba: SearchResult, threshold: float,
+                 options: MatchOptions, out: Path) -> _Pairs:
+    """Pairs: A's neighbours in B above the threshold, written to ``out/pairs.csv``."""
+    b_best = ba.indices[:, 0]  # each B listing's nearest A listing
+    rank = np.broadcast_to(np.arange(1, options.top_k + 1), ab.indices.shape)
+    is_pair = (ab.indices >= 0) & (ab.scores >= threshold)
+    mutual = is_pair & (rank == 1) & (b_best[np.maximum(ab.indices, 0)] ==
+                                      np.arange(len(a))[:, None])
+    if options.mutual_only:
+        is_pair &= mutual
+    pair_a, pair_slot = np.nonzero(is_pair)
+    pair_b = ab.indices[pair_a, pair_slot]
+    a_columns, b_columns = a.columns(), b.columns()
+    priced = "price" in a_columns and "price" in b_columns
+    header = ["a_key", "b_key", "score", "rank", "mutual", *[f"a_{c}" for c in a_columns],
+              *[f"b_{c}" for c in b_columns], *(["price_a", "price_b", "price_ratio"] if priced
+                                                else [])]
+
+    def pair_rows() -> Iterator[list[Any]]:
+        for i, slot, j in zip(pair_a.tolist(), pair_slot.tolist(), pair_b.tolist()):
+            row = [a.keys[i], b.keys[j], f"{ab.scores[i, slot]:.6f}", slot + 1,
+                   int(mutual[i, slot]), *[a.meta[i].get(c, "") for c in a_columns],
+                   *[b.meta[j].get(c, "") for c in b_columns]]
+            if priced:
+                price_a, price_b = _number(a.meta[i].get("price")), _number(b.meta[j].get("price"))
+                ratio = price_b / price_a if price_a and price_b is not None else None
+                row += [price_a if price_a is not None else "",
+                        price_b if price_b is not None else "",
+                        f"{ratio:.6f}" if ratio is not None else ""]
+            yield row
+
+    count = _write_csv(out / "pairs.csv", header, pair_rows())
+    return _Pairs(a_rows=pair_a, slots=pair_slot, b_rows=pair_b, is_pair=is_pair, mutual=mutual, count=count)
+
+
+@dataclass
+class _Gaps:
+    """The gaps written to gaps.csv: B's gap rows in report order, B's clusters and their sizes."""
+
+    order: list[int]
+    component: np.ndarray
+    sizes: np.ndarray
+    clusters: int
+    b_matched: int
+    count: int
+
+
+def _write_gaps(a: Catalogue, b: Catalogue, ba: SearchResult, bb: SearchResult, pair_b: np.ndarray,
+                threshold: float, shop_column: str | None, out: Path) -> _Gaps:
+    """Gaps: clusters of B none of whose listings matches A, written to ``out/gaps.csv``."""
+    b_best = ba.indices[:, 0]
+    b_columns = b.columns()
+    b_matched = (ba.scores[:, 0] >= threshold) & (b_best >= 0)
+    b_matched[pair_b] = True
+    component = clusters(bb.indices, bb.scores, threshold)
+    matched_component = np.zeros(len(b), dtype=bool)
+    matched_component[component[b_matched]] = True
+    gap = ~matched_component[component]
+    sizes = np.bincount(component, minlength=len(b))
+    shops: dict[int, set[Any]] = {}
+    if shop_column is not None:
+        for j in np.nonzero(gap)[0].tolist():
+            shops.setdefault(int(component[j]), set()).add(b.meta[j].get(shop_column))
+    gap_rows = np.nonzero(gap)[0]
+    order = sorted(gap_rows.tolist(), key=lambda j: (
+        -sizes[component[j]], -len(shops.get(int(component[j]), ())), int(component[j]),
+        -float(ba.scores[j, 0])))
+    gap_rank: dict[int, int] = {}
+    for j in order:
+        gap_rank.setdefault(int(component[j]), len(gap_rank) + 1)
+    gap_header = ["gap_rank", "cluster_listings", *(["cluster_shops"] if shop_column else []),
+                  "b_key", "nearest_a_key", "nearest_score", *b_columns]
+
+    def gap_lines() -> Iterator[list[Any]]:
+        for j in order:
+            c = int(component[j])
+            nearest = int(b_best[j])
+            yield [gap_rank[c], int(sizes[c]), *([len(shops[c])] if shop_column else []),
+                   b.keys[j], a.keys[nearest] if nearest >= 0 else "",
+                   f"{ba.scores[j, 0]:.6f}" if nearest >= 0 else "",
+                   *[b.meta[j].get(column, "") for column in b_columns]]
+
+    count = _write_csv(out / "gaps.csv", gap_header, gap_lines())
+    return _Gaps(order=order, component=component, sizes=sizes, clusters=len(gap_rank),
+                 b_matched=int(matched_component[component].sum()), count=count)
+
+
 def match_catalogues(a: Catalogue, b: Catalogue, out_dir: str | os.PathLike, *,
                      options: MatchOptions = MatchOptions(), model_source: str | None = None,
                      device: torch.device | None = None, report: bool = True) -> MatchResult:
@@ -248,79 +347,17 @@ def match_catalogues(a: Catalogue, b: Catalogue, out_dir: str | os.PathLike, *,
     threshold, source, calibration, files = _resolve_threshold(a_vectors, b_vectors, a, b,
                                                                options, model_source, out)
     ab, ba, bb = found["a_to_b"], found["b_to_a"], found["b_to_b"]
-
-    # Pairs: A's neighbours in B above the threshold.
-    b_best = ba.indices[:, 0]  # each B listing's nearest A listing
-    rank = np.broadcast_to(np.arange(1, options.top_k + 1), ab.indices.shape)
-    is_pair = (ab.indices >= 0) & (ab.scores >= threshold)
-    mutual = is_pair & (rank == 1) & (b_best[np.maximum(ab.indices, 0)] ==
-                                      np.arange(len(a))[:, None])
-    if options.mutual_only:
-        is_pair &= mutual
-    pair_a, pair_slot = np.nonzero(is_pair)
-    pair_b = ab.indices[pair_a, pair_slot]
-    a_columns, b_columns = a.columns(), b.columns()
-    priced = "price" in a_columns and "price" in b_columns
-    header = ["a_key", "b_key", "score", "rank", "mutual", *[f"a_{c}" for c in a_columns],
-              *[f"b_{c}" for c in b_columns], *(["price_a", "price_b", "price_ratio"] if priced
-                                                else [])]
-
-    def pair_rows() -> Iterator[list[Any]]:
-        for i, slot, j in zip(pair_a.tolist(), pair_slot.tolist(), pair_b.tolist()):
-            row = [a.keys[i], b.keys[j], f"{ab.scores[i, slot]:.6f}", slot + 1,
-                   int(mutual[i, slot]), *[a.meta[i].get(c, "") for c in a_columns],
-                   *[b.meta[j].get(c, "") for c in b_columns]]
-            if priced:
-                price_a, price_b = _number(a.meta[i].get("price")), _number(b.meta[j].get("price"))
-                ratio = price_b / price_a if price_a and price_b is not None else None
-                row += [price_a if price_a is not None else "",
-                        price_b if price_b is not None else "",
-                        f"{ratio:.6f}" if ratio is not None else ""]
-            yield row
-
-    pairs = _write_csv(out / "pairs.csv", header, pair_rows())
+    pairs = _write_pairs(a, b, ab, ba, threshold, options, out)
     files = ["pairs.csv", *files]
     parquet = _write_parquet(out / "pairs.csv")
     if parquet is not None:
         files.append(parquet.name)
-
-    # Gaps: clusters of B none of whose listings matches A.
-    b_matched = (ba.scores[:, 0] >= threshold) & (b_best >= 0)
-    b_matched[pair_b] = True
-    component = clusters(bb.indices, bb.scores, threshold)
-    matched_component = np.zeros(len(b), dtype=bool)
-    matched_component[component[b_matched]] = True
-    gap = ~matched_component[component]
-    sizes = np.bincount(component, minlength=len(b))
-    shops: dict[int, set[Any]] = {}
-    if shop_column is not None:
-        for j in np.nonzero(gap)[0].tolist():
-            shops.setdefault(int(component[j]), set()).add(b.meta[j].get(shop_column))
-    gap_rows = np.nonzero(gap)[0]
-    order = sorted(gap_rows.tolist(), key=lambda j: (
-        -sizes[component[j]], -len(shops.get(int(component[j]), ())), int(component[j]),
-        -float(ba.scores[j, 0])))
-    gap_rank: dict[int, int] = {}
-    for j in order:
-        gap_rank.setdefault(int(component[j]), len(gap_rank) + 1)
-    gap_header = ["gap_rank", "cluster_listings", *(["cluster_shops"] if shop_column else []),
-                  "b_key", "nearest_a_key", "nearest_score", *b_columns]
-
-    def gap_lines() -> Iterator[list[Any]]:
-        for j in order:
-            c = int(component[j])
-            nearest = int(b_best[j])
-            yield [gap_rank[c], int(sizes[c]), *([len(shops[c])] if shop_column else []),
-                   b.keys[j], a.keys[nearest] if nearest >= 0 else "",
-                   f"{ba.scores[j, 0]:.6f}" if nearest >= 0 else "",
-                   *[b.meta[j].get(column, "") for column in b_columns]]
-
-    gap_listings = _write_csv(out / "gaps.csv", gap_header, gap_lines())
+    gaps = _write_gaps(a, b, ba, bb, pairs.b_rows, threshold, shop_column, out)
     files.append("gaps.csv")
     result = MatchResult(out_dir=out, threshold=float(threshold), threshold_source=source,
-                         pairs=pairs, mutual_pairs=int(mutual[is_pair].sum()), a_listings=len(a),
-                         b_listings=len(b), b_matched=int(matched_component[component].sum()),
-                         gap_listings=gap_listings, gap_clusters=len(gap_rank),
+                         pairs=pairs.count, mutual_pairs=int(pairs.mutual[pairs.is_pair].sum()), a_listings=len(a),
+                         b_listings=len(b), b_matched=gaps.b_matched,
+                         gap_listings=gaps.count, gap_clusters=gaps.clusters,
                          calibration=calibration,
                          searches={name: {"method": r.method, **{k: v for k, v in r.info.items()
                                                                  if k != "database_id"}}
@@ -328,8 +365,8 @@ def match_catalogues(a: Catalogue, b: Catalogue, out_dir: str | os.PathLike, *,
     if report:
         from ecomaug.matching.report import write_report
 
-        files += write_report(result, a, b, ab=ab, ba=ba, pair_a=pair_a, pair_slot=pair_slot,
-                              order=order, component=component, sizes=sizes,
+        files += write_report(result, a, b, ab=ab, ba=ba, pair_a=pairs.a_rows, pair_slot=pairs.slots,
+                              order=gaps.order, component=gaps.component, sizes=gaps.sizes,
                               samples=options.report_samples, seed=options.seed)
     summary = {**{k: v for k, v in asdict(result).items() if k not in ("out_dir", "calibration")},
                "calibrated": result.calibrated,

@@ -19,11 +19,14 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+
+from loaders.atomic import write_json_atomic
 
 METHODS = ("auto", "exact", "ivf", "hnsw")
 # Above this many database vectors, auto uses an index. Measured with python -m bench.match on
@@ -145,6 +148,42 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / total if total else 1.0
 
 
+def _saved_index(saved: Path | None, database_id: str | None, method: str) -> tuple[Any, dict[str, Any]]:
+    """The index saved at ``saved`` for this database and method, or ``(None, {})``."""
+    if saved is None or database_id is None or not (saved.with_suffix(".json").is_file() and saved.is_file()):
+        return None, {}
+    recorded = json.loads(saved.with_suffix(".json").read_text(encoding="utf-8"))
+    if recorded.get("database_id") != database_id or recorded.get("method") != method:
+        return None, {}
+    return _faiss().read_index(str(saved)), {**recorded, "reused": True}
+
+
+def _tune_probe(index: Any, info: dict[str, Any], query: torch.Tensor, queries: np.ndarray,
+                exact: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]], *, k_index: int,
+                recall_target: float, seed: int) -> None:
+    """Grow IVF's nprobe (HNSW's efSearch) until recall@k against exact search on a query sample
+    reaches ``recall_target`` or the ceiling; ``info`` records the value and the recall."""
+    rows = np.sort(np.random.default_rng(seed + 1).choice(
+        queries.shape[0], size=min(RECALL_SAMPLE, queries.shape[0]), replace=False))
+    _, truth = exact(query[rows])
+    probe, ceiling = (8, info["nlist"]) if "nlist" in info else (32, 4096)
+    while True:
+        _set_probe(index, info, min(probe, ceiling))
+        _, found = _index_search(index, queries[rows], k_index)
+        info["recall_vs_exact"] = _recall(found, truth)
+        info["recall_sample"] = int(len(rows))
+        if info["recall_vs_exact"] >= recall_target or probe >= ceiling:
+            return
+        probe *= 2
+
+
+def _save_index(index: Any, info: dict[str, Any], saved: Path) -> None:
+    """The index at ``saved`` and what it was built for beside it (``.json``), for :func:`_saved_index`."""
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    _faiss().write_index(index, str(saved))
+    write_json_atomic(saved.with_suffix(".json"), {key: info[key] for key in info if key != "reused"})
+
+
 def search(query: torch.Tensor, database: torch.Tensor, *, k: int, method: str = "auto",
            exact_limit: int = EXACT_LIMIT, index_path: str | os.PathLike | None = None,
            database_id: str | None = None, recall_target: float = 0.95, seed: int = 0,
@@ -186,43 +225,21 @@ def search(query: torch.Tensor, database: torch.Tensor, *, k: int, method: str =
         return SearchResult(scores, indices, "exact",
                             {"search_seconds": seconds,
                              "queries_per_second": query.shape[0] / max(seconds, 1e-9)})
-    faiss = _faiss()
     base = np.ascontiguousarray(database.float().numpy())
     queries = np.ascontiguousarray(query.float().numpy())
     k_index = min(k, base.shape[0])
     saved = Path(index_path) if index_path is not None else None
-    index, info = None, {}
-    if saved is not None and saved.with_suffix(".json").is_file() and saved.is_file():
-        recorded = json.loads(saved.with_suffix(".json").read_text(encoding="utf-8"))
-        if recorded.get("database_id") == database_id and recorded.get("method") == chosen \
-                and database_id is not None:
-            index, info = faiss.read_index(str(saved)), {**recorded, "reused": True}
+    index, info = _saved_index(saved, database_id, chosen)
     if index is None:
         started = time.perf_counter()
         index, info = _build(base, chosen, seed)
         info.update(method=chosen, database_id=database_id, build_seconds=time.perf_counter() - started,
                     reused=False)
-        # Tune the probe depth on a query sample against exact search.
-        rows = np.random.default_rng(seed + 1).choice(
-            queries.shape[0], size=min(RECALL_SAMPLE, queries.shape[0]), replace=False)
-        _, truth = exact_search(query[np.sort(rows)], database, k=k_index, device=device,
-                                query_chunk=query_chunk, gallery_chunk=gallery_chunk)
-        probe, ceiling = (8, info["nlist"]) if "nlist" in info else (32, 4096)
-        while True:
-            _set_probe(index, info, min(probe, ceiling))
-            _, found = _index_search(index, queries[np.sort(rows)], k_index)
-            info["recall_vs_exact"] = _recall(found, truth)
-            info["recall_sample"] = int(len(rows))
-            if info["recall_vs_exact"] >= recall_target or probe >= ceiling:
-                break
-            probe *= 2
+        exact = partial(exact_search, database=database, k=k_index, device=device, query_chunk=query_chunk,
+                        gallery_chunk=gallery_chunk)
+        _tune_probe(index, info, query, queries, exact, k_index=k_index, recall_target=recall_target, seed=seed)
         if saved is not None:
-            saved.parent.mkdir(parents=True, exist_ok=True)
-            faiss.write_index(index, str(saved))
-            from loaders.manifest import write_json_atomic
-
-            write_json_atomic(saved.with_suffix(".json"), {key: info[key] for key in info
-                                                           if key != "reused"})
+            _save_index(index, info, saved)
     else:
         _set_probe(index, info, info.get("nprobe", info.get("efSearch", 8)))
     started = time.perf_counter()
