@@ -20,12 +20,8 @@ MAX_FUNCTION_LINES = 80
 MAX_FILE_LINES = 400
 # Known exceptions, each owned by an agent still at work on it; these lists should end empty.
 LONG_FILES: set[str] = {
-    "loaders.torch_backend",  # trim
-    "ecomaug.evaluation.retrieval",  # lead
 }
 LONG_FUNCTIONS: set[str] = {
-    "ecomaug.matching.match.match_catalogues",
-    "ecomaug.matching.search.search",  # lead
     "loaders.convert.run.convert_to_shards",  # trim
 }
 UPWARD_IMPORTS: set[tuple[str, str]] = set()
