@@ -49,7 +49,7 @@ def prepare(image: Image.Image | bytes, size: int) -> torch.Tensor:
         - output: :math:`(3, size, size)` uint8.
     """
     from loaders.crops import resize_crop
-    from loaders.torch_backend import centre_box
+    from loaders.views import centre_box
 
     if isinstance(image, (bytes, bytearray)):
         image = read_image(bytes(image))  # as the shard conversion reads: EXIF, alpha on white
