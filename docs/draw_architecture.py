@@ -49,7 +49,8 @@ COLUMNS: list[dict] = [
      "command": "ecomaug train · export", "bench": "moco-reference · gpu", "hands": "RUN/export"},
     {"step": "weights → matches", "layer": "matches", "lines": [
         ("ecomaug/evaluation/", "folder"),
-        ("embed · retrieval · regions", "file"), ("queries · disturbances", "file"),
+        ("embed · models · sources", "file"), ("embeddings · retrieval", "file"),
+        ("chunked_search · regions", "file"), ("queries · disturbances", "file"),
         ("baselines · report", "file"),
         ("ecomaug/matching/", "folder"),
         ("catalogue · search · rerank", "file"), ("calibrate · match · report", "file")],
