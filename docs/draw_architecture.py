@@ -29,7 +29,7 @@ COLUMNS: list[dict] = [
         ("build (choose_backend)", "file"), ("options · manifest", "file"),
         ("sharding (epoch_plan)", "file"), ("shard_reader · remote", "file"),
         ("torch_backend.py", "1"), ("  | dali_backend.py", "file"),
-        ("crops · batch", "file")],
+        ("views · crops · batch", "file")],
      "command": "", "bench": "loaders · pipeline", "hands": "Batch: uint8 N×3×S×S"},
     {"step": "pixels → views", "layer": "views", "lines": [
         ("ecomaug/", "folder"),
