@@ -1,6 +1,7 @@
 """``convert_to_shards``: list the inputs, plan this job, write the shards, then the manifest.
 
-The pieces, one per file: :mod:`~loaders.convert.inputs` (what is read),
+The pieces, one per file: :mod:`~loaders.convert.settings` (the options, checked),
+:mod:`~loaders.convert.inputs` (what is read),
 :mod:`~loaders.convert.plan` (in which order, which job, which split),
 :mod:`~loaders.convert.workers` (cleaning in worker processes), :mod:`~loaders.convert.shard_writer`
 (one shard on disk), :mod:`~loaders.convert.journal` (crash safety),
@@ -11,86 +12,27 @@ The pieces, one per file: :mod:`~loaders.convert.inputs` (what is read),
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-import re
-import tarfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Sequence
 
 from loaders.atomic import DISK_FULL_ERRNOS
-from loaders.convert.hygiene import HygieneOptions, ImageHook, Prepared, Rejected
-from loaders.convert.inputs import ITEM_ID_SOURCES, InputListing, read_inputs
+from loaders.convert.hygiene import DEFAULT_MAX_PIXELS, ImageHook, Prepared, Rejected
+from loaders.convert.inputs import InputListing
 from loaders.convert.journal import JOURNAL_NAME, NAME_ERRORS, JournalState, append_journal, read_journal
-from loaders.convert.out_dir import (DiskFullError, JobNames, check_out_dir, check_siblings, disk_full,
-                                     job_names, out_dir_lock, raise_if_different)
+from loaders.convert.out_dir import (DiskFullError, JobNames, check_siblings, disk_full, job_names, out_dir_lock,
+                                     raise_if_different)
 from loaders.convert.outputs import ConvertReport, finished_report, report, write_outputs
 from loaders.convert.plan import Task, inputs_digest, plan_tasks, split_listing, validation_items
+from loaders.convert.settings import (DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, DEFAULT_QUALITY, DEFAULT_SHARD_SIZE,
+                                     JobSettings, job_settings)
 from loaders.convert.shard_writer import TAR_BLOCK, ShardWriter, final_tar_size, fsync_directory, padded
 from loaders.convert.workers import results_in_order
 
-DEFAULT_SHARD_SIZE = 1000
-DEFAULT_MAX_SIZE = 384
-DEFAULT_QUALITY = 90
-DEFAULT_MIN_SIZE = 32
-DEFAULT_MAX_PIXELS = 89_478_485
 RESERVED_META = ("key", "source", "width", "height")
 VAL_DIR = "val"  # where val_split writes the validation set: OUT_DIR/val
-
-
-@dataclass(frozen=True)
-class JobSettings:
-    """Everything one conversion job is run with, checked."""
-
-    options: HygieneOptions
-    image_hook: ImageHook | None
-    shard_size: int
-    shard_bytes: int | None
-    group_columns: list[str]
-    workers: int
-    progress: bool
-    start_method: str
-    num_jobs: int
-    job_index: int
-    recorded_options: dict[str, Any]
-    fingerprint: dict[str, Any]
-    split: dict[str, Any] | None = None
-
-
-def validate(shard_size: int, shard_bytes: int | None, per_group: int | None, balance_by: str | None,
-             num_jobs: int, job_index: int, workers: int, prefix: str) -> None:
-    """Raise ValueError naming the first bad option."""
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1 (got {shard_size})")
-    if shard_bytes is not None and shard_bytes < tarfile.RECORDSIZE:
-        raise ValueError(f"shard_bytes must be at least {tarfile.RECORDSIZE} (got {shard_bytes})")
-    if per_group is not None and per_group < 1:
-        raise ValueError(f"per_group must be >= 1 (got {per_group})")
-    if per_group is not None and balance_by is None:
-        raise ValueError("per_group needs balance_by (the column whose groups are sampled evenly)")
-    if num_jobs < 1:
-        raise ValueError(f"num_jobs must be >= 1 (got {num_jobs})")
-    if not 0 <= job_index < num_jobs:
-        raise ValueError(f"job_index must be in 0..{num_jobs - 1} (got {job_index})")
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0 (got {workers})")
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]*", prefix):
-        raise ValueError(f"prefix must be letters, digits, '_' or '-' (got {prefix!r})")
-
-
-def hook_name(image_hook: ImageHook | None) -> str | None:
-    """How the recorded options name a hook: a hook object that describes its settings in its
-    ``repr`` (like ``Dewatermarker``) is recorded by that, so a rerun with other settings is refused
-    rather than mixed into the same shards; a function by its qualified name."""
-    if image_hook is None:
-        return None
-    if not callable(getattr(image_hook, "func", None)) and type(image_hook).__repr__ is not object.__repr__ \
-            and not hasattr(image_hook, "__qualname__"):
-        return repr(image_hook)
-    target = getattr(image_hook, "func", image_hook)  # functools.partial
-    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__name__)}"
 
 
 def convert_to_shards(input_path: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -158,48 +100,30 @@ def convert_to_shards(input_path: str | os.PathLike, out_dir: str | os.PathLike,
             same command resumes).
     """
     started = time.perf_counter()
-    workers = (os.cpu_count() or 1) if workers is None else workers
-    validate(shard_size, shard_bytes, per_group, balance_by, num_jobs, job_index, workers, prefix)
-    methods = multiprocessing.get_all_start_methods()
-    start_method = start_method or ("fork" if "fork" in methods else methods[0])
-    if start_method not in methods:
-        raise ValueError(f"start_method must be one of {methods} (got {start_method!r})")
-    if item_id_from not in ITEM_ID_SOURCES:
-        raise ValueError(f"item_id_from must be one of {ITEM_ID_SOURCES} (got {item_id_from!r})")
-    options = HygieneOptions(max_size=max_size, resize_side=resize_side, quality=quality,
-                             min_size=min_size, max_pixels=max_pixels)
-    input_path, out_dir = Path(input_path), Path(out_dir)
-    listing = read_inputs(input_path, path_column=path_column, item_id_from=item_id_from)
-    if balance_by is not None and balance_by not in listing.columns:
-        where = "a folder input has no columns" if listing.kind == "folder" else \
-            f"columns: {', '.join(listing.columns) or 'none'}"
-        raise ValueError(f"balance_by column '{balance_by}' is not in {input_path} ({where})")
-    check_out_dir(out_dir, input_path)
-    recorded_options = {
-        "prefix": prefix, "shard_size": shard_size, "shard_bytes": shard_bytes, "max_size": max_size,
-        "resize_side": resize_side, "quality": quality, "min_size": min_size,
-        "max_pixels": max_pixels, "path_column": path_column, "balance_by": balance_by,
-        "per_group": per_group, "seed": seed, "shuffle": shuffle, "image_hook": hook_name(image_hook),
-        **({"item_id_from": item_id_from} if item_id_from != "column" else {}),
-        **({"val_split": val_split} if val_split is not None else {}),
-    }
-    settings = JobSettings(
-        options=options, image_hook=image_hook, shard_size=shard_size, shard_bytes=shard_bytes,
-        group_columns=[balance_by] if balance_by else [c for c in ("region",) if c in listing.columns],
-        workers=workers, progress=progress, start_method=start_method, num_jobs=num_jobs,
-        job_index=job_index, recorded_options=recorded_options,
-        fingerprint={**recorded_options, "input": str(input_path.resolve()), "num_jobs": num_jobs,
-                     "job_index": job_index})
+    listing, settings = job_settings(
+        Path(input_path), Path(out_dir), prefix=prefix, shard_size=shard_size,
+        shard_bytes=shard_bytes, max_size=max_size, resize_side=resize_side, quality=quality,
+        min_size=min_size, max_pixels=max_pixels, path_column=path_column,
+        item_id_from=item_id_from, balance_by=balance_by, per_group=per_group, seed=seed,
+        shuffle=shuffle, val_split=val_split, num_jobs=num_jobs, job_index=job_index,
+        workers=workers, progress=progress, image_hook=image_hook, start_method=start_method)
     plan = dict(balance_by=balance_by, per_group=per_group, seed=seed, shuffle=shuffle)
     if val_split is None:
-        return _convert_listing(listing, out_dir, prefix, settings, plan, started)
+        return _convert_listing(listing, Path(out_dir), prefix, settings, plan, started)
+    return _convert_split(listing, Path(out_dir), prefix, settings, plan, started, val_split)
+
+
+def _convert_split(listing: InputListing, out_dir: Path, prefix: str, settings: JobSettings,
+                   plan: dict[str, Any], started: float, val_split: float) -> ConvertReport:
+    """Hold out ``val_split`` of the items (seeded), convert the rest into ``out_dir`` and the
+    held-out items into ``out_dir/val``; the train report carries the val one as ``val``."""
+    seed = plan["seed"]
     held_out = validation_items(listing, val_split, seed=seed)
     train, val = split_listing(listing, held_out)
     split = {"val_split": val_split, "seed": seed, "inputs": len(listing.items),
              "items": len({str(i.meta.get("item_id")) for i in listing.items if i.meta.get("item_id")}),
              "val_items": len(held_out), "train_inputs": len(train.items), "val_inputs": len(val.items),
              "train_dir": ".", "val_dir": VAL_DIR}
-    del listing
     result = _convert_listing(train, out_dir, prefix, replace(settings, split={**split, "part": "train"}),
                               plan, started)
     val_settings = replace(settings, split={**split, "part": "val"})
