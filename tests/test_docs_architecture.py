@@ -1,5 +1,6 @@
 """docs/architecture.md stays true: the trace names at most five files that exist, with the entry
-points it names; every path it mentions exists and every module or name it mentions imports; the
+points it names, and one profiled training step runs exactly those five and the helpers the doc
+names beside them; every path it mentions exists and every module or name it mentions imports; the
 picture is the one docs/draw_architecture.py draws, numbering the same five files."""
 
 from __future__ import annotations
@@ -123,3 +124,52 @@ def test_the_picture_is_drawn_by_the_script_and_numbers_the_trace():
 
 def test_the_readme_links_the_map():
     assert "](docs/architecture.md)" in (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def helper_files() -> set[str]:
+    """The files the doc says the trace's five call on the way (the paragraph after the trace)."""
+    text = doc_text()
+    start = text.index("<!-- end of trace -->")
+    paragraph = text[start:text.index("On a GPU with DALI", start)]
+    return {token for token in re.findall(r"`([^`\n]+)`", paragraph) if is_project_code(token)}
+
+
+def is_project_code(path: str) -> bool:
+    """A module of the project's packages (not a test, not an installed library)."""
+    return path.split("/")[0] in ("ecomaug", "loaders", "bench") and path.endswith(".py")
+
+
+def test_one_training_step_runs_the_trace_and_the_helpers_the_doc_names(sample_shards, tmp_path):
+    """Profile one step of the default run (torch backend, ecom recipe, MoCo v2), from the loader to the loss."""
+    import sys
+
+    from ecomaug.config import parse_config
+    from ecomaug.engine.trainer import Trainer
+
+    config = parse_config(["--data", str(sample_shards), "--out", str(tmp_path / "run"), "--preset", "sample",
+                           "--model", "test_resnet", "--crop-size", "32", "--batch-size", "8", "--hidden-dim", "32",
+                           "--dim", "16", "--num-workers", "0", "--backend", "torch", "--device", "cpu",
+                           "--max-steps", "2", "--log-every", "100", "--no-progress"])
+    trainer = Trainer(config)
+    trainer.setup()
+    executed: set[str] = set()
+    root = f"{REPO}/"
+
+    def profile(frame, event, _):
+        name = frame.f_code.co_filename
+        if event == "call" and name.startswith(root) and is_project_code(name[len(root):]):
+            executed.add(name[len(root):])
+
+    sys.setprofile(profile)
+    try:
+        trainer.step(next(iter(trainer.epoch_loader())))
+    finally:
+        sys.setprofile(None)
+        trainer.metrics.close()
+    trace_files = {path for path, _ in trace()}
+    assert trace_files <= executed, f"trace files one step does not run: {sorted(trace_files - executed)}"
+    assert executed - trace_files == helper_files(), (
+        f"one step runs {sorted(executed - trace_files - helper_files())} that the doc does not name, and the doc "
+        f"names {sorted(helper_files() - executed)} that it does not run")
+    match = re.search(r"runs code in (\d+) more project files", doc_text())
+    assert match and int(match.group(1)) == len(executed - trace_files)
