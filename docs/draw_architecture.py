@@ -19,7 +19,7 @@ OUT = Path(__file__).resolve().parent / "architecture.svg"
 COLUMNS: list[dict] = [
     {"step": "images → shards", "layer": "bytes", "lines": [
         ("loaders/convert/", "folder"),
-        ("inputs · plan · hygiene", "file"), ("workers · shard_writer", "file"),
+        ("inputs · settings · plan", "file"), ("hygiene · jpeg_structure", "file"), ("workers · shard_writer", "file"),
         ("journal · out_dir", "file"), ("outputs · run", "file"),
         ("loaders/", "folder"), ("dali_index · atomic", "file"),
         ("ecomaug/dewatermark/", "folder"), ("the conversion hook", "note")],

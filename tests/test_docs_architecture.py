@@ -173,3 +173,14 @@ def test_one_training_step_runs_the_trace_and_the_helpers_the_doc_names(sample_s
         f"names {sorted(helper_files() - executed)} that it does not run")
     match = re.search(r"runs code in (\d+) more project files", doc_text())
     assert match and int(match.group(1)) == len(executed - trace_files)
+
+
+def test_the_map_names_every_module_of_loaders_and_ecomaug():
+    """By its path or its file name; the commands are named as commands (``ecomaug shard``, ...)."""
+    named = inline_code()
+    modules = [path for package in ("loaders", "ecomaug") for path in sorted((REPO / package).rglob("*.py"))
+               if path.name not in ("__init__.py", "__main__.py") and "assets" not in path.parts
+               and "commands" not in path.parts]
+    missing = [str(path.relative_to(REPO)) for path in modules
+               if str(path.relative_to(REPO)) not in named and path.name not in named]
+    assert not missing, f"docs/architecture.md does not name {missing}: add each in one phrase"
