@@ -1,5 +1,7 @@
 """Bytes to pixels: image folders -> WebDataset shards -> uint8 crops on the training device."""
 
+from loaders.lazy import lazy_exports
+
 # Public names, imported on first use: ``ecomaug shard`` (loaders.convert) must not pay for
 # importing torch in its parent process, which never needs it.
 _LAZY_EXPORTS = {"Batch": "loaders.batch", "build_loader": "loaders.build",
@@ -11,10 +13,4 @@ _LAZY_EXPORTS = {"Batch": "loaders.batch", "build_loader": "loaders.build",
                  "load_shard_set": "loaders.manifest"}
 __all__ = list(_LAZY_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _LAZY_EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
-    raise AttributeError(f"module 'loaders' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY_EXPORTS)

@@ -16,16 +16,12 @@ so every input ends up exactly once, written or skipped. The journal is removed 
 manifest is written.
 """
 
+from loaders.lazy import lazy_exports
+
 # Imported on first use: the loaders' shard check needs only jpeg_structure, not the pool.
 _LAZY_EXPORTS = {"convert_to_shards": "loaders.convert.run", "VAL_DIR": "loaders.convert.run",
                  "ConvertReport": "loaders.convert.outputs", "DiskFullError": "loaders.convert.out_dir",
                  "OutDirLocked": "loaders.convert.out_dir"}
 __all__ = list(_LAZY_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _LAZY_EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
-    raise AttributeError(f"module 'loaders.convert' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY_EXPORTS)
