@@ -45,7 +45,9 @@ class SayOnce(logging.Filter):
 def configure_logging(level: str = "warning") -> None:
     """Send the ``ecomaug``/``loaders``/``bench`` loggers and Python warnings to stderr at ``level``.
 
-    Idempotent: a second call changes the level and keeps one handler.
+    Idempotent: a second call changes the level and keeps one handler, and starts the count of
+    repeats afresh, so a command reports only its own repeats (not those of earlier work in the
+    same process).
 
     Raises:
         ValueError: ``level`` is not one of :data:`LEVELS`.
@@ -60,6 +62,9 @@ def configure_logging(level: str = "warning") -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         handler.addFilter(SayOnce())
         root.addHandler(handler)
+    for flt in handler.filters:
+        if isinstance(flt, SayOnce):
+            flt.repeats.clear()
     numeric = getattr(logging, str(level).upper())
     handler.setLevel(numeric)
     for name in ("ecomaug", "loaders", "bench", "py.warnings"):

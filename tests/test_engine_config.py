@@ -75,6 +75,20 @@ def test_a_repeated_message_is_said_once_then_counted(capsys):
                    "INFO: said 5 times in all: loader backend: torch (asked for)"]
 
 
+def test_a_command_reports_only_its_own_repeats(capsys):
+    from ecomaug.logs import configure_logging, report_repeats
+
+    configure_logging("warning")
+    try:
+        for _ in range(3):  # earlier work in the same process, e.g. a library call between commands
+            logging.getLogger("loaders.build").warning("an old warning")
+        configure_logging("warning")  # the next command starts
+        report_repeats()
+    finally:
+        configure_logging("warning")
+    assert "said 3 times" not in capsys.readouterr().err
+
+
 def test_start_and_end_records_go_to_the_text_tab_not_to_charts(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
