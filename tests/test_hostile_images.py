@@ -231,14 +231,18 @@ def test_shards_are_byte_for_byte_what_webdataset_writes(tmp_path):
     assert ours == stream.getvalue()
 
 
+def _photo_folder(folder: Path, count: int) -> Path:
+    folder.mkdir()
+    for index in range(count):
+        (folder / f"{index}.jpg").write_bytes(jpeg_bytes(photo(200, 150, index)))
+    return folder
+
+
 def test_the_shard_command_imports_torch_only_to_start_its_workers(tmp_path):
     """``import loaders.convert`` and ``ecomaug shard --help`` import no torch; a conversion imports
     it once, in the parent, just before its workers fork (they share it), and not at all when
     it runs in-process without a resize."""
-    source = tmp_path / "in"
-    source.mkdir()
-    for index in range(4):
-        (source / f"{index}.jpg").write_bytes(jpeg_bytes(photo(200, 150, index)))
+    source = _photo_folder(tmp_path / "in", 4)
     script = (f"import sys; from loaders.convert import convert_to_shards; print('torch' in sys.modules); "
               f"r = convert_to_shards({str(source)!r}, {str(tmp_path / 'a')!r}, workers=0, max_size=300, "
               f"progress=False); print('torch' in sys.modules, r.passed_through); "
@@ -256,10 +260,7 @@ def test_the_shard_command_imports_torch_only_to_start_its_workers(tmp_path):
 def test_workers_die_on_terminate_whatever_sigterm_handler_the_parent_has(tmp_path):
     """train.py notes SIGTERM to stop at a step boundary; forked workers must not inherit that,
     or Pool.terminate() cannot end them and the conversion hangs in its join."""
-    source = tmp_path / "in"
-    source.mkdir()
-    for index in range(3):
-        (source / f"{index}.jpg").write_bytes(jpeg_bytes(photo(200, 150, index)))
+    source = _photo_folder(tmp_path / "in", 3)
     script = (f"import signal; signal.signal(signal.SIGTERM, lambda *_: None)\n"
               f"from loaders.convert import convert_to_shards\n"
               f"r = convert_to_shards({str(source)!r}, {str(tmp_path / 'out')!r}, workers=2, max_size=100, "

@@ -68,12 +68,18 @@ def test_region_boxes_are_the_whole_image_then_every_layout_cell():
     assert crops.shape == (len(boxes), 3, 32, 32) and crops.dtype == torch.uint8
 
 
-def test_the_best_region_finds_an_item_on_a_multi_item_canvas():
+def _gallery_of_twelve():
+    """Twelve items (6 colours x 2 shapes), the thumbnail model and its gallery embeddings."""
     colours = [(200, 30, 30), (30, 160, 40), (40, 60, 200), (220, 180, 20), (150, 40, 160), (20, 170, 170)]
     gallery_images = [_item(colour, shape) for colour in colours for shape in ("ellipse", "box")]
     gallery_items = [f"item{index}" for index in range(len(gallery_images))]
     model = tiny_image_model(input_size=32, side=8)
     gallery = model.embed(torch.stack([region_crops(image, 32, [(1, 1)])[0] for image in gallery_images]))
+    return gallery_images, gallery_items, model, gallery
+
+
+def test_the_best_region_finds_an_item_on_a_multi_item_canvas():
+    gallery_images, gallery_items, model, gallery = _gallery_of_twelve()
     rng = random.Random(0)
     queries, items = [], []
     for target in range(len(gallery_images)):
@@ -113,11 +119,7 @@ def test_item_proposals_box_each_item_of_a_bundle_and_leave_a_single_item_whole(
 
 
 def test_item_regions_pad_with_the_whole_image_and_find_the_item_in_a_bundle():
-    colours = [(200, 30, 30), (30, 160, 40), (40, 60, 200), (220, 180, 20), (150, 40, 160), (20, 170, 170)]
-    gallery_images = [_item(colour, shape) for colour in colours for shape in ("ellipse", "box")]
-    gallery_items = [f"item{index}" for index in range(len(gallery_images))]
-    model = tiny_image_model(input_size=32, side=8)
-    gallery = model.embed(torch.stack([region_crops(image, 32, [(1, 1)])[0] for image in gallery_images]))
+    gallery_images, gallery_items, model, gallery = _gallery_of_twelve()
     rng = random.Random(0)
     queries = []
     for target in range(len(gallery_images)):
