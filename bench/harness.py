@@ -48,21 +48,17 @@ def user_errors_as_one_line() -> Iterator[None]:
 def parse_device(text: str | None) -> "torch.device":
     """A stage's ``--device``: ``cpu``, ``cuda`` or ``cuda:N``; None: cuda when present.
 
+    The one device rule of every command (:func:`ecomaug.evaluation.models.resolve_device`),
+    limited to the CPU and CUDA devices the stages measure.
+
     Raises:
         ValueError: not a device, not a CPU or CUDA device, or CUDA asked for where there is none.
     """
-    import torch
+    from ecomaug.evaluation.models import resolve_device
 
-    if text is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except RuntimeError as error:
-        raise ValueError(f"--device {text!r} is not a device; use cpu, cuda or cuda:N") from error
+    device = resolve_device("auto" if text is None else text)
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda[:N], got {text!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {text} requested but CUDA is not available; use --device cpu")
     return device
 
 
