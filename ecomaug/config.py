@@ -184,6 +184,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 COMMAND_OPTIONS = ("config", "log_level")
 # Records RUN/config.json holds beside the fields (see TrainConfig.save); a config file may carry them.
 DERIVED_KEYS = ("recipe_spec",)
+# Fields that say what one invocation does to its run directory, not how to train: a config file
+# that carries them (RUN/config.json does) is read without them, so re-running a run's config never
+# clears or resumes a folder unless this command line says so.
+INVOCATION_KEYS = ("overwrite", "resume")
 
 
 def _flag(name: str) -> str:
@@ -318,7 +322,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     checked: dict[str, Any] = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
-        if name in DERIVED_KEYS:
+        if name in DERIVED_KEYS or name in INVOCATION_KEYS:
             continue
         if name not in known:
             raise ValueError(f"--config {path}: unknown field {key!r} (`train.py --help` lists them)")

@@ -28,6 +28,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ecomaug.augmentation.sampling import check_probability
+
+# Keys of the recipe's fired statistics that are not stage names (a part of a stage that fires on
+# its own), so no custom stage may take them.
+FIRED_EXTRA_KEYS = ("recolour",)
 from ecomaug.recipe_defaults import DEFAULT_ORDER, RECIPES
 
 _FILE_KEYS = ("recipe", "set", "order", "stages")
@@ -224,8 +228,10 @@ def _place_stages(order: list[str], built_in: Sequence[str], custom: list[tuple[
     for stage in order:
         if stage not in known:
             raise ValueError(f"unknown stage {stage!r} in 'order'; stages: {', '.join(list(built_in) + names)}")
-    if len(set(order)) != len(order) or len(set(names)) != len(names) or set(names) & set(built_in):
-        raise ValueError(f"stage names must be unique and differ from the built-in ones ({', '.join(built_in)})")
+    reserved = set(built_in) | set(FIRED_EXTRA_KEYS)
+    if len(set(order)) != len(order) or len(set(names)) != len(names) or set(names) & reserved:
+        raise ValueError(f"stage names must be unique and differ from the built-in ones and the statistics' "
+                         f"names ({', '.join(sorted(reserved))})")
     for stage, entry in custom:
         if stage.name in order:
             if "after" in entry or "before" in entry:

@@ -20,6 +20,15 @@ def test_a_run_config_json_round_trips_as_config(tmp_path):
     assert again == config
 
 
+def test_a_run_config_never_brings_back_overwrite_or_resume(tmp_path):
+    config = parse_config(["--preset", "sample", "--out", str(tmp_path / "run"), "--overwrite"])
+    config.save(tmp_path / "config.json")
+    again = parse_config(["--config", str(tmp_path / "config.json"), "--out", str(tmp_path / "again")])
+    assert again.overwrite is False and again.resume is None  # re-running a config clears no folder
+    resumed = parse_config(["--config", str(tmp_path / "config.json"), "--resume", "auto"])
+    assert resumed.resume == "auto" and resumed.overwrite is False
+
+
 def test_yaml_config_sets_fields_and_flags_override_it(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: resnet34\nbatch-size: 48\nbase_lr: 1\nmax_steps: null\nclip_grad: 1.5\n")

@@ -107,3 +107,35 @@ def test_pretrained_without_the_hub_is_one_line(monkeypatch):
     with pytest.raises(ValueError, match="not in the local cache and the model hub .* cannot be reached") as error:
         initial_weights.hub_weights("test_resnet", img_size=32)
     assert "\n" not in str(error.value) and "--init PATH" in str(error.value)
+
+
+def test_a_tuple_classifier_is_dropped_head_by_head():
+    from ecomaug.engine.initial_weights import fit_to_backbone
+
+    class Distilled(torch.nn.Module):  # the shape of timm's distilled ViTs: two heads, a tuple classifier
+        pretrained_cfg = {"classifier": ("head", "head_dist")}
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Linear(4, 4)
+
+    backbone = Distilled()
+    weights = {**backbone.state_dict(), "head.weight": torch.zeros(2, 4), "head_dist.weight": torch.zeros(2, 4)}
+    assert set(fit_to_backbone(weights, backbone, where="w.pth")) == {"body.weight", "body.bias"}
+
+
+def test_a_resumed_run_takes_its_weights_from_the_checkpoint_not_from_init_again(sample_shards, tmp_path):
+    from safetensors.torch import save_file
+
+    from ecomaug.engine import train
+
+    init = tmp_path / "weights.safetensors"
+    save_file(given_backbone().state_dict(), str(init))
+    data, out = sample_shards / "shard-000000.tar", tmp_path / "run"
+    train(parse_config(["--data", str(data), "--out", str(out), *TINY, "--init", str(init)]))
+    init.unlink()  # moved away since: resuming must not need it
+    trainer = set_up(data, out, "--init", str(init), "--resume", "auto", "--max-steps", "2")
+    checkpoint = torch.load(sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1], weights_only=False)
+    for name, value in trainer.objective.state_dict().items():
+        torch.testing.assert_close(value.cpu(), checkpoint["model"][name].cpu())
+    trainer.metrics.close()

@@ -148,8 +148,10 @@ def test_multi_item_companions_are_items_held_out_of_the_gallery():
     gallery_items = {meta["item_id"] for _, meta, _ in eval_set.gallery}
     assert len(gallery_items) == 10 and "held out of the gallery" in eval_set.protocol["multi_item_companions"]
     assert {meta["item_id"] for _, meta, _ in eval_set.queries["multi_item"]} <= gallery_items
-    kept = build_eval_set(samples, disturbances=["clean"], seed=0, progress=False)  # no canvases: all items
-    assert kept.num_items == 12 and "multi_item_companions" not in kept.protocol
+    clean_only = build_eval_set(samples, disturbances=["clean"], seed=0, progress=False)
+    assert clean_only.gallery == eval_set.gallery  # the gallery does not depend on the disturbances asked for
+    kept = build_eval_set(samples, disturbances=["clean", "multi_item"], seed=0, companion_share=0.0, progress=False)
+    assert kept.num_items == 12 and "other gallery items" in kept.protocol["multi_item_companions"]
     with pytest.raises(ValueError, match="companion_share"):
         build_eval_set(samples, companion_share=1.0, progress=False)
 

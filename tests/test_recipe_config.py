@@ -108,6 +108,7 @@ def test_own_augmentation_class_draws_from_the_recipe_source(tmp_path):
     ("[{name: x, class: 'torch.nn:Linear'}]", "not a Kornia augmentation"),
     ("[{name: x, class: 'kornia.augmentation:RandomGrayscale', after: nowhere}]", "no stage 'nowhere'"),
     ("[{name: blur, class: 'kornia.augmentation:RandomGrayscale'}]", "unique"),
+    ("[{name: recolour, class: 'kornia.augmentation:RandomGrayscale'}]", "statistics' names"),
     ("[{name: x, class: 'kornia.augmentation:RandomGrayscale', args: {q: 1}}]", "arguments"),
 ])
 def test_bad_custom_stages_fail_in_one_line(tmp_path, stages, match):

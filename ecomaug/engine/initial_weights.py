@@ -78,8 +78,8 @@ def fit_to_backbone(weights: dict[str, torch.Tensor], backbone: nn.Module, *, wh
         ValueError: keys missing or left over, or a shape that differs (the message names one).
     """
     expected = backbone.state_dict()
-    classifier = str(getattr(backbone, "pretrained_cfg", {}).get("classifier") or "")
-    heads = tuple(f"{name}." for name in ([classifier] if isinstance(classifier, str) else classifier) if name)
+    classifier = getattr(backbone, "pretrained_cfg", {}).get("classifier") or ()
+    heads = tuple(f"{name}." for name in ((classifier,) if isinstance(classifier, str) else classifier) if name)
     kept = {name: value for name, value in weights.items() if not (heads and name.startswith(heads)
                                                                    and name not in expected)}
     missing = [name for name in expected if name not in kept]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 from ecomaug.distributed import barrier, get_rank
 
+logger = logging.getLogger(__name__)
 
 
 def is_held_out(item_id: str) -> bool:
@@ -32,8 +34,8 @@ def sample_shards(out_dir: Path, *, progress: bool) -> tuple[Path, Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
         split = {"train": [r for r in rows if not is_held_out(r["item_id"])],
                  "val": [r for r in rows if is_held_out(r["item_id"])]}
-        print(f"converting the bundled sample {SAMPLE_MANIFEST} into shards: {len(split['train'])} photos "
-              f"to train on ({shards}), {len(split['val'])} of held-out items ({val_shards})")
+        logger.info("converting the bundled sample %s into shards: %d photos to train on (%s), %d of held-out "
+                    "items (%s)", SAMPLE_MANIFEST, len(split["train"]), shards, len(split["val"]), val_shards)
         for name, target in (("train", shards), ("val", val_shards)):
             listing = out_dir / f"sample-{name}.csv"
             with listing.open("w", newline="", encoding="utf-8") as stream:

@@ -104,7 +104,8 @@ class Trainer:
         self.plan: RunPlan = plan_run(config, shard_set, data=data, world_size=self.world_size,
                                       val_data=config.val_data if config.val_data is not None else val_data)
         objective = build_objective(config, queue_size=self.plan.queue_size, bn_splits=self.plan.bn_splits)
-        weights = initial_weights(config, objective.backbone)
+        # A resumed run takes every weight from its checkpoint: --init / --pretrained are not read again.
+        weights = initial_weights(config, objective.backbone) if resume_from is None else None
         if weights is not None:
             objective.load_backbone(weights)
             logger.info("backbone starts from %s", config.init or f"timm's pretrained {config.model}")
@@ -157,13 +158,17 @@ class Trainer:
         shard_set = load_shard_set(config.data) if config.data is not None else None
         if config.val_data is not None:
             load_shard_set(config.val_data)
-        if config.init is not None and not os.path.exists(config.init):
-            raise FileNotFoundError(2, "No such --init file or folder", config.init)
         self.recipe_spec = resolve_views(config)
         check_recipe_unchanged(config, self.recipe_spec)
         resume_from = None
-        if config.resume not in (None, "auto"):
+        if config.resume == "auto":
+            resume_from = find_latest_checkpoint(self.run_dir)
+            if resume_from is None and self.is_main:
+                logger.info("--resume auto: no checkpoint in %s yet, starting fresh", self.run_dir / "checkpoints")
+        elif config.resume is not None:
             resume_from = (Path(config.resume), load_checkpoint(config.resume))
+        if config.init is not None and resume_from is None and not os.path.exists(config.init):
+            raise FileNotFoundError(2, "No such --init file or folder", config.init)
         return shard_set, resume_from
 
     def _prepare_run_dir(self) -> None:
@@ -177,10 +182,6 @@ class Trainer:
     def _resume(self, resume_from: tuple[Path, dict[str, Any]] | None) -> None:
         config, log = self.config, logger
         resumed = resume_from
-        if config.resume == "auto":
-            resumed = find_latest_checkpoint(self.run_dir)
-            if resumed is None and self.is_main:
-                log.info("--resume auto: no checkpoint in %s yet, starting fresh", self.run_dir / "checkpoints")
         if resumed is None:
             torch.manual_seed(config.seed + self.rank)  # dropout and the like differ per rank: seed + rank
             return

@@ -128,9 +128,10 @@ def build_eval_set(samples: Sequence[Sample], *, disturbances: Sequence[str] = D
     A multi-item query shows its item among companions. Were the companions other gallery items,
     the canvas would show several gallery items with one of them called "the" target, and a
     perfect matcher would score R@1 = 1/items-on-the-canvas (0.29 on average for 2-6 items). So
-    when ``multi_item`` is asked for and there are 10 items or more, ``companion_share`` of the
-    items (seeded, at least 2) are held out of the gallery and the queries and only lend their
-    images as companions: the target is the one gallery item on its canvas.
+    when there are 10 items or more, ``companion_share`` of the items (seeded, at least 2) are
+    held out of the gallery and the queries, whichever disturbances are asked for (the gallery
+    stays the same), and only lend their images as companions: the target is the one gallery
+    item on its canvas.
 
     Args:
         samples: ``(key, meta, bytes)`` with ``meta["item_id"]``, e.g. from
@@ -149,8 +150,9 @@ def build_eval_set(samples: Sequence[Sample], *, disturbances: Sequence[str] = D
     if unknown or not disturbances:
         raise ValueError(f"unknown disturbance(s) {unknown or '(none given)'}; choose from "
                          f"{', '.join(DISTURBANCES)}")
-    share = companion_share if "multi_item" in disturbances else 0.0
-    samples, companions = _hold_out_companions(samples, share=share, seed=seed)
+    # Held out whichever disturbances are asked for, so the gallery (and every recall) does not
+    # depend on whether multi_item is among them.
+    samples, companions = _hold_out_companions(samples, share=companion_share, seed=seed)
     gallery, plain_queries = split_gallery(samples, max_items=max_items,
                                            max_queries_per_item=max_queries_per_item, seed=seed)
     if companions:
@@ -161,7 +163,7 @@ def build_eval_set(samples: Sequence[Sample], *, disturbances: Sequence[str] = D
         pool = [(str(meta["item_id"]), data) for _, meta, data in plain_queries]
         if len({item for item, _ in pool}) < 2:
             pool = [(str(meta["item_id"]), data) for _, meta, data in gallery]
-        companion_rule = "other gallery items' images (few items): R@1 is capped near 1/items on the canvas"
+        companion_rule = "other gallery items' images (no items to spare): R@1 is capped near 1/items on the canvas"
     blocks: dict[str, tuple[int, int]] = {}
     for position, (item, _) in enumerate(pool):
         start, _stop = blocks.get(item, (position, position))
@@ -189,7 +191,7 @@ def build_eval_set(samples: Sequence[Sample], *, disturbances: Sequence[str] = D
         "items": len(gallery), "queries_per_disturbance": len(plain_queries),
         "disturbances": list(disturbances), "seed": seed,
         "independent_of_training": True,
-        **({"multi_item_companions": companion_rule} if "multi_item" in disturbances else {}),
+        "multi_item_companions": companion_rule,
     }
     return EvalSet(gallery=gallery, queries=queries, seed=seed, num_items=len(gallery),
                    protocol=protocol)
