@@ -22,14 +22,18 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import math
 import random
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
+
+_LOG = logging.getLogger(__name__)
 
 CLIPART_ROOT = Path("/usr/share/openclipart/png")
 PHOTO_ROOTS = (Path("/usr/share/backgrounds"), Path("/usr/share/wallpapers"))
@@ -94,9 +98,11 @@ def is_eval_item(path: Path, root: Path, fraction: float) -> bool:
 def load_item(path: Path, max_side: int) -> Image.Image | None:
     """The clip art as RGBA, cut to its visible part and shrunk; None when unusable."""
     try:
-        with Image.open(path) as image:
-            image.draft("RGBA", (max_side * 2, max_side * 2))
-            image = image.convert("RGBA")
+        with warnings.catch_warnings():  # a few packaged drawings are 90-180 MP: trusted, decoded once
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.draft("RGBA", (max_side * 2, max_side * 2))
+                image = image.convert("RGBA")
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
     alpha = np.asarray(image.getchannel("A"))
@@ -200,15 +206,23 @@ def build_corpus(out_dir: str | Path, settings: CorpusSettings = CorpusSettings(
     stamp = out / "corpus.json"
     paths = {"train": out / "train-shards", "eval": out / "eval-shards", "eval_csv": out / "eval.csv",
              "root": out}
-    if stamp.is_file() and json.loads(stamp.read_text())["settings"] == asdict(settings):
-        return paths
+    photos = photo_files() if photos is None else sorted(photos)
+    if not photos:
+        _LOG.warning("no background photos (%s): the corpus gets plain and gradient backgrounds only, unlike "
+                     "the README's figures; apt-get install the wallpaper packages of "
+                     "../shared/bench-corpus/make_corpus.sh", ", ".join(map(str, PHOTO_ROOTS)))
+    made_from = {"clipart_root": str(clipart_root), "photos": [str(p) for p in photos]}
+    if stamp.is_file():
+        built = json.loads(stamp.read_text())
+        if built["settings"] == asdict(settings) and built.get("made_from") == made_from:
+            return paths
     files = clipart_files(clipart_root)
     rng = random.Random(settings.seed)
     eval_fraction = 0.2
     eval_files = [p for p in files if is_eval_item(p, clipart_root, eval_fraction)]
     train_files = [p for p in files if not is_eval_item(p, clipart_root, eval_fraction)]
     rng.shuffle(eval_files), rng.shuffle(train_files)
-    photographer = Photographer(out, settings, Backgrounds(photo_files() if photos is None else photos, settings.size),
+    photographer = Photographer(out, settings, Backgrounds(photos, settings.size),
                                 rng, clipart_root)
     for name in ("train", "eval"):
         (out / name).mkdir(parents=True, exist_ok=True)
@@ -227,7 +241,7 @@ def build_corpus(out_dir: str | Path, settings: CorpusSettings = CorpusSettings(
     for csv_path, shards in ((out / "train.csv", paths["train"]), (paths["eval_csv"], paths["eval"])):
         convert_to_shards(csv_path, shards, shard_size=512, max_size=settings.size, workers=1,
                           progress=progress)
-    stamp.write_text(json.dumps({"settings": asdict(settings)}, indent=2))
+    stamp.write_text(json.dumps({"settings": asdict(settings), "made_from": made_from}, indent=2))
     return paths
 
 

@@ -224,3 +224,20 @@ def test_eval_command_takes_query_regions_and_the_pixel_baseline(tmp_path):
     assert "16x16 pixels" in result.output
     report = json.loads((out / "report.json").read_text())
     assert "16x16 pixels" in json.dumps(report)
+
+
+def test_product_corpus_is_rebuilt_when_its_background_photos_change(tmp_path, caplog):
+    from bench.product_corpus import CorpusSettings, build_corpus
+
+    clipart = tmp_path / "clipart"
+    _clipart(clipart, 60)
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(photo)
+    settings = CorpusSettings(train_images=12, eval_items=4, images_per_item=2, size=48, seed=0)
+    with caplog.at_level("WARNING", logger="bench.product_corpus"):
+        build_corpus(tmp_path / "corpus", settings, clipart_root=clipart, photos=[], progress=False)
+    assert "no background photos" in caplog.text
+    stamp = tmp_path / "corpus" / "corpus.json"
+    assert json.loads(stamp.read_text())["made_from"]["photos"] == []
+    build_corpus(tmp_path / "corpus", settings, clipart_root=clipart, photos=[photo], progress=False)
+    assert json.loads(stamp.read_text())["made_from"]["photos"] == [str(photo)]
