@@ -129,11 +129,13 @@ class Backgrounds:
         self.photos: list[Image.Image] = []
         for path in photos:
             try:
-                with Image.open(path) as photo:
-                    photo.draft("RGB", (size * 4, size * 4))
-                    photo = photo.convert("RGB")
-                    photo.thumbnail((size * 4, size * 4))
-                    self.photos.append(photo)
+                with warnings.catch_warnings():  # trusted packaged wallpapers, some over 90 MP
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    with Image.open(path) as photo:
+                        photo.draft("RGB", (size * 4, size * 4))
+                        photo = photo.convert("RGB")
+                        photo.thumbnail((size * 4, size * 4))
+                        self.photos.append(photo)
             except (OSError, ValueError, Image.DecompressionBombError):
                 continue
 
