@@ -232,6 +232,20 @@ class MoCo(nn.Module):
         return {"queue_ptr": int(self.queue_ptr), "queue_sum": float(self.queue.double().sum())}
 
     @torch.no_grad()
+    def health(self) -> dict[str, float]:
+        """``key_cos``: the mean cosine between two different queued keys (v2; v3 has no queue).
+
+        About 0 when the keys spread over the sphere, 1 when they have collapsed onto one direction.
+        A rising value explains a falling instance accuracy: every negative then sits close to
+        every query. Computed from the keys' sum, so it costs one pass over the queue.
+        """
+        K = self.queue.shape[1] if self.version == "v2" else 0
+        if K < 2:
+            return {}
+        total = self.queue.float().sum(dim=1)  # D
+        return {"key_cos": float((total.dot(total) - K) / (K * (K - 1)))}
+
+    @torch.no_grad()
     def momentum_update(self, m: float | None = None) -> None:
         """key = m * key + (1 - m) * query, for every parameter of the key encoder."""
         m = self.m_now if m is None else m

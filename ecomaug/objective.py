@@ -65,3 +65,6 @@ class Objective(Protocol):
 
     def summary(self) -> dict[str, Any]:
         """A few numbers about its state (e.g. the queue pointer) for the resume record."""
+
+    def health(self) -> dict[str, float]:
+        """Collapse signals logged with every train record (MoCo v2: ``key_cos``); may be empty."""

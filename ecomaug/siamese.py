@@ -112,6 +112,9 @@ class Siamese(nn.Module):
     def summary(self) -> dict[str, Any]:
         return {"queue_ptr": None, "queue_sum": None}  # no queue
 
+    def health(self) -> dict[str, float]:
+        return {}  # no queue to watch
+
     def forward(self, view_1: torch.Tensor, view_2: torch.Tensor, *, labels: torch.Tensor | None = None,
                 meta: Sequence[dict[str, Any]] | None = None) -> ContrastiveOutput:
         """The supervised contrastive loss of both views; ``labels`` default to ``item_labels(meta)``.

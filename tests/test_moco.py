@@ -203,3 +203,15 @@ def test_shuffle_unshuffle_across_two_ranks():
     assert [rank for rank, _, _ in results] == [0, 1]
     assert all(identity for _, identity, _ in results)
     assert any(mixed for _, _, mixed in results)  # samples really moved between ranks
+
+
+def test_key_cos_is_the_mean_cosine_between_queued_keys_and_flags_collapse():
+    moco = tiny_moco()
+    queue = moco.queue  # D x K, unit columns
+    cosines = queue.T @ queue
+    brute = (cosines.sum() - cosines.diagonal().sum()) / (moco.K * (moco.K - 1))
+    assert moco.health()["key_cos"] == pytest.approx(float(brute), abs=1e-5)
+    assert abs(moco.health()["key_cos"]) < 0.2  # the random initial queue is spread
+    moco.dequeue_and_enqueue(F.normalize(torch.ones(moco.K, queue.shape[0]), dim=1))  # one direction
+    assert moco.health()["key_cos"] == pytest.approx(1.0, abs=1e-5)
+    assert tiny_moco(version="v3").health() == {}  # no queue

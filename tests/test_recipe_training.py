@@ -50,6 +50,7 @@ def test_file_override_pool_and_custom_stage_change_what_training_draws(sample_s
     default_config, default_records = _run(data, tmp_path / "default")
     assert default_config["recipe_spec"]["set"]["watermark_p"] == 0.3
     assert all(record["fired"]["watermark"] < 1.0 for record in default_records)
+    assert all(-1.0 <= record["key_cos"] <= 1.0 for record in default_records)  # the collapse monitor
 
     config, records = _run(data, tmp_path / "mine", "--recipe-config", str(recipe_dir / "recipe.yaml"),
                            "--recipe-set", "flip_p=0.0", "--recipe-set", "gray.p=1.0")

@@ -239,7 +239,8 @@ class Trainer:
                       accuracy=float(all_reduce_mean(window["accuracy"])) / steps,
                       lr=self.train_step.optimizer.param_groups[0]["lr"],
                       images_per_s=steps * self.plan.global_batch / elapsed,
-                      data_wait=min(window["wait"] / elapsed, 1.0), **self.train_step.stats)
+                      data_wait=min(window["wait"] / elapsed, 1.0), **self.train_step.stats,
+                      **self.objective.health())
         if self.train_step.recipe is not None:  # rank 0's share of samples each stage changed in the window
             record["fired"] = {name: round(rate, 4) for name, rate in self.train_step.recipe.fired_rates().items()}
         self.metrics.write("train", **record)
