@@ -27,6 +27,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "pipeline": ("bench.pipeline:pipeline", "tar -> MoCo step: every stage alone and cumulative, which limits"),
     "gpu": ("bench.gpu:gpu", "the GPU section: DALI variants, bf16/fp16 steps, recipe share, fed vs synthetic"),
     "moco-reference": ("bench.moco_reference:main", "views -> weights: our MoCo beside lightly's"),
+    "view-difficulty": ("bench.view_difficulty:main", "weights -> views: the recipe stage a trained run fails on"),
     "robustness": ("bench.robustness:main", "weights -> recall: held-out recall per disturbance, per recipe"),
     "match": ("bench.match:main", "embeddings -> matches: embed vectors/s, search queries/s, memory"),
     "dewatermark-pr": ("bench.dewatermark_pr:main", "watermark detection precision/recall over thresholds"),
