@@ -27,13 +27,15 @@ from bench.harness import BenchCommand, parse_device
 DEFAULT_STAGES = ("colour_p", "perspective_p", "mosaic_p", "watermark_p")
 
 
-def view_variants(recipe: str, recipe_set: Sequence[str], stages: Sequence[str]) -> dict[str, tuple[str, list[str]]]:
-    """label -> (recipe name, ``--recipe-set`` strings): the run's views, each stage off, all off, mocov2."""
+def view_variants(recipe: str, recipe_set: Sequence[str],
+                  stages: Sequence[str]) -> dict[str, tuple[str | None, list[str]]]:
+    """label -> (recipe, ``--recipe-set`` strings): the run's views (recipe None: the run's recipe and
+    recipe file, named ``recipe``), each stage off, all of them off, and ``mocov2``."""
     base = list(recipe_set)
-    variants = {recipe: (recipe, base)}
-    variants.update({f"{recipe}, {stage}=0": (recipe, [*base, f"{stage}=0"]) for stage in stages})
+    variants: dict[str, tuple[str | None, list[str]]] = {recipe: (None, base)}
+    variants.update({f"{recipe}, {stage}=0": (None, [*base, f"{stage}=0"]) for stage in stages})
     if len(stages) > 1:
-        variants[f"{recipe}, all of them 0"] = (recipe, [*base, *(f"{stage}=0" for stage in stages)])
+        variants[f"{recipe}, all of them 0"] = (None, [*base, *(f"{stage}=0" for stage in stages)])
     variants.setdefault("mocov2", ("mocov2", []))
     return variants
 
@@ -72,10 +74,15 @@ def run(run_dir: Path, shards: str, *, device: torch.device, batches: int = 24,
     views = [batch.views for _, batch in zip(range(batches), loader)]
     normalise = Normalise().to(device)
     rows = []
-    for label, (recipe, settings) in view_variants(config.recipe or "ecom", config.recipe_set, stages).items():
+    run_spec = resolve_recipe(config.recipe, config_file=config.recipe_config, settings=config.recipe_set,
+                              watermark_dir=config.watermark_dir)
+    for label, (recipe, settings) in view_variants(run_spec.name, config.recipe_set, stages).items():
         model.load_state_dict(weights)  # each variant from the checkpoint's BN statistics
-        spec = resolve_recipe(recipe, config_file=config.recipe_config if recipe == config.recipe else None,
-                              settings=settings, watermark_dir=config.watermark_dir)
+        if recipe is None:  # the run's recipe, file included, with the variant's settings
+            spec = resolve_recipe(config.recipe, config_file=config.recipe_config, settings=settings,
+                                  watermark_dir=config.watermark_dir)
+        else:
+            spec = resolve_recipe(recipe, settings=settings)
         augment = build_recipe_from_spec(spec, generator=torch.Generator(device=device).manual_seed(seed))
         sums = torch.zeros(4)
         for view_q, view_k in views:

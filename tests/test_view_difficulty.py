@@ -19,10 +19,10 @@ TINY = ["--model", "test_resnet", "--crop-size", "32", "--batch-size", "16", "--
 
 def test_variants_switch_each_stage_off_then_all_and_add_mocov2():
     variants = view_variants("ecom", ["flip_p=0.0"], ["colour_p", "mosaic_p"])
-    assert variants == {"ecom": ("ecom", ["flip_p=0.0"]),
-                        "ecom, colour_p=0": ("ecom", ["flip_p=0.0", "colour_p=0"]),
-                        "ecom, mosaic_p=0": ("ecom", ["flip_p=0.0", "mosaic_p=0"]),
-                        "ecom, all of them 0": ("ecom", ["flip_p=0.0", "colour_p=0", "mosaic_p=0"]),
+    assert variants == {"ecom": (None, ["flip_p=0.0"]),  # None: the run's own recipe (and recipe file)
+                        "ecom, colour_p=0": (None, ["flip_p=0.0", "colour_p=0"]),
+                        "ecom, mosaic_p=0": (None, ["flip_p=0.0", "mosaic_p=0"]),
+                        "ecom, all of them 0": (None, ["flip_p=0.0", "colour_p=0", "mosaic_p=0"]),
                         "mocov2": ("mocov2", [])}
 
 
