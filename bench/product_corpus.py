@@ -19,6 +19,7 @@ folder and is rebuilt only when its settings change.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -28,7 +29,7 @@ import random
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -95,14 +96,22 @@ def is_eval_item(path: Path, root: Path, fraction: float) -> bool:
     return int.from_bytes(digest[:4], "big") / 2**32 < fraction
 
 
+@contextlib.contextmanager
+def open_packaged(path: Path) -> Iterator[Image.Image]:
+    """``Image.open`` without Pillow's bomb warning: the packaged drawings and wallpapers are trusted,
+    and some are 90-180 MP (over twice the limit still raises ``DecompressionBombError``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            yield image
+
+
 def load_item(path: Path, max_side: int) -> Image.Image | None:
     """The clip art as RGBA, cut to its visible part and shrunk; None when unusable."""
     try:
-        with warnings.catch_warnings():  # a few packaged drawings are 90-180 MP: trusted, decoded once
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.draft("RGBA", (max_side * 2, max_side * 2))
-                image = image.convert("RGBA")
+        with open_packaged(path) as image:
+            image.draft("RGBA", (max_side * 2, max_side * 2))
+            image = image.convert("RGBA")
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
     alpha = np.asarray(image.getchannel("A"))
@@ -129,13 +138,11 @@ class Backgrounds:
         self.photos: list[Image.Image] = []
         for path in photos:
             try:
-                with warnings.catch_warnings():  # trusted packaged wallpapers, some over 90 MP
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    with Image.open(path) as photo:
-                        photo.draft("RGB", (size * 4, size * 4))
-                        photo = photo.convert("RGB")
-                        photo.thumbnail((size * 4, size * 4))
-                        self.photos.append(photo)
+                with open_packaged(path) as photo:
+                    photo.draft("RGB", (size * 4, size * 4))
+                    photo = photo.convert("RGB")
+                    photo.thumbnail((size * 4, size * 4))
+                    self.photos.append(photo)
             except (OSError, ValueError, Image.DecompressionBombError):
                 continue
 

@@ -67,8 +67,7 @@ def run(run_dir: Path, shards: str, *, device: torch.device, batches: int = 24,
     state = found[1]["model"]
     model = build_objective(config, queue_size=state["queue"].shape[1], bn_splits=1)
     model.load_state_dict(state)
-    model.to(device).train()  # batch-norm statistics of the batch, as in training
-    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    model.to(device).train()  # batch-norm statistics of each batch, as in training (no grad: weights stay)
     loader = build_loader(shards, backend="torch", device=device, batch_size=config.batch_size,
                           crop_size=config.crop_size, seed=seed, num_workers=0)
     views = [batch.views for _, batch in zip(range(batches), loader)]
@@ -77,7 +76,6 @@ def run(run_dir: Path, shards: str, *, device: torch.device, batches: int = 24,
     run_spec = resolve_recipe(config.recipe, config_file=config.recipe_config, settings=config.recipe_set,
                               watermark_dir=config.watermark_dir)
     for label, (recipe, settings) in view_variants(run_spec.name, config.recipe_set, stages).items():
-        model.load_state_dict(weights)  # each variant from the checkpoint's BN statistics
         if recipe is None:  # the run's recipe, file included, with the variant's settings
             spec = resolve_recipe(config.recipe, config_file=config.recipe_config, settings=settings,
                                   watermark_dir=config.watermark_dir)
