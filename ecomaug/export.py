@@ -76,9 +76,30 @@ def create_backbone(model_name: str, *, img_size: int | None = None) -> nn.Modul
                          + (f" for {img_size}-pixel inputs" if img_size else "") + f": {detail}") from error
 
 
+def read_normalisation(config: dict[str, Any], *, where: str) -> dict[str, tuple[float, float, float]]:
+    """The ``mean`` and ``std`` of an export's ``config.json`` (timm's ImageNet ones where it has none).
+
+    Raises:
+        ValueError: a mean or std that is not three finite numbers (std > 0).
+    """
+    import math
+
+    values: dict[str, tuple[float, float, float]] = {}
+    for name, default in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+        value = config.get(name, default)
+        if (not isinstance(value, (list, tuple)) or len(value) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+                or (name == "std" and min(value) <= 0)):
+            raise ValueError(f"{where}: {name} must be three finite numbers{' > 0' if name == 'std' else ''}, "
+                             f"got {value!r}")
+        values[name] = tuple(float(v) for v in value)  # type: ignore[assignment]
+    return values
+
+
 def export_backbone(backbone: nn.Module | dict[str, torch.Tensor], out_dir: str | os.PathLike, *,
                     model_name: str, input_size: int, interpolation: str = EVAL_INTERPOLATION,
-                    verify: bool = True) -> Path:
+                    verify: bool = True, mean: tuple[float, float, float] = IMAGENET_MEAN,
+                    std: tuple[float, float, float] = IMAGENET_STD) -> Path:
     """Write a backbone's weights and preprocessing config to ``out_dir``.
 
     Args:
@@ -87,6 +108,9 @@ def export_backbone(backbone: nn.Module | dict[str, torch.Tensor], out_dir: str 
         model_name: the timm name the weights belong to.
         input_size: side of the square images the backbone was trained on.
         interpolation: resize interpolation of the evaluation preprocessing.
+        mean: the normalisation the backbone was trained with (the model's own, e.g. 0.5 for
+            ``tf_efficientnet_lite0``); ``embed``, ``eval`` and ``match`` read it back.
+        std: its standard deviation.
         verify: create the timm model and load the weights strictly before writing.
 
     Returns:
@@ -112,7 +136,7 @@ def export_backbone(backbone: nn.Module | dict[str, torch.Tensor], out_dir: str 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = serialise(state, metadata={"model": model_name, "format": "pt"})
-    text = (json.dumps(export_config(reference, model_name, input_size, interpolation), indent=2)
+    text = (json.dumps(export_config(reference, model_name, input_size, interpolation, mean=mean, std=std), indent=2)
             + "\n").encode("utf-8")
     staged: dict[Path, Path] = {}
     try:  # stage both files, then rename both: the old export stays whole if anything fails
@@ -128,13 +152,15 @@ def export_backbone(backbone: nn.Module | dict[str, torch.Tensor], out_dir: str 
     return out_dir
 
 
-def export_config(reference: nn.Module, model_name: str, input_size: int, interpolation: str) -> dict[str, Any]:
+def export_config(reference: nn.Module, model_name: str, input_size: int, interpolation: str, *,
+                  mean: tuple[float, float, float] = IMAGENET_MEAN,
+                  std: tuple[float, float, float] = IMAGENET_STD) -> dict[str, Any]:
     """``config.json``: ecomaug's fields and timm's (``architecture``, ``model_args``, ``pretrained_cfg``)."""
     import inspect
 
     size = [3, int(input_size), int(input_size)]
-    preprocessing = {"input_size": size, "interpolation": interpolation, "mean": list(IMAGENET_MEAN),
-                     "std": list(IMAGENET_STD)}
+    preprocessing = {"input_size": size, "interpolation": interpolation, "mean": [float(v) for v in mean],
+                     "std": [float(v) for v in std]}
     # Models built for one input size (ViTs) need img_size to rebuild as trained; CNNs take none.
     takes_size = "img_size" in inspect.signature(type(reference).__init__).parameters
     return {"model": model_name, "num_features": int(reference.num_features), **preprocessing,
@@ -187,8 +213,18 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike)
     """
     from ecomaug.checkpoint import load_checkpoint
 
-    model_name, weights, config = backbone_state_from_checkpoint(load_checkpoint(checkpoint))
+    state = load_checkpoint(checkpoint)
+    model_name, weights, config = backbone_state_from_checkpoint(state)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(20, "--out is a file, not a directory", str(out_dir))
-    return export_backbone(weights, out_dir, model_name=model_name, input_size=int(config.get("crop_size", 224)))
+    normalisation = checkpoint_normalisation(state, where=str(checkpoint))
+    return export_backbone(weights, out_dir, model_name=model_name, input_size=int(config.get("crop_size", 224)),
+                           **normalisation)
+
+
+def checkpoint_normalisation(state: dict[str, Any], *, where: str) -> dict[str, tuple[float, float, float]]:
+    """The mean and std a training checkpoint's run fed its backbone (recorded since the run
+    derives them from its model; an older checkpoint's were timm's ImageNet constants)."""
+    derived = state.get("derived") or {}
+    return read_normalisation(derived if isinstance(derived, dict) else {}, where=where)

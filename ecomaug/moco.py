@@ -97,6 +97,24 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float) ->
     return F.cross_entropy(logits, labels), logits
 
 
+def koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The Kozachenko-Leonenko entropy regulariser (Sablayrolles et al. 2019; SSCD, DINOv2):
+    ``-mean(log(distance to the nearest other embedding))``; minimising it spreads a batch apart.
+
+    Args:
+        x: L2-normalised embeddings.
+
+    Shape:
+        - x: :math:`(N, D)` with N >= 2; output: scalar.
+    """
+    x = x.float()
+    with torch.no_grad():
+        similarity = x @ x.T  # N x N
+        similarity.fill_diagonal_(-2.0)  # never one's own neighbour
+        nearest = similarity.argmax(dim=1)  # N
+    return -torch.log((x - x[nearest]).norm(dim=1) + eps).mean()
+
+
 def momentum_at(step: int, total_steps: int, m: float, schedule: str = "constant") -> float:
     """The key encoder's momentum at ``step``: constant ``m``, or BYOL's cosine ramp from ``m`` to 1."""
     if schedule not in MOMENTUM_SCHEDULES:
@@ -159,6 +177,7 @@ class MoCo(nn.Module):
         bn_splits: sub-batches per device normalised separately (split-batch/ghost BN); 1 off.
         seed: seeds the queue's initial content and the shuffle's generator.
         img_size: side of the training crops, for backbones built for one input size (ViTs).
+        koleo_weight: weight of :func:`koleo` on the batch's queries, added to the loss (v2); 0 off.
 
     Shape:
         - view_q, view_k: :math:`(N, 3, H, W)` normalised float.
@@ -167,7 +186,7 @@ class MoCo(nn.Module):
     def __init__(self, model_name: str, *, dim: int = 128, hidden_dim: int = 2048, K: int = 65536,
                  m: float = 0.999, T: float = 0.2, version: str = "v2", shuffle_bn: bool = True,
                  bn_splits: int = 1, seed: int = 0, img_size: int | None = None,
-                 momentum_schedule: str = "constant") -> None:
+                 momentum_schedule: str = "constant", koleo_weight: float = 0.0) -> None:
         super().__init__()
         if version not in VERSIONS:
             raise ValueError(f"MoCo version must be one of {VERSIONS}, got {version!r}")
@@ -179,7 +198,9 @@ class MoCo(nn.Module):
             raise ValueError(f"bn_splits must be >= 1, got {bn_splits}")
         if momentum_schedule not in MOMENTUM_SCHEDULES:
             raise ValueError(f"momentum schedule must be one of {MOMENTUM_SCHEDULES}, got {momentum_schedule!r}")
-        self.model_name, self.version = model_name, version
+        if koleo_weight < 0:
+            raise ValueError(f"koleo_weight must be >= 0, got {koleo_weight}")
+        self.model_name, self.version, self.koleo_weight = model_name, version, koleo_weight
         self.K, self.m, self.T = K, m, T
         self.momentum_schedule = momentum_schedule
         self.m_now = m  # the momentum of the next step (the schedule's value, see on_step_end)
@@ -288,6 +309,8 @@ class MoCo(nn.Module):
             if self.shuffle_bn:
                 k = batch_unshuffle(k, idx_unshuffle)
         loss, logits = info_nce(q, k, self.queue.clone().detach(), self.T)
+        if self.koleo_weight > 0 and q.shape[0] > 1:
+            loss = loss + self.koleo_weight * koleo(q)
         self.dequeue_and_enqueue(concat_all_gather(k))
         with torch.no_grad():
             accuracy = (logits.argmax(dim=1) == 0).float().mean()

@@ -100,12 +100,12 @@ def test_a_missing_init_fails_before_any_work(sample_shards, tmp_path):
 
 
 def test_pretrained_without_the_hub_is_one_line(monkeypatch):
-    from ecomaug.engine import initial_weights
+    from ecomaug import pretrained
 
-    monkeypatch.setattr(initial_weights, "_cached", lambda name: False)
-    monkeypatch.setattr(initial_weights, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(pretrained, "_cached", lambda name: False)
+    monkeypatch.setattr(pretrained, "_hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(ValueError, match="not in the local cache and the model hub .* cannot be reached") as error:
-        initial_weights.hub_weights("test_resnet", img_size=32)
+        pretrained.pretrained_weights("test_resnet", create_backbone("test_resnet"), img_size=32)
     assert "\n" not in str(error.value) and "--init PATH" in str(error.value)
 
 

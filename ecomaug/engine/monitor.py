@@ -50,20 +50,29 @@ def knn_recall_at_1(backbone: torch.nn.Module, shards: str | os.PathLike, *, con
 
 
 def closing_recall(backbone: torch.nn.Module, shards: str | os.PathLike, *, config: TrainConfig,
-                   device: torch.device, normalise: Normalise,
-                   autocast: AbstractContextManager) -> dict[str, Any]:
-    """The run's closing evidence: held-out kNN recall@1 of the trained backbone and of a
-    random-init one of the same architecture and input size (seeded with ``config.seed``)."""
+                   device: torch.device, normalise: Normalise, autocast: AbstractContextManager,
+                   start_weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """The run's closing evidence: held-out kNN recall@1 of the trained backbone, of the weights it
+    started from (``start_weights``, frozen: what fine-tuning must beat) and of a random-init one of
+    the same architecture and input size (seeded with ``config.seed``)."""
     from ecomaug.export import create_backbone
+
+    def recall_of(weights: dict[str, torch.Tensor] | None) -> float:
+        with torch.random.fork_rng(devices=[]):  # the caller's generator stream stays untouched
+            torch.manual_seed(config.seed)
+            baseline = create_backbone(config.model, img_size=config.crop_size)
+        if weights is not None:
+            baseline.load_state_dict(weights)
+        baseline = baseline.to(device)
+        if config.channels_last:
+            baseline = baseline.to(memory_format=torch.channels_last)
+        return knn_recall_at_1(baseline, shards, config=config, device=device, normalise=normalise,
+                               autocast=autocast)["recall@1"]
 
     trained = knn_recall_at_1(backbone, shards, config=config, device=device, normalise=normalise,
                               autocast=autocast)
-    with torch.random.fork_rng(devices=[]):  # the caller's generator stream stays untouched
-        torch.manual_seed(config.seed)
-        baseline = create_backbone(config.model, img_size=config.crop_size).to(device)
-    if config.channels_last:
-        baseline = baseline.to(memory_format=torch.channels_last)
-    random_init = knn_recall_at_1(baseline, shards, config=config, device=device, normalise=normalise,
-                                  autocast=autocast)
-    return {"trained_recall@1": trained["recall@1"], "random_init_recall@1": random_init["recall@1"],
-            "num_queries": trained["num_queries"], "data": str(shards)}
+    result = {"trained_recall@1": trained["recall@1"], "random_init_recall@1": recall_of(None),
+              "num_queries": trained["num_queries"], "data": str(shards)}
+    if start_weights is not None:
+        result["start_recall@1"] = recall_of(start_weights)
+    return result

@@ -120,7 +120,7 @@ def build_objective(config: TrainConfig, *, queue_size: int, bn_splits: int) -> 
     return MoCo(config.model, dim=config.dim, hidden_dim=config.hidden_dim, K=queue_size,
                 m=config.momentum, T=config.temperature, version=config.moco_version,
                 shuffle_bn=config.shuffle_bn, bn_splits=bn_splits, seed=config.seed, img_size=config.crop_size,
-                momentum_schedule=config.momentum_schedule)
+                momentum_schedule=config.momentum_schedule, koleo_weight=config.koleo_weight)
 
 
 def resolve_views(config: TrainConfig) -> RecipeSpec:
@@ -130,9 +130,11 @@ def resolve_views(config: TrainConfig) -> RecipeSpec:
     Raises:
         ValueError: a bad recipe file, option, value or custom stage.
     """
+    from ecomaug.config import preset_recipe_settings
     from ecomaug.recipe_config import resolve_recipe
 
-    return resolve_recipe(config.recipe, config_file=config.recipe_config, settings=config.recipe_set,
+    settings = (*preset_recipe_settings(config), *config.recipe_set)  # the later setting of a name wins
+    return resolve_recipe(config.recipe, config_file=config.recipe_config, settings=settings,
                           watermark_dir=config.watermark_dir)
 
 

@@ -19,6 +19,26 @@ from ecomaug.objective import ContrastiveOutput, Objective
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def parameter_groups(objective: nn.Module, *, weight_decay: float,
+                     backbone_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """timm's weight-decay groups (no decay on biases and norms), each split into backbone and head.
+
+    The backbone's groups carry ``lr_scale`` (timm's schedulers multiply the lr by it) and
+    ``backbone=True``; a group left empty is dropped.
+    """
+    from timm.optim import param_groups_weight_decay
+
+    in_backbone = {id(param) for param in objective.backbone.parameters()}
+    groups = []
+    for group in param_groups_weight_decay(objective, weight_decay=weight_decay):
+        for backbone in (True, False):
+            params = [param for param in group["params"] if (id(param) in in_backbone) == backbone]
+            if params:
+                groups.append({**group, "params": params, "backbone": backbone,
+                               **({"lr_scale": backbone_lr_scale} if backbone else {})})
+    return groups
+
+
 class TrainStep:
     """One training step of ``objective``, with the optimizer, LR schedule and AMP of a run.
 
@@ -36,6 +56,8 @@ class TrainStep:
         device: where the views and the objective are.
         total_steps: the run's length, for the objective's schedules.
         clip_grad: clip the gradient norm to this, or None.
+        frozen_norms: batch-norm layers kept in eval mode at every step (``--freeze-bn``).
+        head_warmup_steps: steps during which the optimizer groups marked ``backbone`` get no update.
 
     Shape:
         - views: two :math:`(N, 3, S, S)` tensors on ``device`` (uint8, or float in [0, 1]).
@@ -43,8 +65,14 @@ class TrainStep:
 
     def __init__(self, objective: Objective, *, optimizer: torch.optim.Optimizer, scheduler: Any,
                  recipe: nn.Module | None, normalise: Normalise, amp: str, device: torch.device,
-                 total_steps: int, clip_grad: float | None = None) -> None:
+                 total_steps: int, clip_grad: float | None = None,
+                 frozen_norms: Sequence[nn.Module] = (), head_warmup_steps: int = 0) -> None:
         self.objective, self.model = objective, objective
+        self.frozen_norms, self.head_warmup_steps = list(frozen_norms), head_warmup_steps
+        # The backbone's share of the learning rate once the head warm-up is over (timm's schedulers
+        # multiply each group's lr by its lr_scale).
+        self.backbone_scales = {index: group.get("lr_scale", 1.0) for index, group in enumerate(optimizer.param_groups)
+                                if group.get("backbone")}
         self.optimizer, self.scheduler, self.recipe, self.normalise = optimizer, scheduler, recipe, normalise
         self.device, self.total_steps, self.clip_grad = device, total_steps, clip_grad
         self.amp_dtype = AMP_DTYPES.get(amp)
@@ -55,23 +83,32 @@ class TrainStep:
 
     @classmethod
     def from_config(cls, config: TrainConfig, objective: Objective, *, device: torch.device, lr: float,
-                    total_steps: int, steps_per_epoch: int, recipe: nn.Module | None) -> "TrainStep":
-        """The step a run of ``config`` takes: timm's optimizer, warm-up and cosine over ``total_steps``."""
+                    total_steps: int, steps_per_epoch: int, recipe: nn.Module | None,
+                    normalisation: dict[str, tuple[float, float, float]] | None = None) -> "TrainStep":
+        """The step a run of ``config`` takes: timm's optimizer, warm-up and cosine over ``total_steps``.
+
+        ``normalisation`` is the ``mean``/``std`` the backbone expects (the model's own; default timm's ImageNet).
+        """
         from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
 
         extra = {"momentum": config.sgd_momentum} if config.opt in ("sgd", "lars") else {}
-        optimizer = create_optimizer_v2(objective, opt=config.opt, lr=lr, weight_decay=config.weight_decay,
-                                        **extra)
+        optimizer = create_optimizer_v2(parameter_groups(objective, weight_decay=config.weight_decay,
+                                                         backbone_lr_scale=config.backbone_lr_scale),
+                                        opt=config.opt, lr=lr, weight_decay=config.weight_decay, **extra)
         # The warm-up and the cosine span the steps the run will take, so --max-steps shortens the
         # whole schedule (a cut run still ends at min_lr); timm counts them here in updates.
         warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps // 2)
         scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=total_steps,
                                            warmup_epochs=warmup_steps, warmup_lr=lr * 1e-3,
                                            min_lr=config.min_lr, step_on_epochs=False, updates_per_epoch=1)
-        normalise = Normalise(channels_last=config.channels_last).to(device)
+        normalise = Normalise(channels_last=config.channels_last, **(normalisation or {})).to(device)
+        frozen = [layer for encoder in objective.encoders()
+                  for layer in getattr(encoder, "backbone", encoder).modules()
+                  if isinstance(layer, nn.modules.batchnorm._BatchNorm)] if config.freeze_bn else []
         return cls(objective, optimizer=optimizer, scheduler=scheduler, recipe=recipe, normalise=normalise,
-                   amp=config.amp, device=device, total_steps=total_steps, clip_grad=config.clip_grad)
+                   amp=config.amp, device=device, total_steps=total_steps, clip_grad=config.clip_grad,
+                   frozen_norms=frozen, head_warmup_steps=config.head_warmup_steps)
 
     def autocast(self) -> AbstractContextManager:
         """The autocast context of the run's ``--amp`` (nothing when it is ``none``)."""
@@ -80,6 +117,7 @@ class TrainStep:
     def start_at(self, step: int) -> None:
         """Continue counting from ``step`` (a resume): the schedules jump there."""
         self.step = step
+        self._gate_backbone()
         if self.scheduler is not None:
             self.scheduler.step_update(num_updates=step)
         self.stats = self.objective.on_step_end(step, self.total_steps)
@@ -98,6 +136,8 @@ class TrainStep:
                  meta: Sequence[dict[str, Any]] | None = None) -> ContrastiveOutput:
         """Take one step on two views of a batch; return the objective's loss and accuracy."""
         view_q, view_k = self.views(views)  # N x 3 x S x S each
+        for layer in self.frozen_norms:  # whoever called .train() since, these stay in eval mode
+            layer.eval()
         with self.autocast():
             output = self.model(view_q, view_k, meta=meta)
         self.optimizer.zero_grad(set_to_none=True)
@@ -108,10 +148,26 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
+        self._gate_backbone()
         if self.scheduler is not None:
             self.scheduler.step_update(num_updates=self.step)
         self.stats = self.objective.on_step_end(self.step, self.total_steps)
         return output
+
+    def _gate_backbone(self) -> None:
+        """During the head warm-up the backbone's groups get lr 0 (the schedule applies lr_scale)."""
+        warming = self.step < self.head_warmup_steps
+        for index, scale in self.backbone_scales.items():  # by position: a resume replaces the group dicts
+            group = self.optimizer.param_groups[index]
+            group["lr_scale"] = 0.0 if warming else scale
+            if warming:
+                group["lr"] = 0.0
+
+    @property
+    def lr(self) -> float:
+        """The head's learning rate now (the schedule's value; the backbone's is ``lr_scale`` times it)."""
+        groups = self.optimizer.param_groups
+        return next((group["lr"] for group in groups if not group.get("backbone")), groups[0]["lr"])
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's, the schedule's and the scaler's state (the objective's is saved apart)."""

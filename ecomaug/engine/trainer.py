@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ecomaug.checkpoint import find_latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ecomaug.config import TrainConfig
 from ecomaug.distributed import all_reduce_mean, barrier, get_rank, get_world_size, is_distributed
-from ecomaug.engine.initial_weights import initial_weights
+from ecomaug.engine.initial_weights import initial_weights, input_normalisation, reread_start
 from ecomaug.engine.errors import NonFiniteLossError, OutOfMemoryError, TrainingInterrupted, is_out_of_memory
 from ecomaug.engine.metrics import MetricsLog
 from ecomaug.engine.monitor import closing_recall, knn_recall_at_1
@@ -106,6 +106,9 @@ class Trainer:
         objective = build_objective(config, queue_size=self.plan.queue_size, bn_splits=self.plan.bn_splits)
         # A resumed run takes every weight from its checkpoint: --init / --pretrained are not read again.
         weights = initial_weights(config, objective.backbone) if resume_from is None else None
+        # The starting weights, kept for the closing line's "frozen start" (a resumed run re-reads them there).
+        self.start_weights = {name: tensor.clone() for name, tensor in weights.items()} if weights else None
+        self.normalisation = input_normalisation(config)
         if weights is not None:
             objective.load_backbone(weights)
             logger.info("backbone starts from %s", config.init or f"timm's pretrained {config.model}")
@@ -116,7 +119,8 @@ class Trainer:
         recipe, augment_generator = build_views(config, device=self.device, rank=self.rank, spec=self.recipe_spec)
         self.train_step = TrainStep.from_config(config, objective, device=self.device, lr=self.plan.lr,
                                                 total_steps=self.plan.total_steps,
-                                                steps_per_epoch=self.plan.steps_per_epoch, recipe=recipe)
+                                                steps_per_epoch=self.plan.steps_per_epoch, recipe=recipe,
+                                                normalisation=self.normalisation)
         self.generators = {"augment": augment_generator, **objective.generators()}
         self._prepare_run_dir()
         self.metrics = MetricsLog(self.run_dir, enabled=self.is_main)
@@ -137,7 +141,8 @@ class Trainer:
                             queue_size=plan.queue_size, bn_splits=objective.bn_splits,
                             steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps,
                             device=str(self.device), data=str(plan.data),
-                            val_data=str(plan.val_data) if plan.val_data else None)
+                            val_data=str(plan.val_data) if plan.val_data else None,
+                            mean=list(self.normalisation["mean"]), std=list(self.normalisation["std"]))
         self.metrics.write("start", step=self.step_count, **self.derived)
         self.nonfinite = torch.zeros((), device=self.device)  # set on the device, read at sync points
         from tqdm.auto import tqdm
@@ -237,7 +242,7 @@ class Trainer:
         self.last_loss = float(all_reduce_mean(window["loss"])) / steps
         record = dict(step=self.step_count, epoch=self.epoch, loss=self.last_loss,
                       accuracy=float(all_reduce_mean(window["accuracy"])) / steps,
-                      lr=self.train_step.optimizer.param_groups[0]["lr"],
+                      lr=self.train_step.lr,
                       images_per_s=steps * self.plan.global_batch / elapsed,
                       data_wait=min(window["wait"] / elapsed, 1.0), **self.train_step.stats,
                       **self.objective.health())
@@ -358,10 +363,11 @@ class Trainer:
         export_dir = held_out = None
         if self.is_main and config.export:
             export_dir = export_backbone(backbone, self.run_dir / "export", model_name=config.model,
-                                         input_size=config.crop_size)
+                                         input_size=config.crop_size, **self.normalisation)
         if self.is_main and self.plan.val_data is not None:
             held_out = closing_recall(backbone, self.plan.val_data, config=config, device=self.device,
-                                      normalise=self.train_step.normalise, autocast=self.train_step.autocast())
+                                      normalise=self.train_step.normalise, autocast=self.train_step.autocast(),
+                                      start_weights=self.start_weights or reread_start(config, backbone))
             self.metrics.write("held_out", step=self.step_count, **held_out)
         self.metrics.write("end", step=self.step_count, epoch=self.epoch, loss=self.last_loss,
                            checkpoint=str(self.last_checkpoint), export=str(export_dir) if export_dir else None,

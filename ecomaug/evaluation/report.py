@@ -312,6 +312,14 @@ def random_init_spec(model_name: str, *, device: Any, input_size: int = 224,
                                                     input_size=input_size, seed=seed))
 
 
+def pretrained_spec(model_name: str, *, device: Any, input_size: int = 224) -> ModelSpec:
+    """The frozen pretrained baseline (ImageNet weights, untrained by us) as a :class:`ModelSpec`."""
+    from ecomaug.evaluation.models import pretrained_model
+
+    return ModelSpec(label=f"frozen pretrained {model_name}", kind="pretrained",
+                     load=lambda: pretrained_model(model_name, device=device, input_size=input_size))
+
+
 def robustness_report(gallery: str | os.PathLike, models: Sequence[ModelSpec],
                       out_dir: str | os.PathLike, *, disturbances: Sequence[str] | None = None,
                       seed: int = 0, max_items: int | None = None,
