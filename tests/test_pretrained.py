@@ -47,6 +47,38 @@ def test_packaged_weights_load_into_timm_by_name_with_every_shape_checked(model_
     assert weights["blocks.0.0.conv_dw.weight"].shape[1:] == (1, 3, 3)
 
 
+@pytest.mark.parametrize("model_name", sorted(PACKAGED))
+def test_every_renamed_layer_gets_its_own_statistics(model_name, sample_dir):
+    """Shapes cannot tell two BN layers of one width apart (bn1 and bn2 of an expanding block): a
+    wrong row of a table would still load. The ImageNet statistics can: each BN layer's running mean
+    fits the mean of what reaches it on real photos (the bundled sample) only when the table is right
+    (measured: ~0.3 on average right, ~300 with every expanding block's bn1 and bn2 swapped)."""
+    import numpy as np
+    from PIL import Image
+
+    backbone = create_backbone(model_name).eval()
+    backbone.load_state_dict(packaged_weights(model_name, backbone))
+    files = sorted((sample_dir / "images").rglob("*.jpg"))[:32]
+    pixels = np.stack([np.asarray(Image.open(f).convert("RGB").resize((160, 160)), dtype=np.float32) for f in files])
+    x = torch.from_numpy(pixels / 255.0).permute(0, 3, 1, 2)
+    own = pretrained.model_preprocessing(model_name)
+    x = (x - torch.tensor(own["mean"]).view(1, 3, 1, 1)) / torch.tensor(own["std"]).view(1, 3, 1, 1)
+    mismatch = []
+
+    def compare(layer, inputs, output):  # squared distance of the batch mean to the running mean, in variances
+        batch_mean = inputs[0].mean(dim=(0, 2, 3))
+        mismatch.append(float(((batch_mean - layer.running_mean) ** 2).mean() / layer.running_var.mean()))
+
+    hooks = [layer.register_forward_hook(compare) for layer in backbone.modules()
+             if isinstance(layer, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        backbone(x)
+    for hook in hooks:
+        hook.remove()
+    assert len(mismatch) > 30
+    assert sum(mismatch) / len(mismatch) < 1.5 and max(mismatch) < 10, mismatch
+
+
 def test_the_model_own_normalisation_comes_from_its_pretrained_config():
     assert pretrained.model_preprocessing("tf_efficientnet_lite0") == {"mean": (0.5,) * 3, "std": (0.5,) * 3}
     imagenet = pretrained.model_preprocessing("mobilenetv2_100")
@@ -144,6 +176,53 @@ def test_a_tiny_finetune_from_packaged_weights_runs_and_exports_the_model_own_pr
     assert checkpoint.mean == (0.5, 0.5, 0.5)
 
 
+def test_a_run_from_scratch_keeps_imagenet_constants_and_a_resume_keeps_its_own(tmp_path):
+    """Only pretrained (or --init) weights bring their own mean/std; a checkpoint from before they were
+    recorded was trained with timm's ImageNet constants, and resumes with them."""
+    from ecomaug.config import parse_config
+    from ecomaug.engine.initial_weights import input_normalisation, run_normalisation
+    from ecomaug.normalise import IMAGENET_MEAN
+
+    scratch = parse_config(["--model", "tf_efficientnet_lite0", "--data", "x"])
+    assert input_normalisation(scratch)["mean"] == IMAGENET_MEAN
+    finetune = parse_config(["--preset", "finetune", "--data", "x"])
+    assert finetune.pretrained and input_normalisation(finetune)["mean"] == (0.5, 0.5, 0.5)
+    older = {"derived": {"world_size": 1}}  # a checkpoint written before mean/std were recorded
+    assert run_normalisation(finetune, (tmp_path / "ckpt.pt", older))["mean"] == IMAGENET_MEAN
+    recorded = {"derived": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+    assert run_normalisation(scratch, (tmp_path / "ckpt.pt", recorded))["std"] == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="mean must be three finite numbers"):
+        run_normalisation(scratch, (tmp_path / "ckpt.pt", {"derived": {"mean": [0.5, 0.5]}}))
+
+
+def test_after_the_warm_up_the_backbone_learns_at_its_share_of_the_head_rate(sample_shards, tmp_path, offline):
+    from ecomaug.config import parse_config
+    from ecomaug.engine import Trainer
+
+    config = parse_config(["--data", str(sample_shards), "--out", str(tmp_path / "run"), "--preset", "finetune",
+                           "--crop-size", "32", "--batch-size", "8", "--queue-size", "32", "--backend", "torch",
+                           "--num-workers", "0", "--head-warmup-steps", "1", "--warmup-epochs", "0",
+                           "--backbone-lr-scale", "0.25", "--no-progress", "--no-export", "--max-steps", "4"])
+    trainer = Trainer(config)
+    trainer.setup()
+    groups = trainer.train_step.optimizer.param_groups
+    assert {group["backbone"] for group in groups} == {True, False}
+    assert all(group["lr"] == 0 for group in groups if group["backbone"])  # the warm-up
+    trainer.step(next(iter(trainer.epoch_loader())))
+    head = trainer.train_step.lr
+    assert head > 0
+    for group in groups:
+        assert group["lr"] == pytest.approx(head * (0.25 if group["backbone"] else 1.0))
+    trainer.metrics.close()
+
+
+def test_koleo_is_refused_where_there_is_no_queue_of_queries():
+    from ecomaug.config import parse_config
+
+    with pytest.raises(ValueError, match="--koleo-weight 0.1 regularises MoCo v2"):
+        parse_config(["--koleo-weight", "0.1", "--objective", "siamese"])
+
+
 def test_koleo_matches_its_definition_and_spreads_a_batch():
     from ecomaug.moco import koleo
 
@@ -155,3 +234,24 @@ def test_koleo_matches_its_definition_and_spreads_a_batch():
     koleo(crowded).backward()
     spread = torch.nn.functional.normalize(crowded.detach() - 0.1 * crowded.grad, dim=1)
     assert koleo(spread) < koleo(x)
+
+
+def test_eval_scores_the_frozen_pretrained_baseline_with_its_own_preprocessing(sample_shards, tmp_path, offline):
+    """``ecomaug eval --pretrained NAME``: the row a fine-tune must beat, fed the model's own mean/std."""
+    from click.testing import CliRunner
+
+    from ecomaug.cli import main
+    from ecomaug.evaluation.models import pretrained_model
+
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, [
+        "eval", "--gallery", str(sample_shards), "--pretrained", "tf_efficientnet_lite0", "--input-size", "64",
+        "--disturbance", "clean", "--max-items", "12", "--max-queries-per-item", "1", "--batch-size", "16",
+        "--device", "cpu", "--out", str(out), "--no-progress", "--query-regions", "none"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [m["kind"] for m in report["models"]] == ["pretrained"]
+    # ImageNet features find a re-encoded listing photo among 12 items far above chance (1/12)
+    assert report["results"]["frozen pretrained tf_efficientnet_lite0"]["clean"]["recall@1"] > 0.5
+    model = pretrained_model("tf_efficientnet_lite0", device=torch.device("cpu"), input_size=64)
+    assert model.mean == (0.5, 0.5, 0.5) and str(packaged_file("tf_efficientnet_lite0")) in model.source

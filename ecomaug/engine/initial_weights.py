@@ -126,21 +126,52 @@ def reread_start(config: Any, backbone: nn.Module) -> dict[str, torch.Tensor] | 
 
 
 def input_normalisation(config: Any) -> dict[str, tuple[float, float, float]]:
-    """The ``mean`` and ``std`` a run feeds its backbone: an ``--init`` export's own, else the model's
-    pretrained config (timm's: 0.5/0.5 for TF-ported weights such as ``tf_efficientnet_lite0``).
+    """The ``mean`` and ``std`` a new run feeds its backbone (a resumed one keeps its checkpoint's).
+
+    * ``--pretrained``: the model's own, from timm's pretrained config (0.5/0.5 for TF-ported
+      weights such as ``tf_efficientnet_lite0``);
+    * ``--init`` an ecomaug export or run folder, or a training checkpoint: the ones it was trained with;
+    * ``--init`` any other weights file (timm's, downloaded by hand): the model's own, as ``--pretrained``;
+    * random init: timm's ImageNet constants, the one normalisation of runs from scratch.
+
+    Args:
+        config: the run's :class:`~ecomaug.config.TrainConfig`.
+
+    Returns:
+        ``{"mean": (r, g, b), "std": (r, g, b)}`` for pixels in [0, 1].
 
     Raises:
-        ValueError: an ``--init`` export whose config.json holds a bad mean or std.
+        ValueError: an ``--init`` export or checkpoint that records a bad mean or std.
     """
+    import json
+
+    from ecomaug.export import checkpoint_normalisation, read_normalisation
+    from ecomaug.normalise import IMAGENET_MEAN, IMAGENET_STD
     from ecomaug.pretrained import model_preprocessing
 
-    if config.init is not None:
-        folder = Path(config.init)
-        for candidate in (folder / "config.json", folder / "export" / "config.json"):
-            if folder.is_dir() and candidate.is_file() and (candidate.parent / "backbone.safetensors").is_file():
-                import json
-
-                from ecomaug.export import read_normalisation
-
+    if config.init is None:
+        return model_preprocessing(config.model) if config.pretrained else {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    path = Path(config.init)
+    if path.is_dir():
+        for candidate in (path / "config.json", path / "export" / "config.json"):
+            if candidate.is_file() and (candidate.parent / "backbone.safetensors").is_file():
                 return read_normalisation(json.loads(candidate.read_text(encoding="utf-8")), where=str(candidate))
+    elif path.is_file() and path.suffix != ".safetensors":
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # read_weights says what is wrong with the file
+            state = None
+        if isinstance(state, dict) and "backbone_prefix" in state and "model" in state:  # an ecomaug checkpoint
+            return checkpoint_normalisation(state, where=str(path))
     return model_preprocessing(config.model)
+
+
+def run_normalisation(config: Any,
+                      resume_from: tuple[Path, dict[str, Any]] | None) -> dict[str, tuple[float, float, float]]:
+    """A run's mean/std: a resumed run keeps its checkpoint's (an older checkpoint's: timm's
+    ImageNet constants, which every run used then); a new one takes :func:`input_normalisation`'s."""
+    from ecomaug.export import checkpoint_normalisation
+
+    if resume_from is not None:
+        return checkpoint_normalisation(resume_from[1], where=str(resume_from[0]))
+    return input_normalisation(config)

@@ -130,11 +130,9 @@ def resolve_views(config: TrainConfig) -> RecipeSpec:
     Raises:
         ValueError: a bad recipe file, option, value or custom stage.
     """
-    from ecomaug.config import preset_recipe_settings
     from ecomaug.recipe_config import resolve_recipe
 
-    settings = (*preset_recipe_settings(config), *config.recipe_set)  # the later setting of a name wins
-    return resolve_recipe(config.recipe, config_file=config.recipe_config, settings=settings,
+    return resolve_recipe(config.recipe, config_file=config.recipe_config, settings=config.recipe_set,
                           watermark_dir=config.watermark_dir)
 
 

@@ -19,18 +19,28 @@ from ecomaug.objective import ContrastiveOutput, Objective
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def parameter_groups(objective: nn.Module, *, weight_decay: float,
-                     backbone_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+def parameter_groups(objective: nn.Module, *, weight_decay: float, backbone_lr_scale: float = 1.0,
+                     split: bool = True) -> list[dict[str, Any]]:
     """timm's weight-decay groups (no decay on biases and norms), each split into backbone and head.
 
-    The backbone's groups carry ``lr_scale`` (timm's schedulers multiply the lr by it) and
-    ``backbone=True``; a group left empty is dropped.
+    Args:
+        objective: the module being trained; its ``backbone`` attribute names the backbone.
+        weight_decay: decay of the weights (biases and norm layers get none).
+        backbone_lr_scale: the backbone groups' ``lr_scale`` (timm's schedulers multiply the lr by it).
+        split: split into backbone and head groups; False keeps timm's two groups (a run that
+            scales nothing, and so resumes checkpoints written before the split).
+
+    Returns:
+        Optimizer parameter groups; the backbone's carry ``backbone=True``. Empty groups are dropped.
     """
     from timm.optim import param_groups_weight_decay
 
     in_backbone = {id(param) for param in objective.backbone.parameters()}
     groups = []
     for group in param_groups_weight_decay(objective, weight_decay=weight_decay):
+        if not split:
+            groups.append(group)
+            continue
         for backbone in (True, False):
             params = [param for param in group["params"] if (id(param) in in_backbone) == backbone]
             if params:
@@ -87,14 +97,16 @@ class TrainStep:
                     normalisation: dict[str, tuple[float, float, float]] | None = None) -> "TrainStep":
         """The step a run of ``config`` takes: timm's optimizer, warm-up and cosine over ``total_steps``.
 
-        ``normalisation`` is the ``mean``/``std`` the backbone expects (the model's own; default timm's ImageNet).
+        ``normalisation`` is the ``mean``/``std`` the backbone expects; default: what
+        :func:`ecomaug.engine.initial_weights.input_normalisation` gives for ``config``.
         """
         from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
 
         extra = {"momentum": config.sgd_momentum} if config.opt in ("sgd", "lars") else {}
+        split = config.backbone_lr_scale != 1.0 or config.head_warmup_steps > 0
         optimizer = create_optimizer_v2(parameter_groups(objective, weight_decay=config.weight_decay,
-                                                         backbone_lr_scale=config.backbone_lr_scale),
+                                                         backbone_lr_scale=config.backbone_lr_scale, split=split),
                                         opt=config.opt, lr=lr, weight_decay=config.weight_decay, **extra)
         # The warm-up and the cosine span the steps the run will take, so --max-steps shortens the
         # whole schedule (a cut run still ends at min_lr); timm counts them here in updates.
@@ -102,7 +114,11 @@ class TrainStep:
         scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=total_steps,
                                            warmup_epochs=warmup_steps, warmup_lr=lr * 1e-3,
                                            min_lr=config.min_lr, step_on_epochs=False, updates_per_epoch=1)
-        normalise = Normalise(channels_last=config.channels_last, **(normalisation or {})).to(device)
+        if normalisation is None:
+            from ecomaug.engine.initial_weights import input_normalisation
+
+            normalisation = input_normalisation(config)
+        normalise = Normalise(channels_last=config.channels_last, **normalisation).to(device)
         frozen = [layer for encoder in objective.encoders()
                   for layer in getattr(encoder, "backbone", encoder).modules()
                   if isinstance(layer, nn.modules.batchnorm._BatchNorm)] if config.freeze_bn else []

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ecomaug.checkpoint import find_latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ecomaug.config import TrainConfig
 from ecomaug.distributed import all_reduce_mean, barrier, get_rank, get_world_size, is_distributed
-from ecomaug.engine.initial_weights import initial_weights, input_normalisation, reread_start
+from ecomaug.engine.initial_weights import initial_weights, reread_start, run_normalisation
 from ecomaug.engine.errors import NonFiniteLossError, OutOfMemoryError, TrainingInterrupted, is_out_of_memory
 from ecomaug.engine.metrics import MetricsLog
 from ecomaug.engine.monitor import closing_recall, knn_recall_at_1
@@ -108,7 +108,7 @@ class Trainer:
         weights = initial_weights(config, objective.backbone) if resume_from is None else None
         # The starting weights, kept for the closing line's "frozen start" (a resumed run re-reads them there).
         self.start_weights = {name: tensor.clone() for name, tensor in weights.items()} if weights else None
-        self.normalisation = input_normalisation(config)
+        self.normalisation = run_normalisation(config, resume_from)
         if weights is not None:
             objective.load_backbone(weights)
             logger.info("backbone starts from %s", config.init or f"timm's pretrained {config.model}")

@@ -133,16 +133,14 @@ def load_checkpoint(path: str | os.PathLike, *, device: torch.device,
 
 def random_init_model(model_name: str, *, device: torch.device, input_size: int = 224,
                       seed: int = 0) -> EmbeddingModel:
-    """The random-init baseline: a timm backbone with freshly initialised, seeded weights."""
-    from ecomaug.pretrained import model_preprocessing
-
+    """The random-init baseline: a timm backbone with freshly initialised, seeded weights (fed
+    timm's ImageNet mean/std, as a run from scratch is)."""
     # timm initialises from the global generator; fork it so the caller's stream is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone = _create(model_name, _input_side(input_size))
     return EmbeddingModel(backbone=backbone.to(device).eval(), model_name=model_name,
-                          input_size=_input_side(input_size), **model_preprocessing(model_name),
-                          source=f"random-init:{model_name}")
+                          input_size=_input_side(input_size), source=f"random-init:{model_name}")
 
 
 def pretrained_model(model_name: str, *, device: torch.device, input_size: int = 224) -> EmbeddingModel:
