@@ -1,6 +1,7 @@
 """Train a MoCo embedding with a timm backbone, on one device or many.
 
     python train.py                                    # the bundled sample, ~30 s on CPU
+    python train.py --data ./shards --out runs/ft --preset finetune  # ImageNet weights, tuned (CPU ok)
     python train.py --data ./shards --out runs/r50 --preset v100x8
     torchrun --nproc_per_node=8 train.py --data ./shards --out runs/r50 --preset h100
     python train.py --data ./shards --out runs/r50 --resume auto   # after a crash

@@ -257,6 +257,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         description="MoCo training with a timm backbone, on one device or many (torchrun).",
         epilog="examples:\n"
                "  python train.py                                   # the bundled sample on CPU\n"
+               "  python train.py --data ./shards --out runs/ft --preset finetune   # from ImageNet weights (CPU ok)\n"
                "  python train.py --data ./shards --out runs/r50 --preset v100x8\n"
                "  torchrun --nproc_per_node=8 train.py --data ./shards --out runs/r50 --preset h100\n"
                "  python train.py --data ./shards --out runs/r50 --resume auto\n"
