@@ -255,3 +255,14 @@ def test_eval_scores_the_frozen_pretrained_baseline_with_its_own_preprocessing(s
     assert report["results"]["frozen pretrained tf_efficientnet_lite0"]["clean"]["recall@1"] > 0.5
     model = pretrained_model("tf_efficientnet_lite0", device=torch.device("cpu"), input_size=64)
     assert model.mean == (0.5, 0.5, 0.5) and str(packaged_file("tf_efficientnet_lite0")) in model.source
+
+
+def test_the_head_warm_up_never_takes_a_short_run_whole():
+    """On a small dataset the preset's 60 head-only steps would be the whole run (54 steps on 290
+    photos): the backbone would end where it started, and the fine-tune would equal the frozen model."""
+    from ecomaug.config import parse_config
+    from ecomaug.engine.step import head_warmup_steps
+
+    config = parse_config(["--preset", "finetune", "--data", "x"])
+    assert head_warmup_steps(config, total_steps=54) == 13
+    assert head_warmup_steps(config, total_steps=558) == config.head_warmup_steps == 60

@@ -49,6 +49,18 @@ def parameter_groups(objective: nn.Module, *, weight_decay: float, backbone_lr_s
     return groups
 
 
+def head_warmup_steps(config: TrainConfig, total_steps: int) -> int:
+    """``--head-warmup-steps``, capped at a quarter of the run: on a short run (a small dataset) the
+    head-only phase must not take every step and leave the backbone where it started."""
+    import logging
+
+    steps = min(config.head_warmup_steps, total_steps // 4)
+    if steps < config.head_warmup_steps:
+        logging.getLogger(__name__).warning("--head-warmup-steps %d cut to %d, a quarter of this run's %d steps",
+                                            config.head_warmup_steps, steps, total_steps)
+    return steps
+
+
 class TrainStep:
     """One training step of ``objective``, with the optimizer, LR schedule and AMP of a run.
 
@@ -124,7 +136,7 @@ class TrainStep:
                   if isinstance(layer, nn.modules.batchnorm._BatchNorm)] if config.freeze_bn else []
         return cls(objective, optimizer=optimizer, scheduler=scheduler, recipe=recipe, normalise=normalise,
                    amp=config.amp, device=device, total_steps=total_steps, clip_grad=config.clip_grad,
-                   frozen_norms=frozen, head_warmup_steps=config.head_warmup_steps)
+                   frozen_norms=frozen, head_warmup_steps=head_warmup_steps(config, total_steps))
 
     def autocast(self) -> AbstractContextManager:
         """The autocast context of the run's ``--amp`` (nothing when it is ``none``)."""
