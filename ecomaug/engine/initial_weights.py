@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ecomaug.pretrained import fit_to_backbone
+
 STATE_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
 
 
@@ -72,31 +74,6 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise ValueError(f"--init {path}: expected a dict of weights, got {type(state).__name__}")
     return _from_checkpoint(state, str(path))
-
-
-def fit_to_backbone(weights: dict[str, torch.Tensor], backbone: nn.Module, *, where: str) -> dict[str, torch.Tensor]:
-    """``weights`` checked against ``backbone``'s keys and shapes, a classifier head dropped.
-
-    Raises:
-        ValueError: keys missing or left over, or a shape that differs (the message names one).
-    """
-    expected = backbone.state_dict()
-    classifier = getattr(backbone, "pretrained_cfg", {}).get("classifier") or ()
-    heads = tuple(f"{name}." for name in ((classifier,) if isinstance(classifier, str) else classifier) if name)
-    kept = {name: value for name, value in weights.items() if not (heads and name.startswith(heads)
-                                                                   and name not in expected)}
-    missing = [name for name in expected if name not in kept]
-    unexpected = [name for name in kept if name not in expected]
-    model = type(backbone).__name__
-    if missing or unexpected:
-        example = f"missing e.g. {missing[0]!r}" if missing else f"unexpected e.g. {unexpected[0]!r}"
-        raise ValueError(f"--init {where}: the weights do not fit this {model} ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected keys; {example}): is it the --model of the file?")
-    for name, value in kept.items():
-        if value.shape != expected[name].shape:
-            raise ValueError(f"--init {where}: {name} has shape {tuple(value.shape)}, this {model} needs "
-                             f"{tuple(expected[name].shape)}: is it the --model and --crop-size of the file?")
-    return kept
 
 
 def initial_weights(config: Any, backbone: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -158,8 +135,9 @@ def input_normalisation(config: Any) -> dict[str, tuple[float, float, float]]:
                 return read_normalisation(json.loads(candidate.read_text(encoding="utf-8")), where=str(candidate))
     elif path.is_file() and path.suffix != ".safetensors":
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # read_weights says what is wrong with the file
+            # mmap: only the small records are read; initial_weights reads the tensors (once)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # read_weights says what is wrong with the file (mmap refuses old formats too)
             state = None
         if isinstance(state, dict) and "backbone_prefix" in state and "model" in state:  # an ecomaug checkpoint
             return checkpoint_normalisation(state, where=str(path))

@@ -106,8 +106,8 @@ class Trainer:
         objective = build_objective(config, queue_size=self.plan.queue_size, bn_splits=self.plan.bn_splits)
         # A resumed run takes every weight from its checkpoint: --init / --pretrained are not read again.
         weights = initial_weights(config, objective.backbone) if resume_from is None else None
-        # The starting weights, kept for the closing line's "frozen start" (a resumed run re-reads them there).
-        self.start_weights = {name: tensor.clone() for name, tensor in weights.items()} if weights else None
+        # Kept for the closing line's frozen start (load_backbone copies them: training leaves them be).
+        self.start_weights = weights
         self.normalisation = run_normalisation(config, resume_from)
         if weights is not None:
             objective.load_backbone(weights)
