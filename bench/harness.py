@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 # stage name -> ("module:command", one line for --help). Ordered as the data flows.
 STAGES: dict[str, tuple[str, str]] = {
+    "corpus": ("bench.corpus:main",
+               "real photos to measure on: listing-size JPEGs from Debian's wallpapers, and shards"),
     "convert": ("bench.convert:main", "images -> shards: conversion images/s against this machine's limit"),
     "loaders": ("bench.loaders:main", "shards -> pixels: two-view loader images/s, ours vs the baseline"),
     "augment": ("bench.augment:main", "pixels -> views: the ecom recipe's images/s and share of a step"),

@@ -2,7 +2,7 @@
 
 Every item is one picture of ``openclipart-png`` (cut out along its alpha channel), photographed
 as a listing would be: composited at a random size, position and small tilt on a white, tinted,
-gradient or photo background (crops of the wallpaper packages that ``../shared/bench-corpus`` installs;
+gradient or photo background (crops of the wallpaper packages :data:`bench.corpus.WALLPAPER_PACKAGES`;
 plain and gradient only when none is installed). The clip-art files are split by a hash of their
 path into training items and evaluation items, so no evaluation item is ever trained on:
 
@@ -33,6 +33,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
+
+from bench.corpus import WALLPAPER_PACKAGES
 
 _LOG = logging.getLogger(__name__)
 
@@ -218,8 +220,8 @@ def build_corpus(out_dir: str | Path, settings: CorpusSettings = CorpusSettings(
     photos = photo_files() if photos is None else sorted(photos)
     if not photos:
         _LOG.warning("no background photos (%s): the corpus gets plain and gradient backgrounds only, unlike "
-                     "the README's figures; apt-get install the wallpaper packages of "
-                     "../shared/bench-corpus/make_corpus.sh", ", ".join(map(str, PHOTO_ROOTS)))
+                     "the published figures; apt-get install -y %s", ", ".join(map(str, PHOTO_ROOTS)),
+                     " ".join(WALLPAPER_PACKAGES))
     made_from = {"clipart_root": str(clipart_root), "photos": [str(p) for p in photos]}
     if stamp.is_file():
         built = json.loads(stamp.read_text())
