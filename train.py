@@ -27,7 +27,13 @@ This file is a script, not a module: import :mod:`ecomaug.engine` instead.
 
 import sys
 
-from ecomaug.engine import main
-
 if __name__ == "__main__":
-    sys.exit(main(prog="train.py"))
+    try:  # importing torch and timm takes seconds: a Ctrl-C then is one line too, not a traceback
+        from ecomaug.engine import main
+
+        sys.exit(main(prog="train.py"))
+    except KeyboardInterrupt:
+        from ecomaug.cli import INTERRUPTED_EXIT_CODE, INTERRUPTED_MESSAGE
+
+        print(INTERRUPTED_MESSAGE, file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)

@@ -31,11 +31,18 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADi
                IsADirectoryError, PermissionError, ImportError)
 # A full disk (or quota) is the user's to fix too; other OSErrors (an I/O error) keep their traceback.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# So is an output place that cannot be written: a read-only file system (a plain OSError, unlike
+# PermissionError), a path too long, a loop of symbolic links.
+UNWRITABLE = (errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP)
+# What a shell reports for a process Ctrl-C ended (128 + SIGINT).
+INTERRUPTED_EXIT_CODE = 130
+INTERRUPTED_MESSAGE = "Error: interrupted by SIGINT (Ctrl-C); files already written are kept"
 
 
 def is_user_error(error: BaseException) -> bool:
-    """True for what :data:`USER_ERRORS` lists and for a full disk."""
-    return isinstance(error, USER_ERRORS) or (isinstance(error, OSError) and error.errno in DISK_FULL)
+    """True for what :data:`USER_ERRORS` lists, a full disk and an unwritable output place."""
+    return isinstance(error, USER_ERRORS) or (isinstance(error, OSError)
+                                              and error.errno in (*DISK_FULL, *UNWRITABLE))
 
 
 class CommandError(click.ClickException):
@@ -61,10 +68,16 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as error:  # an option out of its range: one line, not click's usage block
+            where = error.ctx.command_path if error.ctx is not None else ctx.command_path
+            raise CommandError(f"{error.format_message()} (`{where} --help` lists the options)") from error
         except (*USER_ERRORS, OSError) as error:
             if not is_user_error(error):
                 raise
             raise CommandError(one_line(error)) from error
+        except KeyboardInterrupt:  # click would print "Aborted!" and exit 1; a shell expects 130
+            click.echo(INTERRUPTED_MESSAGE, err=True)
+            raise click.exceptions.Exit(INTERRUPTED_EXIT_CODE) from None
 
 
 def one_line(error: BaseException) -> str:
@@ -73,8 +86,9 @@ def one_line(error: BaseException) -> str:
     if type(error) is OSError and error.errno in DISK_FULL:  # a raw ENOSPC: say it plainly, and where
         where = f" while writing {error.filename}" if error.filename else ""
         text = f"disk full{where}: {error.strerror or 'no space left on device'}"
-    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError,
-                          NotADirectoryError, FileExistsError)) and error.filename:
+    if (isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                           FileExistsError)) or type(error) is OSError and error.errno in UNWRITABLE) \
+            and error.filename:
         text = f"{error.strerror or type(error).__name__}: {error.filename}"
     return text.splitlines()[0]
 
@@ -89,9 +103,10 @@ def main(context: click.Context, log_level: str) -> None:
     """ecomaug: shards, loaders, augmentations and MoCo training for e-commerce item matching.
 
     \b
-    Example, from a folder of listing images to a trained embedding:
+    Example, from a folder of listing images to a trained embedding; the finetune preset
+    (pretrained Lite0, 128 px, batch 32) fits a CPU and a few hundred images, ~1-2 s a step:
       ecomaug shard ./images ./shards --max-size 320
-      ecomaug train --data ./shards --out ./runs/first
+      ecomaug train --data ./shards --out ./runs/first --preset finetune
       ecomaug --log-level info embed --model ./runs/first/export --data ./shards --out emb/first
     """
     configure_logging(log_level)

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, get_args, get_origin, get_type_hints
 
+from ecomaug.limits import TRAIN_RANGES
+from ecomaug.presets import PRESETS  # ecomaug.config.PRESETS, as before they moved
+
 OBJECTIVES = ("moco", "siamese")
 OPTIMIZERS = ("sgd", "adamw", "lars")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -44,7 +47,8 @@ class TrainConfig:
     recipe: str | None = _option(None, "augmentation recipe (ecomaug.build_recipe): ecom, or the mocov2 baseline; "
                                        "none: the --recipe-config file's, else ecom", choices=("mocov2", "ecom"))
     recipe_config: str | None = _option(None, "recipe file, YAML or JSON: recipe, set (options), order (of the "
-                                              "stages), stages (module:Class augmentations); see ecomaug.recipe_config")
+                                              "stages), stages (module:Class augmentations: imported, their code runs "
+                                              "as a script's would; trust the file; the cwd is not searched)")
     recipe_set: tuple[str, ...] = _option((), "override a recipe option, NAME=VALUE (repeatable; wins over "
                                               "--recipe-config), e.g. --recipe-set watermark_p=0.5")
     watermark_dir: str | None = _option(None, "your mark pool (a folder of PNG/JPEG marks): the only pool the "
@@ -121,6 +125,9 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
+        for name, (low, high) in TRAIN_RANGES.items():  # a crop of 100000 or K of 10^9: tens of GB
+            if getattr(self, name) is not None and not low <= getattr(self, name) <= high:
+                raise ValueError(f"--{name.replace('_', '-')} must be in {low}..{high}, got {getattr(self, name)}")
         for name in ("head_warmup_steps", "koleo_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -177,36 +184,6 @@ class TrainConfig:
 
         write_json_atomic(path, {**self.to_dict(), **(derived or {})})
 
-
-# Presets override the defaults; flags override presets.
-PRESETS: dict[str, dict[str, Any]] = {
-    # The bundled sample on a CPU: a few minutes on 2 cores.
-    # m = 0.99: with m = 0.999 the key encoder barely moves in a run of ~100 steps.
-    # bn_splits = 1: at batch 32 ghost-BN splits of 8 cost held-out recall (bench.moco_reference:
-    # 0.890 vs 0.918 at 300 steps; mocov2 500 steps: clean R@1 0.770 vs 0.860) and a third of the time.
-    "sample": dict(model="resnet18", crop_size=64, batch_size=32, epochs=10, queue_size=256, momentum=0.99,
-                   hidden_dim=512, base_lr=0.3, warmup_epochs=1.0, log_every=5, checkpoint_every=20,
-                   knn_every=5, shuffle_buffer=256, channels_last=False, bn_splits=1),
-    # MoCo v2 ResNet-50 on 8 V100s: 2048 images per step, fp16 with a gradient scaler.
-    "v100x8": dict(model="resnet50", crop_size=224, batch_size=256, epochs=200, queue_size=65536,
-                   amp="fp16", channels_last=True, compile=False, opt="sgd", base_lr=0.03,
-                   warmup_epochs=10.0, checkpoint_every=1000),
-    # Fine-tuning ImageNet weights on your listings: 558 steps (~20 min on 2 CPU cores) on 3,000 images.
-    # Measured on bench.robustness (README, "Fine-tuning pretrained weights"): with BN re-estimated on
-    # augmented batches, no head warm-up and one LR for all, a fine-tune lost colour recall against the
-    # frozen weights (0.955 vs 0.977); freeze_bn + a 60-step head warm-up + the backbone at 0.1 of the
-    # head's LR gained on every disturbance. T 0.1, K 1024, m 0.99 and the head size were set once,
-    # not ablated; crop 128 keeps a step near 1 s on 2 cores.
-    "finetune": dict(model="tf_efficientnet_lite0", pretrained=True, crop_size=128, batch_size=32, epochs=6,
-                     queue_size=1024, momentum=0.99, temperature=0.1, hidden_dim=1024, base_lr=0.3,
-                     warmup_epochs=0.5, freeze_bn=True, head_warmup_steps=60, backbone_lr_scale=0.1,
-                     log_every=10, checkpoint_every=200, knn_every=2, shuffle_buffer=512, channels_last=False,
-                     bn_splits=1),
-    # One or more H100s: bf16 (no scaler), compiled encoders, a larger per-device batch.
-    "h100": dict(model="resnet50", crop_size=224, batch_size=512, epochs=200, queue_size=65536,
-                 amp="bf16", channels_last=True, compile=True, opt="sgd", base_lr=0.03,
-                 warmup_epochs=10.0, checkpoint_every=1000),
-}
 
 # Options of the command that are not fields of the config.
 COMMAND_OPTIONS = ("config", "log_level")
@@ -280,11 +257,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         else:
             kwargs["type"] = _converter(hints[item.name])
             kwargs["metavar"] = item.name.upper()
-        kwargs["help"] += f" (default: {item.default})"
+        if "(default:" not in kwargs["help"]:  # a help that says its default in words keeps those
+            kwargs["help"] += f" (default: {item.default})"
         parser.add_argument(_flag(item.name), **kwargs)
     parser.add_argument("--config", metavar="FILE", default=None,
-                        help="YAML or JSON file of config fields (e.g. an earlier RUN/config.json); "
-                             "flags given here override it")
+                        help="YAML or JSON file of config fields (e.g. an earlier RUN/config.json); flags given "
+                             "here override it; it never chooses where a run writes: one that sets out needs --out")
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
                         help="messages shown on stderr; info adds the backend choice, the shard check "
                              "and the queue cut (default: warning)")
@@ -368,13 +346,18 @@ def parse_arguments(argv: Sequence[str] | None = None, *,
     part of it (``--config``, ``--log-level``).
 
     Raises:
-        ValueError: an unknown flag, a value of the wrong type, or a value the config refuses.
+        ValueError: an unknown flag, a value of the wrong type, a value the config refuses, or a
+            ``--config`` file that sets ``out`` (a run's config.json does) without ``--out``.
         FileNotFoundError: ``--config`` names no file.
     """
     namespace = build_parser(prog).parse_args(argv)
     flags = vars(namespace).copy()
     options = argparse.Namespace(**{name: flags.pop(name) for name in COMMAND_OPTIONS})
     file_values = read_config_file(options.config) if options.config else None
+    if file_values is not None and "out" in file_values and "out" not in flags:  # not into that run's folder
+        raise ValueError(f"--config {options.config} sets out: {file_values['out']}; a config file does not choose "
+                         f"where a run writes: add --out DIR (--out {file_values['out']} --resume auto "
+                         "continues that run)")
     return resolve_config(flags, file_values), options
 
 

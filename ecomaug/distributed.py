@@ -1,4 +1,4 @@
-"""Helpers for one process or many: gathering across ranks and MoCo's shuffle BN.
+"""Helpers for one process or many: gathering across ranks, MoCo's shuffle BN, the weights' fingerprint.
 
 Every function works without ``torch.distributed`` being initialised (one process is "world
 size 1"), so the model code reads the same on a laptop and under ``torchrun``.
@@ -14,7 +14,8 @@ is cut (this is what the MoCo authors' single-GPU CIFAR demo does with ``SplitBa
 
 from __future__ import annotations
 
-from typing import Callable
+import hashlib
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -127,3 +128,21 @@ def barrier() -> None:
     """Wait for every rank (nothing to wait for on one process)."""
     if is_distributed():
         dist.barrier()
+
+
+def parameter_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every parameter's bytes: equal on all ranks when DDP kept them in step."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def gather(value: Any) -> list[Any]:
+    """``value`` from every rank, in rank order (a one-element list on one process)."""
+    if not is_distributed():
+        return [value]
+    values = [None] * get_world_size()
+    dist.all_gather_object(values, value)
+    return values

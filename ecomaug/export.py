@@ -96,6 +96,109 @@ def read_normalisation(config: dict[str, Any], *, where: str) -> dict[str, tuple
     return values
 
 
+# Resize interpolations timm's preprocessing knows (timm.data.transforms.str_to_interp_mode).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+def check_weights(weights: dict[str, Any], backbone: nn.Module, *, where: str, hint: str) -> None:
+    """Raise ValueError unless ``weights`` are exactly ``backbone``'s: every key and no other, each
+    shape, floating point where the backbone's are, and every value finite.
+
+    Args:
+        weights: tensors by name (a file's, untrusted).
+        backbone: the model they are for.
+        where: the file or option, first in every message.
+        hint: what to check, appended to a key or shape mismatch.
+
+    Raises:
+        ValueError: one line naming ``where`` and one offending key.
+    """
+    expected = backbone.state_dict()
+    missing = [name for name in expected if name not in weights]
+    unexpected = [name for name in weights if name not in expected]
+    model = type(backbone).__name__
+    if missing or unexpected:
+        example = f"missing e.g. {missing[0]!r}" if missing else f"unexpected e.g. {unexpected[0]!r}"
+        raise ValueError(f"{where}: the weights do not fit this {model} ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected keys; {example}): {hint}")
+    for name, value in weights.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{where}: {name} is a {type(value).__name__}, not a tensor")
+        if value.shape != expected[name].shape:
+            raise ValueError(f"{where}: {name} has shape {tuple(value.shape)}, this {model} needs "
+                             f"{tuple(expected[name].shape)}: {hint}")
+        if expected[name].is_floating_point() and not value.is_floating_point():
+            raise ValueError(f"{where}: {name} holds {value.dtype} values, this {model} needs floating point")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{where}: {name} holds {bad} NaN/inf values of {value.numel()}: broken weights "
+                             "(a run that diverged?), refused")
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or ValueError naming the file (a cut-off or corrupt header).
+
+    Raises:
+        OSError: the file cannot be read at all (missing, no permission).
+        ValueError: it is not a safetensors file.
+    """
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except OSError:
+        raise
+    except Exception as error:  # safetensors raises its own SafetensorError
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ValueError(f"{path}: not a readable safetensors file ({detail})") from error
+
+
+def read_export_config(path: str | os.PathLike) -> dict[str, Any]:
+    """An export's ``config.json``, every field the loaders use checked (it may come from anywhere).
+
+    Returns:
+        ``model`` (a timm name), ``input_size`` (the side), ``mean``, ``std`` and, where the file
+        has it, ``num_features``.
+
+    Raises:
+        ValueError: not a JSON object, an unknown model, an ``input_size`` that is not ``S`` or
+            ``[3, S, S]`` with ``S`` in ``MIN_INPUT_SIZE..MAX_INPUT_SIZE``, a bad mean/std,
+            interpolation or num_features; one line naming the file and the field.
+    """
+    from ecomaug.limits import check_input_size
+
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a JSON export config ({str(error).splitlines()[0]})") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object of export fields, got {type(config).__name__}")
+    model = config.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError(f"{path}: model must name a timm model, got {model!r}")
+    try:
+        check_model_name(model)
+    except ValueError as error:
+        raise ValueError(f"{path}: model: {error}") from error
+    size = config.get("input_size", 224)
+    if isinstance(size, list) and len(size) == 3 and size[0] == 3 and size[1] == size[2]:
+        size = size[2]
+    elif isinstance(size, list):
+        raise ValueError(f"{path}: input_size must be S or [3, S, S] (square RGB), got {size!r}")
+    result: dict[str, Any] = {"model": model, "input_size": check_input_size(size, name=f"{path}: input_size"),
+                              **read_normalisation(config, where=str(path))}
+    if config.get("interpolation", EVAL_INTERPOLATION) not in INTERPOLATIONS:
+        raise ValueError(f"{path}: interpolation must be one of {list(INTERPOLATIONS)}, "
+                         f"got {config['interpolation']!r}")
+    if "num_features" in config:
+        features = config["num_features"]
+        if not isinstance(features, int) or isinstance(features, bool) or features < 1:
+            raise ValueError(f"{path}: num_features must be a positive integer, got {features!r}")
+        result["num_features"] = features
+    return result
+
+
 def export_backbone(backbone: nn.Module | dict[str, torch.Tensor], out_dir: str | os.PathLike, *,
                     model_name: str, input_size: int, interpolation: str = EVAL_INTERPOLATION,
                     verify: bool = True, mean: tuple[float, float, float] = IMAGENET_MEAN,
@@ -117,7 +220,8 @@ def export_backbone(backbone: nn.Module | dict[str, torch.Tensor], out_dir: str 
         The directory written.
 
     Raises:
-        ValueError: if ``verify`` and the weights do not fit ``model_name``.
+        ValueError: if ``verify`` and the weights do not fit ``model_name`` or are not finite; an
+            ``input_size`` out of ``MIN_INPUT_SIZE..MAX_INPUT_SIZE`` (:mod:`ecomaug.limits`).
         DiskFullError: the disk filled up; the previous export is intact and no temporary file is left.
     """
     from safetensors.torch import save as serialise
@@ -126,13 +230,12 @@ def export_backbone(backbone: nn.Module | dict[str, torch.Tensor], out_dir: str 
 
     state = backbone.state_dict() if isinstance(backbone, nn.Module) else backbone
     state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
-    reference = create_backbone(model_name, img_size=input_size)
-    if verify:
-        try:
-            reference.load_state_dict(state, strict=True)
-        except RuntimeError as error:
-            raise ValueError(f"the weights do not fit timm model {model_name!r}: "
-                             f"{str(error).splitlines()[0]}") from error
+    from ecomaug.limits import check_input_size
+
+    reference = create_backbone(model_name, img_size=check_input_size(input_size, name="input_size"))
+    if verify:  # what embed will check when it loads the export (NaN weights included), checked now
+        check_weights(state, reference, where=f"timm model {model_name!r}",
+                      hint="the model name and the weights disagree")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = serialise(state, metadata={"model": model_name, "format": "pt"})

@@ -294,7 +294,8 @@ class MoCo(nn.Module):
         """One MoCo step's loss; updates the key encoder (momentum) and the queue as it goes.
 
         Args:
-            view_q, view_k: two views of the same images.
+            view_q: the query view of the images.
+            view_k: the key view of the same images.
             m: the momentum of this step; default: :attr:`m_now` (the schedule's).
             meta: unused (MoCo needs no labels); accepted as every objective's ``forward`` does.
         """

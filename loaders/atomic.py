@@ -30,6 +30,30 @@ class DiskFullError(OSError):
                "file was removed; free some space or write elsewhere, then rerun)"
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise, creating nothing, when ``path`` (a file or folder to write) could not be written.
+
+    The folder checked is ``path`` itself when it is one, else the nearest existing folder above it
+    (where it would be created). A few stats: cheap enough to call before any work, so that a
+    read-only or foreign output place fails in one line at once rather than after the work.
+
+    Raises:
+        NotADirectoryError: a file stands where a folder above ``path`` should be.
+        OSError: ``EROFS``, the folder is on a read-only file system.
+        PermissionError: this user may not write into the folder.
+    """
+    target = Path(path).absolute()
+    folder = target if target.is_dir() else target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory (a file is in the way)", str(folder))
+    if hasattr(os, "statvfs") and os.statvfs(folder).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, "Read-only file system", str(folder))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "Permission denied", str(folder))
+
+
 def current_umask() -> int:
     """The process's umask, read without changing it where Linux allows (``/proc/self/status``)."""
     try:

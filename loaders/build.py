@@ -27,6 +27,7 @@ class Loader(Protocol):
     """What :func:`build_loader` returns, whatever the backend."""
 
     backend: str
+    corrupt: list[tuple[str, str, str]]  # (shard, key, reason) of every sample left out so far
 
     def __len__(self) -> int: ...
 
@@ -144,8 +145,9 @@ def build_loader(shards: str | os.PathLike | Sequence[str | os.PathLike] | Shard
 
     Returns:
         A loader with ``len(loader)`` (batches this rank yields), ``loader.backend``
-        (``"dali-gpu"``, ``"dali-cpu"`` or ``"torch"``) and ``loader.corrupt_count``; iterating
-        it yields :class:`~loaders.Batch`.
+        (``"dali-gpu"``, ``"dali-cpu"`` or ``"torch"``), ``loader.corrupt_count`` and
+        ``loader.corrupt`` (``(shard, key, reason)`` of each sample left out); iterating it yields
+        :class:`~loaders.Batch`.
 
     Shape:
         - each of ``batch.views``: :math:`(N, 3, S, S)` uint8 on ``device`` (contiguous, or
@@ -153,7 +155,8 @@ def build_loader(shards: str | os.PathLike | Sequence[str | os.PathLike] | Shard
 
     Raises:
         ValueError: a bad option, remote shards with DALI, unknown counts without
-            ``epoch_samples``, or a corrupt sample with ``corrupt="raise"``.
+            ``epoch_samples``, a local ``.idx`` that does not match its tar, a shard set that
+            lists a tar twice, or a corrupt sample with ``corrupt="raise"``.
         FileNotFoundError: a local shard does not exist.
 
     Example:

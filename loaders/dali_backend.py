@@ -8,9 +8,12 @@ shards listed in that epoch's order.
 
 Corrupt JPEGs: a DALI decoder that meets one fails the whole batch and offers no per-sample
 skip (NVIDIA/DALI#3913), so local shards are checked before the pipeline is built
-(:mod:`loaders.shard_check`, remembered on disk between runs). Corrupt samples are left out of a
-filtered copy of the shard's index (``corrupt="skip"``, counted in ``corrupt_count``) or raise
-with the shard and key (``corrupt="raise"``). A decode error the check could not foresee still
+(:mod:`loaders.shard_check`, remembered on disk between runs): the ``.idx`` against the tar (a
+wrong one is refused), every JPEG and every ``.json`` (read as the PyTorch backend reads it). Corrupt
+samples, and the repeat of a key written twice in a row, are left out of a filtered copy of the
+shard's index (``corrupt="skip"``, counted in ``corrupt_count``, reasons in ``corrupt``) or raise
+with the shard and key (``corrupt="raise"``). A sample without a ``.json`` is read with
+``{"key": key}``, as by the PyTorch backend. A decode error the check could not foresee still
 stops the epoch with a RuntimeError that names what DALI names (shard, offset and key).
 
 Graph variants (``variant=``), measured by ``bench/loaders.py``:
@@ -27,7 +30,6 @@ Graph variants (``variant=``), measured by ``bench/loaders.py``:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -41,9 +43,10 @@ from tqdm import tqdm
 
 from loaders.batch import Batch
 from loaders.options import LoaderOptions
-from loaders.dali_index import parse_line, split_inside, write_index
+from loaders.dali_index import member_key, parse_line, split_inside, write_index
 from loaders.crops import intra_op_threads, resize_crop
 from loaders.shard_check import check_shard
+from loaders.shard_reader import parse_meta
 from loaders.sharding import check_start_batch, derive_seed, plan_epoch
 
 logger = logging.getLogger(__name__)
@@ -114,7 +117,7 @@ def shard_pipeline(*, paths: list[str], index_paths: list[str], shard_id: int, n
         jpegs, metadata = fn.readers.webdataset(
             paths=paths, index_paths=index_paths, ext=["jpg;jpeg", "json"], name=READER_NAME,
             shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle_buffer > 1,
-            initial_fill=max(shuffle_buffer, 1), missing_component_behavior="error",
+            initial_fill=max(shuffle_buffer, 1), missing_component_behavior="empty",  # no .json: {}
             prefetch_queue_depth=2)
         # "<tar>:<offset>:<key>.jpg", for shards whose json does not repeat the key
         source = fn.get_property(jpegs, key="source_info")
@@ -159,8 +162,8 @@ class DaliLoader:
                 raise ValueError(f"the DALI backend reads local files only, got {shard.url!r}; "
                                  f"use backend='torch' for URLs")
             if shard.index_path is None or not Path(shard.index_path).is_file():
-                raise ValueError(f"{shard.url}: no DALI index beside it; write one with "
-                                 f"`wds2idx {shard.url} {Path(shard.url).with_suffix('.idx')}`")
+                raise ValueError(f"{shard.url}: no DALI index beside it; write one with `python -m "
+                                 f"loaders.dali_index {shard.url} {Path(shard.url).with_suffix('.idx')}`")
         # Each rank starts checking at its own share of the list, so on a first run the ranks
         # check different shards and find the rest already in the on-disk cache.
         start = self.options.rank * len(shards) // self.options.world_size
@@ -198,7 +201,8 @@ class DaliLoader:
 
     @property
     def corrupt_count(self) -> int:
-        """Corrupt samples left out of this epoch (found when the loader was built)."""
+        """Corrupt samples left out of this epoch (found when the loader was built); their
+        ``(shard, key, reason)`` are in ``loader.corrupt``."""
         return len(self.corrupt)
 
     def _device_id(self) -> int | None:
@@ -324,12 +328,10 @@ def resize_crops(images: Sequence[torch.Tensor], windows: Sequence[tuple[np.ndar
 
 
 def _parse_meta(row: bytes, source: bytes) -> dict[str, Any]:
-    # the iterator pads the variable-length bytes of a batch with zeros
-    meta = json.loads(row.rstrip(b"\0"))
-    if "key" not in meta:  # as webdataset names it: the member name up to its first dot
-        member = source.rstrip(b"\0").decode("utf-8").rsplit(":", 1)[-1]
-        meta["key"] = member.rsplit("/", 1)[-1].split(".", 1)[0]
-    return meta
+    # the iterator pads the variable-length bytes of a batch with zeros; a sample without a .json
+    # (its output empty) is all padding. The shard check left out every .json parse_meta refuses.
+    member = source.rstrip(b"\0").decode("utf-8", "replace").rsplit(":", 1)[-1]
+    return parse_meta(row.rstrip(b"\0") or None, member_key(member))
 
 
 def _named_source(message: str) -> str:

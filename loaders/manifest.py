@@ -14,8 +14,12 @@ Shard format (``ecomaug-shards`` version 1), written by ``ecomaug shard``:
 A manifest is data: its ``tar``/``index`` entries must be plain relative names inside its
 folder (a ``pipe:`` entry would be run by webdataset's shell), its structure is checked once
 here for every reader, and its counts are checked against each shard's ``.idx`` (or the tar)
-so a stale or edited count cannot make a loader run short or skip samples. A remote folder
-(``s3://bucket/shards/``) is read the same way through fsspec (:mod:`loaders.remote`).
+so a stale or edited count cannot make a loader run short or skip samples. A local ``.idx`` is
+itself spot-checked against its tar's member headers, and fully checked where its count or
+those headers disagree (:func:`loaders.shard_check.index_count`: a few small reads per shard,
+not a scan of every tar), and a set that lists one tar twice is refused: both would change the
+data every reader sees without an error. A remote folder (``s3://bucket/shards/``) is read the
+same way through fsspec (:mod:`loaders.remote`; a remote ``.idx`` gives only its count).
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import io
 import json
 import logging
 import os
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable, Sequence
@@ -33,6 +36,7 @@ from loaders.dali_index import HEAD_BYTES, parse_count
 from loaders.atomic import write_json_atomic  # noqa: F401 -- re-exported: the writer of manifests
 from loaders.remote import (WEBDATASET_SCHEMES, filesystem, open_regular_file, read_text,
                             register_webdataset_handlers, store_error, url_scheme)
+from loaders.shard_check import count_samples, index_count
 
 logger = logging.getLogger(__name__)
 
@@ -158,28 +162,6 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- counts
-def _count_from_index(index_path: str | os.PathLike) -> int:
-    with open_regular_file(index_path) as stream:
-        return parse_count(stream.read(HEAD_BYTES), os.fspath(index_path))
-
-
-def _count_from_tar(path: Path) -> int | None:
-    """Samples in a local tar, from its member headers only (tarfile seeks over the data);
-    None if the tar cannot be read (the loader then reports it when it reads the shard)."""
-    from webdataset.tariterators import base_plus_ext
-
-    count, previous = 0, None
-    try:
-        with open_regular_file(path) as stream, tarfile.open(fileobj=stream, mode="r:") as archive:
-            for member in archive:
-                prefix, _ = base_plus_ext(member.name)
-                if member.isreg() and prefix is not None and prefix != previous:
-                    count, previous = count + 1, prefix
-    except (tarfile.TarError, OSError, EOFError, ValueError):
-        return None
-    return count
-
-
 def _agreed_count(declared: int, found: int | None, *, tar: str, source: str, where: str) -> int:
     """The count to plan with: what the shard holds where that is known, with a warning when
     the manifest says otherwise (a loader that trusted it would silently run short or skip)."""
@@ -200,9 +182,9 @@ def _local_entry_shard(entry: dict[str, Any], directory: Path, where: str) -> Sh
         raise ValueError(f"{tar}: not a regular file (listed as a shard in {where})")
     index = directory / entry["index"] if entry.get("index") else None
     if index is not None and index.is_file():
-        found, source = _count_from_index(index), f"its index {index.name}"
+        found, source = index_count(str(tar), str(index), entry["count"]), f"its index {index.name}"
     else:
-        found, source = _count_from_tar(tar), "the tar itself"
+        found, source = count_samples(tar), "the tar itself"
     count = _agreed_count(entry["count"], found, tar=entry["tar"], source=source, where=where)
     return ShardInfo(url=str(tar), index_path=str(index) if index is not None and index.is_file() else None,
                      count=count, bytes=size)
@@ -235,8 +217,23 @@ def _remote_entry_shards(manifest: dict[str, Any], base_url: str, where: str) ->
 
 def _shards_from_manifest(manifest: dict[str, Any], directory: str | Path, where: str) -> list[ShardInfo]:
     if isinstance(directory, str) and url_scheme(directory) is not None:
-        return _remote_entry_shards(manifest, directory, where)
-    return [_local_entry_shard(entry, Path(directory), where) for entry in manifest["shards"]]
+        shards = _remote_entry_shards(manifest, directory, where)
+    else:
+        shards = [_local_entry_shard(entry, Path(directory), where) for entry in manifest["shards"]]
+    _check_distinct(shards, where=where)
+    return shards
+
+
+def _check_distinct(shards: Sequence[ShardInfo], *, where: str) -> None:
+    """Refuse a set that lists one tar twice (a local one by its real path): every epoch would
+    read its samples twice, silently."""
+    seen: dict[str, int] = {}
+    for number, shard in enumerate(shards):
+        identity = os.path.realpath(shard.url) if shard.is_local else shard.url
+        if identity in seen:
+            raise ValueError(f"{where} lists the shard {shard.url} twice (shards {seen[identity]} and "
+                             f"{number}); a shard set names each tar once")
+        seen[identity] = number
 
 
 def _local_shard(path: Path) -> ShardInfo:
@@ -245,7 +242,7 @@ def _local_shard(path: Path) -> ShardInfo:
     if not path.is_file():
         raise ValueError(f"{path}: not a regular file, so not a shard")
     index = path.with_suffix(".idx")
-    count = _count_from_index(index) if index.is_file() else None
+    count = index_count(str(path), str(index)) if index.is_file() else None
     return ShardInfo(url=str(path), index_path=str(index) if index.is_file() else None,
                      count=count, bytes=path.stat().st_size)
 
@@ -305,9 +302,28 @@ def load_shard_set(source: str | os.PathLike | Sequence[str | os.PathLike]) -> S
     Raises:
         FileNotFoundError: a local path, or a shard a manifest lists, does not exist.
         ValueError: a directory holds no manifest and no shards, a manifest is malformed or
-            lists an unsafe entry, or a path is not a regular file (a FIFO, a device).
+            lists an unsafe entry, the set lists one tar twice (its samples would be read twice
+            an epoch), or a path is not a regular file (a FIFO, a device).
         ImportError: a URL's fsspec backend (``s3fs``, ``gcsfs``) is not installed.
     """
+    shard_set = _resolve(source)
+    _check_distinct(shard_set.shards, where=os.fspath(source) if isinstance(source, (str, os.PathLike))
+                    else "the shard list")
+    return shard_set
+
+
+# Names of the image files a folder given as shards may hold by mistake (a hint, not a check).
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _holds_images(folder: Path, *, folders: int = 100) -> bool:
+    """Whether ``folder`` or a folder below it (the first ``folders`` walked) holds a file named like an image."""
+    for _, (_, _, files) in zip(range(folders), os.walk(folder)):
+        if any(name.lower().endswith(_IMAGE_SUFFIXES) for name in files):
+            return True
+    return False
+
+def _resolve(source: str | os.PathLike | Sequence[str | os.PathLike]) -> ShardSet:
     if isinstance(source, (list, tuple)):
         parts = [load_shard_set(item) for item in source]
         if not parts:
@@ -330,7 +346,9 @@ def load_shard_set(source: str | os.PathLike | Sequence[str | os.PathLike]) -> S
             return ShardSet(shards=tuple(shards), manifests=tuple(manifests))
         tars = sorted(path.glob("*.tar"))
         if not tars:
-            raise ValueError(f"{path}: no manifest.json and no .tar shards in this directory")
+            hint = (f"; it looks like a folder of images: convert it first: ecomaug shard {path} {path}-shards "
+                    f"--max-size 320, then pass {path}-shards") if _holds_images(path) else ""
+            raise ValueError(f"{path}: no manifest.json and no .tar shards in this directory{hint}")
         return ShardSet(shards=tuple(_local_shard(t) for t in tars))
     if not path.exists():
         raise FileNotFoundError(2, "No such file or directory", str(path))

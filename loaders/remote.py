@@ -41,11 +41,14 @@ def file_kind(mode: int) -> str:
     return "special file"
 
 
+NOT_REGULAR = "not a regular file"  # the one wording of this refusal, in messages and skip reasons
+
+
 class NotRegularFileError(ValueError):
     """A local path is a FIFO, socket, device or directory where a file was expected."""
 
     def __init__(self, path: str, kind: str) -> None:
-        super().__init__(f"{path}: not a regular file (a {kind})")
+        super().__init__(f"{path}: {NOT_REGULAR} (a {kind})")
         self.kind = kind
 
 

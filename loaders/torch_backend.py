@@ -13,13 +13,17 @@ Shards are opened by :func:`loaders.remote.open_shard` (local regular files, ``s
 streamed through fsspec, a ``pipe:`` the user typed). A shard that breaks part-way (zero
 bytes, truncated, not a tar, shorter than its count) has the rest of its segment skipped and
 counted in ``corrupt_count`` (train: stand-ins keep ``len(loader)`` batches), or, with
-``corrupt="raise"``, one ValueError naming the shard.
+``corrupt="raise"``, one ValueError naming the shard. A sample whose image or ``.json`` cannot be
+used (:func:`loaders.shard_reader.parse_meta`) or whose key repeats right after itself (the first
+copy is read) is skipped and counted the same way, with its reason in ``loader.corrupt``, as the
+DALI backend does. This loader streams the tar and uses no offsets, so a local shard's ``.idx``
+need only give a right count: it was spot-checked against the tar when the shard set was loaded,
+and fully checked where they disagree (:func:`loaders.shard_check.index_count`).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import random
 from pathlib import Path
@@ -34,7 +38,8 @@ from loaders.batch import Batch
 from loaders.options import LoaderOptions
 from loaders.crops import intra_op_threads
 from loaders.remote import WEBDATASET_SCHEMES, check_readable, url_scheme
-from loaders.shard_reader import SHARD_ERRORS, first_line, shard_samples, shuffle_samples
+from loaders.shard_reader import (REPEATED, SHARD_ERRORS, SampleProblem, first_line, parse_meta, repeated_reason,
+                                  shard_samples, shuffle_samples)
 from loaders.sharding import (FOREVER, EpochPlan, Segment, check_start_batch, derive_seed, epoch_plan,
                               split_for_workers)
 from loaders.views import centre_box, decode_views, random_resized_box
@@ -118,14 +123,11 @@ class ShardStream(IterableDataset):
                 ) -> tuple[list[np.ndarray], dict[str, Any]]:
         key = sample["__key__"]
         if MISSING in sample:
-            raise ValueError(sample[MISSING])
+            raise SampleProblem(sample[MISSING])
         data = _image_bytes(sample)
         if data is None:
-            raise ValueError(f"no image member (.{'/.'.join(IMAGE_EXTENSIONS)})")
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        if not isinstance(meta, dict):
-            raise ValueError(f"{key}.json is not a JSON object")
-        meta.setdefault("key", key)
+            raise SampleProblem(f"no image member (.{'/.'.join(IMAGE_EXTENSIONS)})")
+        meta = parse_meta(sample.get("json"), key)
         with intra_op_threads(1):  # a no-op in DataLoader workers, which run one thread already
             return decode_views(data, self.options.crop_size, self._boxes(position_seed)), meta
 
@@ -134,7 +136,8 @@ class ShardStream(IterableDataset):
         # lap shuffled on its own so a lap holds every sample once -- until a lap reads nothing
         for _ in itertools.count() if self.repeat else range(1):
             readable = 0
-            for record in shuffle_samples(self._records(segments), self.options.shuffle_buffer if self.options.shuffle else 0, rng):
+            buffer = self.options.shuffle_buffer if self.options.shuffle else 0
+            for record in shuffle_samples(self._records(segments), buffer, rng):
                 readable += MISSING not in record[1]
                 yield record
             if self.repeat and not readable:
@@ -162,7 +165,7 @@ class ShardStream(IterableDataset):
         records = self._laps(self.worker_segments[worker], random.Random(seed))
 
         chunk: list[tuple[list[np.ndarray], str, dict[str, Any]]] = []
-        corrupt: list[str] = []
+        corrupt: list[tuple[str, str, str]] = []  # (shard, key, reason) of each sample skipped
         resolved = 0  # positions handled (emitted, skipped for resume, or dropped), in order
         pending: list[int] = []  # corrupt positions still waiting for a stand-in (train mode)
         last_good: tuple[str, dict[str, Any]] | None = None
@@ -187,14 +190,13 @@ class ShardStream(IterableDataset):
                 if out is not None:
                     yield out
                 continue
+            if REPEATED in sample:  # the first copy is read; the repeat is skipped and counted
+                corrupt.append(self._skipped(url, sample["__key__"], repeated_reason(sample[REPEATED])))
             try:
                 views, meta = self._decode(url, sample, position_seed)
-            except DECODE_ERRORS + (KeyError, json.JSONDecodeError) as error:
-                key = sample.get("__key__", "?")
-                if options.corrupt == "raise":
-                    raise ValueError(f"corrupt sample {key!r} in shard {url}: "
-                                     f"{type(error).__name__}: {error}") from error
-                corrupt.append(f"{url}:{key}")
+            except DECODE_ERRORS + (KeyError,) as error:
+                reason = str(error) if isinstance(error, SampleProblem) else f"{type(error).__name__}: {error}"
+                corrupt.append(self._skipped(url, sample.get("__key__", "?"), reason, quiet=MISSING in sample))
                 if options.mode == "eval":  # eval: every good sample once, no stand-ins
                     out = resolve(None)
                 elif last_good is not None:  # stand-in: the previous good sample, fresh crops
@@ -219,13 +221,22 @@ class ShardStream(IterableDataset):
         if chunk or corrupt or resolved % chunk_size:
             yield self._pack(chunk, corrupt)
 
+    def _skipped(self, url: str, key: str, reason: str, *, quiet: bool = False) -> tuple[str, str, str]:
+        """A sample left out: raise (``corrupt="raise"``) or warn and return its record. ``quiet``:
+        a position a broken shard could not fill (its shard was named once already)."""
+        if self.options.corrupt == "raise":
+            raise ValueError(f"corrupt sample {key!r} in shard {url}: {reason}")
+        if not quiet:
+            logger.warning("skipping corrupt sample %r in shard %s: %s", key, url, reason)
+        return url, key, reason
+
     def _stand_in(self, record: tuple[str, dict[str, Any]], position_seed: int
                   ) -> tuple[list[np.ndarray], str, dict[str, Any]]:
         views, meta = self._decode(record[0], record[1], position_seed)
         return views, record[1]["__key__"], meta
 
     def _pack(self, chunk: list[tuple[list[np.ndarray], str, dict[str, Any]]],
-              corrupt: list[str]) -> dict[str, Any]:
+              corrupt: list[tuple[str, str, str]]) -> dict[str, Any]:
         views = []
         if chunk:
             for view in range(len(chunk[0][0])):
@@ -263,7 +274,7 @@ class TorchLoader:
         self.options = options
         shards = options.shard_set.shards
         self.urls = [shard.url for shard in shards]
-        self._corrupt_count = 0
+        self.corrupt: list[tuple[str, str, str]] = []
         self.plan: EpochPlan = epoch_plan(
             options.shard_set, batch_size=options.batch_size, seed=options.seed, epoch=options.epoch,
             rank=options.rank, world_size=options.world_size, drop_last=options.drop_last,
@@ -281,8 +292,9 @@ class TorchLoader:
 
     @property
     def corrupt_count(self) -> int:
-        """Corrupt samples met so far (skipped, and in training replaced by a stand-in)."""
-        return self._corrupt_count
+        """Corrupt samples met so far (skipped, and in training replaced by a stand-in); their
+        ``(shard, key, reason)`` are in ``loader.corrupt``."""
+        return len(self.corrupt)
 
     def _dataset(self) -> tuple[ShardStream, torch.Generator, int]:
         options = self.options
@@ -315,7 +327,7 @@ class TorchLoader:
         for chunk in chunks:
             if "error" in chunk:
                 raise ValueError(chunk["error"])
-            self._corrupt_count += len(chunk["corrupt"])
+            self.corrupt += [(str(url), str(key), str(reason)) for url, key, reason in chunk["corrupt"]]
             if not chunk["keys"]:
                 continue
             pending_views.append([view.to(device, non_blocking=True) for view in chunk["views"]])

@@ -16,7 +16,7 @@ def test_a_run_config_json_round_trips_as_config(tmp_path):
     config = parse_config(["--preset", "sample", "--batch-size", "16", "--opt", "adamw", "--max-steps", "7",
                            "--out", str(tmp_path / "run")])
     config.save(tmp_path / "config.json")
-    again = parse_config(["--config", str(tmp_path / "config.json")])
+    again = parse_config(["--config", str(tmp_path / "config.json"), "--out", str(tmp_path / "run")])
     assert again == config
 
 
@@ -25,7 +25,8 @@ def test_a_run_config_never_brings_back_overwrite_or_resume(tmp_path):
     config.save(tmp_path / "config.json")
     again = parse_config(["--config", str(tmp_path / "config.json"), "--out", str(tmp_path / "again")])
     assert again.overwrite is False and again.resume is None  # re-running a config clears no folder
-    resumed = parse_config(["--config", str(tmp_path / "config.json"), "--resume", "auto"])
+    resumed = parse_config(["--config", str(tmp_path / "config.json"), "--out", str(tmp_path / "run"),
+                            "--resume", "auto"])
     assert resumed.resume == "auto" and resumed.overwrite is False
 
 

@@ -91,4 +91,4 @@ def test_val_split_without_item_ids_is_one_clear_error(tmp_path):
     assert "item_id_from='parent'" in result.output
     result = CliRunner().invoke(main, ["shard", str(tree), str(tmp_path / "out2"), "--val-split", "1.5",
                                        "--item-id-from", "parent", "--workers", "0", "--no-progress"])
-    assert result.exit_code == 2 and "val_split must be a fraction in (0, 1)" in result.output
+    assert result.exit_code == 2 and "--val-split': 1.5 is not in the range 0<x<1" in result.output

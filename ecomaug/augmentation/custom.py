@@ -1,6 +1,6 @@
 """Your own augmentation in a recipe: a stage given as ``module:Class`` with its arguments.
 
-The contract (also in the README, "train with your own pool and augmentations"):
+The contract (also in docs/augmentations.md, "Train with your own pool and augmentations"):
 
 * **Class.** A Kornia augmentation: any of ``kornia.augmentation`` (e.g.
   ``kornia.augmentation:RandomSharpness``), or your own subclass of
@@ -17,13 +17,19 @@ The contract (also in the README, "train with your own pool and augmentations"):
   changed); ``stage(x, params=...)`` redraws the same view. Kornia's base classes do both.
 
 Only the module a user names in their own recipe file or flag is imported, never a name read
-from data.
+from data, and importing it runs its code, as running a script would: a recipe file is code. The
+current folder is not searched for it (``python -m ecomaug`` and ``python -c`` put it first on
+``sys.path``, so a stray ``x.py`` there would run): the module must be installed, or its folder
+named in ``PYTHONPATH`` (``PYTHONPATH=. ecomaug preview ...`` asks for the current folder).
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Mapping
+import os
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 import torch
 from kornia.augmentation import AugmentationBase2D, MixAugmentationBaseV2
@@ -43,9 +49,11 @@ def import_stage_class(target: str) -> type:
     if not sep or not module_name.strip() or not class_name.strip() or ":" in class_name:
         raise ValueError(f"a custom stage is 'module:Class' (e.g. kornia.augmentation:RandomSharpness), got {target!r}")
     try:
-        module = importlib.import_module(module_name.strip())
+        with _current_folder_not_searched():
+            module = importlib.import_module(module_name.strip())
     except ImportError as error:
-        raise ValueError(f"custom stage {target!r}: cannot import {module_name!r} ({error})") from error
+        raise ValueError(f"custom stage {target!r}: cannot import {module_name!r} ({error}); the current folder "
+                         f"is not searched: install the module or put its folder on PYTHONPATH") from error
     found = getattr(module, class_name.strip(), None)
     if not isinstance(found, type):
         raise ValueError(f"custom stage {target!r}: {module_name!r} has no class {class_name!r}")
@@ -53,6 +61,21 @@ def import_stage_class(target: str) -> type:
         raise ValueError(f"custom stage {target!r}: {found.__name__} is not a Kornia augmentation "
                          "(subclass IntensityAugmentationBase2D, GeometricAugmentationBase2D or MixAugmentationBaseV2)")
     return found
+
+
+@contextmanager
+def _current_folder_not_searched() -> Iterator[None]:
+    """``sys.path`` without the current folder that ``python -m``/``-c`` put first, unless PYTHONPATH names it."""
+    first = sys.path[0] if sys.path else None
+    asked = {os.path.abspath(entry) for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry}
+    if first is None or os.path.abspath(first) != os.getcwd() or os.getcwd() in asked:
+        yield
+        return
+    del sys.path[0]
+    try:
+        yield
+    finally:
+        sys.path.insert(0, first)
 
 
 def build_custom_stage(target: str, args: Mapping[str, Any], source: RandomSource) -> nn.Module:

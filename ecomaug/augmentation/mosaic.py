@@ -92,7 +92,8 @@ class MultiItemMosaic(SeededAugmentation, MixAugmentationBaseV2):
     """With probability ``p``, replace a sample by a canvas of itself and 0-5 other batch items.
 
     Args:
-        min_items, max_items: range of the number of items on a canvas, the sample's own included (1..6).
+        min_items: fewest items on a canvas, the sample's own included (1..6).
+        max_items: most items on a canvas (min_items..6).
         gap: fraction of each tile left empty around its item.
         white_p: probability of a white canvas; otherwise a light plain colour.
         p: probability that a sample becomes a mosaic.

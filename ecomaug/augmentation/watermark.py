@@ -89,7 +89,8 @@ class WatermarkOverlay(SeededAugmentation, IntensityAugmentationBase2D):
             weights) or a mapping of those names to weights.
         scale: range of a placed mark's width as a fraction of the image width.
         tiled_scale: the same for one tile of a tiled mark.
-        opacity, tiled_opacity: ranges of the blend strength of placed and tiled marks.
+        opacity: range of the blend strength of placed marks.
+        tiled_opacity: range of the blend strength of tiled marks.
         degrees: rotation range of placed marks; tiled marks turn by ``tiled_degrees`` either way.
         recolour_p: probability that a one-colour (text) mark is drawn in a palette colour instead.
         p: probability that a sample gets a mark.

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
+from ecomaug.commands import FloatRange
 from ecomaug.commands.shard import parse_size
+from ecomaug.limits import MAX_IMAGE_SIDE, MAX_WORKERS
 
 
 @click.command("dewatermark")
@@ -15,31 +17,36 @@ from ecomaug.commands.shard import parse_size
 @click.option("--watermark-dir", "--marks", "marks_dir", required=True, type=click.Path(path_type=Path),
               help="Folder of known marks, the same pool `train.py --watermark-dir` pastes: PNG with alpha, "
                    "or JPEG/RGB PNG whose plain background is keyed out; named by file stem.")
-@click.option("--threshold", type=float, default=None,
+@click.option("--threshold", type=FloatRange(-1, 1), default=None,
               help="Minimum match score in [-1, 1]. Default: the value chosen from the measured "
                    "precision/recall curve (see `python -m bench.dewatermark_pr`).")
-@click.option("--min-scale", type=float, default=0.5, show_default=True,
+@click.option("--min-scale", type=FloatRange(0.01, 16), default=0.5, show_default=True,
               help="Smallest mark width searched, as a multiple of the mark file's width, in pixels of "
                    "the image after --max-size.")
-@click.option("--max-scale", type=float, default=2.0, show_default=True, help="Largest mark width searched.")
+@click.option("--max-scale", type=FloatRange(0.01, 16), default=2.0, show_default=True,
+              help="Largest mark width searched (at least --min-scale).")
 @click.option("--feature", type=click.Choice(["gray", "gradient"]), default="gradient", show_default=True,
               help="Match on Sobel gradients (better recall in the bench) or on luminance.")
 @click.option("--inpaint", "inpaint_method", type=click.Choice(["telea", "ns"]), default="telea",
               show_default=True, help="OpenCV inpainting method.")
-@click.option("--dilate", type=int, default=2, show_default=True,
+@click.option("--dilate", type=click.IntRange(0, 64), default=2, show_default=True,
               help="Pixels by which the mark's alpha is grown before inpainting.")
-@click.option("--max-size", type=int, default=384, show_default=True,
+@click.option("--max-size", type=click.IntRange(32, MAX_IMAGE_SIDE), default=384, show_default=True,
               help="Cap of the longer side in px (never enlarges); marks are searched after this resize.")
-@click.option("--quality", type=int, default=90, show_default=True, help="JPEG quality when re-encoding.")
-@click.option("--shard-size", type=int, default=1000, show_default=True, help="Most samples per shard.")
+@click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True,
+              help="JPEG quality when re-encoding.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Most samples per shard.")
 @click.option("--shard-bytes", type=str, default=None, help="Most bytes per shard, e.g. 500MB (optional).")
 @click.option("--prefix", type=str, default="shard", show_default=True, help="Shard file name prefix.")
 @click.option("--path-column", type=str, default="path", show_default=True,
               help="Manifest column holding the image path (relative to the manifest).")
-@click.option("--num-jobs", type=int, default=1, show_default=True,
+@click.option("--num-jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Split the input into this many jobs (e.g. a job array) ...")
-@click.option("--job-index", type=int, default=0, show_default=True, help="... and convert only this one (0-based).")
-@click.option("--workers", type=int, default=None, help="Worker processes. Default: one per CPU core.")
+@click.option("--job-index", type=click.IntRange(min=0), default=0, show_default=True,
+              help="... and convert only this one (0-based).")
+@click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=None,
+              help="Worker processes. Default: one per CPU core.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def dewatermark(input_path: str, out_dir: str, marks_dir: Path, threshold: float | None, min_scale: float,
                 max_scale: float, feature: str, inpaint_method: str, dilate: int, max_size: int, quality: int,
@@ -54,7 +61,7 @@ def dewatermark(input_path: str, out_dir: str, marks_dir: Path, threshold: float
 
     \b
     Examples:
-      ecomaug dewatermark ecomaug/assets/sample/items.csv ./shards-clean --watermark-dir ecomaug/assets/watermarks --min-scale 0.2 --max-scale 0.8
+      ecomaug dewatermark ./images ./shards-clean --watermark-dir ./shop_marks --min-scale 0.2 --max-scale 0.8
       ecomaug dewatermark ./images ./shards-clean --watermark-dir ./shop_marks --threshold 0.9 --workers 8
     """
     from ecomaug.dewatermark import DEFAULT_THRESHOLD, Dewatermarker, MarkPool, scale_grid

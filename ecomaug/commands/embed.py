@@ -12,6 +12,8 @@ import os
 
 import click
 
+from ecomaug.limits import MAX_BATCH_SIZE, MAX_INPUT_SIZE, MAX_SEED, MIN_INPUT_SIZE
+
 
 def raise_disk_full(error: OSError, where: str) -> None:
     """Turn a full disk into the one-line user error (exit 2); re-raise any other OSError."""
@@ -28,7 +30,10 @@ def raise_disk_full(error: OSError, where: str) -> None:
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
-    return int(value) if value not in (None, "") else default
+    try:
+        return int(value) if value not in (None, "") else default
+    except ValueError:
+        raise ValueError(f"${name} must be an integer, got {value!r}") from None
 
 
 @click.command("embed")
@@ -42,14 +47,15 @@ def _env_int(name: str, default: int) -> int:
 @click.option("--out", type=click.Path(path_type=str), required=True,
               help="A folder: parts written as they are computed (resumable, one set per rank); "
                    "or a .npz file written at the end: vectors (N x D float32), keys, meta, info.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
-@click.option("--part-size", type=int, default=4096, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=64, show_default=True,
+              help="Images per forward pass.")
+@click.option("--part-size", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Samples per part file (folder output).")
-@click.option("--rank", type=int, default=None,
+@click.option("--rank", type=click.IntRange(min=0), default=None,
               help="This process's rank (default: $RANK, else 0). Folder output only.")
-@click.option("--world-size", type=int, default=None,
+@click.option("--world-size", type=click.IntRange(min=1), default=None,
               help="How many processes share the data (default: $WORLD_SIZE, else 1).")
-@click.option("--input-size", type=int, default=None,
+@click.option("--input-size", type=click.IntRange(MIN_INPUT_SIZE, MAX_INPUT_SIZE), default=None,
               help="Crop side for checkpoints / --random-init (exports carry their own; "
                    "default: the run's crop size, or 224).")
 @click.option("--loader", type=click.Choice(["builtin", "auto", "dali", "torch"]), default="builtin",
@@ -58,7 +64,8 @@ def _env_int(name: str, default: int) -> int:
                    "loaders.build_loader in eval mode (shards only, .npz output only).")
 @click.option("--device", type=str, default="auto", show_default=True,
               help="auto (cuda:$LOCAL_RANK when CUDA is there), cpu, cuda, cuda:N.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init weights.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Seed of --random-init weights.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def embed(model_path: str | None, random_init: str | None, data: str, out: str, batch_size: int,
           part_size: int, rank: int | None, world_size: int | None, input_size: int | None,
@@ -66,9 +73,11 @@ def embed(model_path: str | None, random_init: str | None, data: str, out: str, 
     """Embed every image of --data with a trained (or random-init) backbone.
 
     Rows follow the data's order; keys are the shard keys (or paths for a folder or manifest) and
-    meta holds each sample's metadata (item_id, shop, price, ...). Unreadable shards or images
-    are skipped and listed in OUT/skipped-r*.jsonl; a key repeated inside one shard keeps both
-    samples (the later one renamed KEY~1) and is counted.
+    meta holds each sample's metadata (item_id, shop, price, ...). Unreadable shards, files (a
+    FIFO or device is not read) and images, and the samples a shard's count promises but it does
+    not hold, are skipped and listed (key, file, reason) in OUT/skipped-r*.jsonl, or beside
+    OUT.npz in OUT.skipped.jsonl, and the closing line counts them; a key repeated inside one
+    shard keeps both samples (the later one renamed KEY~1) and is counted.
 
     \b
     Examples:
@@ -76,8 +85,10 @@ def embed(model_path: str | None, random_init: str | None, data: str, out: str, 
       torchrun --nproc_per_node=4 -m ecomaug embed --model runs/r50/export --data ./shards --out emb/ours
       ecomaug embed --random-init resnet18 --input-size 64 --data ecomaug/assets/sample/items.csv --out emb/random.npz
     """
-    from ecomaug.evaluation.embed import (embed_data, embed_to_parts, load_model,
-                                          random_init_model, resolve_device)
+    from ecomaug.evaluation.embed import (ReadReport, embed_data, embed_to_parts, load_model,
+                                          random_init_model, resolve_device, shortfall)
+    from ecomaug.evaluation.embeddings import write_skipped
+    from loaders.atomic import check_writable
 
     if (model_path is None) == (random_init is None):
         raise ValueError("give exactly one of --model PATH and --random-init TIMM_NAME")
@@ -89,6 +100,7 @@ def embed(model_path: str | None, random_init: str | None, data: str, out: str, 
     if not single_file and loader != "builtin":
         raise ValueError("--loader auto/dali/torch writes one .npz; give --out FILE.npz, or use "
                          "--loader builtin for a streamed folder")
+    check_writable(out)  # a read-only --out: one line now, not after the embeddings
     if device == "auto" and "LOCAL_RANK" in os.environ:
         import torch
 
@@ -101,11 +113,15 @@ def embed(model_path: str | None, random_init: str | None, data: str, out: str, 
         model = load_model(model_path, device=target, input_size=input_size)
     try:
         if single_file:
+            read = ReadReport() if loader == "builtin" else None
             embeddings = embed_data(model, data, batch_size=batch_size, loader=loader,
-                                    progress=progress)
+                                    progress=progress, report=read)
             path = embeddings.save(out)
+            listed = write_skipped(path.with_suffix(".skipped.jsonl"), read.skipped) if read else None
+            lost = shortfall(embeddings.info["read"], where=str(listed)) if read else ""
             click.echo(f"{len(embeddings.keys)} embeddings of size {embeddings.vectors.shape[1]} "
-                       f"({model.model_name}, {model.input_size} px, {target}) -> {path}")
+                       f"({model.model_name}, {model.input_size} px, {target}) -> {path}"
+                       + (f"; {lost}" if lost else ""))
             return
         report = embed_to_parts(model, data, out, batch_size=batch_size, part_size=part_size,
                                 rank=rank, world_size=world_size, progress=progress)
@@ -115,12 +131,12 @@ def embed(model_path: str | None, random_init: str | None, data: str, out: str, 
             raise
         raise_disk_full(error, out)
     resumed = f", {report.resumed_parts} of them from an earlier run" if report.resumed_parts else ""
+    lost = shortfall(report.counts, where=str(report.skipped_file))
     click.echo(f"rank {rank}/{world_size}: {report.rows} embeddings of size {report.dim} in "
                f"{report.parts} parts{resumed} ({model.model_name}, {model.input_size} px, "
-               f"{target}) -> {report.folder}")
+               f"{target}) -> {report.folder}" + (f"; {lost}" if lost else ""))
     if report.skipped:
-        click.echo(f"{len(report.skipped)} skipped (see {report.folder}/skipped-r{rank:05d}.jsonl)",
-                   err=True)
+        click.echo(f"{len(report.skipped)} skipped (see {report.skipped_file})", err=True)
     if report.duplicate_keys:
         click.echo(f"{report.duplicate_keys} samples repeat a key of their shard: both kept, the "
                    "later renamed KEY~N", err=True)

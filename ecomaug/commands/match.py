@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ecomaug.matching.search import EXACT_LIMIT, METHODS
+from ecomaug.commands import FloatRange
+from ecomaug.limits import (EXACT_LIMIT, MAX_BATCH_SIZE, MAX_INPUT_SIZE, MAX_SEED, MAX_TOP_K, MIN_INPUT_SIZE,
+                            SEARCH_METHODS)
 
 
 @click.command("match")
@@ -18,30 +20,32 @@ from ecomaug.matching.search import EXACT_LIMIT, METHODS
               help="Instead of --model: a random-init timm backbone (a baseline).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=str), required=True,
               help="Output folder: pairs.csv, gaps.csv, report.html, scores.png, summary.json.")
-@click.option("--top-k", type=int, default=10, show_default=True,
+@click.option("--top-k", type=click.IntRange(1, MAX_TOP_K), default=10, show_default=True,
               help="Neighbours of each A listing considered as pairs.")
-@click.option("--threshold", type=float, default=None,
+@click.option("--threshold", type=float, default=None,  # MatchOptions.validate: [-1, 1], in its words
               help="Fixed cosine threshold (default: calibrated, stored with the model, or an "
                    "uncalibrated 0.8).")
 @click.option("--calibrate", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Labelled pairs CSV (a, b, same) to choose the threshold; it is stored next "
                    "to the model for later runs.")
-@click.option("--precision", type=float, default=0.95, show_default=True,
+@click.option("--precision", type=FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
               help="Precision the calibrated threshold must reach.")
 @click.option("--mutual-only", is_flag=True, help="Keep only mutual nearest neighbours.")
-@click.option("--rerank", type=int, default=0, show_default=True,
+@click.option("--rerank", type=click.IntRange(0, MAX_TOP_K), default=0, show_default=True,
               help="Neighbourhood re-ranking (query expansion + database-side augmentation) "
                    "with this many neighbours; 0 = off.")
-@click.option("--index", type=click.Choice(METHODS), default="auto", show_default=True,
+@click.option("--index", type=click.Choice(SEARCH_METHODS), default="auto", show_default=True,
               help="auto: exact up to --exact-limit database vectors, else a faiss IVF index.")
-@click.option("--exact-limit", type=int, default=EXACT_LIMIT, show_default=True,
+@click.option("--exact-limit", type=click.IntRange(min=0), default=EXACT_LIMIT, show_default=True,
               help="Largest catalogue searched exactly with --index auto.")
 @click.option("--shop-column", type=str, default=None,
               help="B's column counted per gap cluster (default: shop, when present).")
-@click.option("--input-size", type=int, default=None, help="Crop side for checkpoints / --random-init.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
+@click.option("--input-size", type=click.IntRange(MIN_INPUT_SIZE, MAX_INPUT_SIZE), default=None,
+              help="Crop side for checkpoints / --random-init.")
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=64, show_default=True,
+              help="Images per forward pass.")
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seeds --random-init weights, index training and the report's samples.")
 @click.option("--report/--no-report", default=True, show_default=True,
               help="Write report.html and scores.png.")
@@ -61,7 +65,7 @@ def match(a_source: str, b_source: str, model_path: str | None, random_init: str
       ecomaug match --a emb/ours --b emb/theirs --out match/ --rerank 2
     """
     from ecomaug.commands.embed import raise_disk_full
-    from ecomaug.evaluation.embed import random_init_model, resolve_device, load_model
+    from ecomaug.evaluation.embed import random_init_model, resolve_device, load_model, shortfall
     from ecomaug.matching.catalogue import check_source, is_embeddings, load_catalogue
     from ecomaug.matching.match import MatchOptions, match_catalogues
 
@@ -114,3 +118,7 @@ def match(a_source: str, b_source: str, model_path: str | None, random_init: str
     click.echo(f"{result.pairs} pairs ({result.mutual_pairs} mutual) of {result.a_listings} A and "
                f"{result.b_listings} B listings; {result.b_matched} B listings matched, "
                f"{result.gap_listings} in {result.gap_clusters} gap clusters -> {result.out_dir}")
+    for catalogue in (a, b):  # what each side's data promised but did not give
+        lost = shortfall(catalogue.read, where=catalogue.skipped_file) if catalogue.read else ""
+        if lost:
+            click.echo(f"--{catalogue.name}: {lost}")

@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import click
 
+from ecomaug.limits import MAX_INPUT_SIZE, MAX_PREVIEW_IMAGES, MAX_SEED, MIN_INPUT_SIZE
+
 
 @click.command("preview")
 @click.option("--recipe", type=click.Choice(["ecom", "mocov2"]), default=None,
               help="Augmentation recipe to preview. Default: the --recipe-config file's, else ecom.")
 @click.option("--recipe-config", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
-              help="Recipe file (YAML or JSON: recipe, set, order, stages), as train.py --recipe-config.")
+              help="Recipe file (YAML or JSON: recipe, set, order, stages), as train.py --recipe-config. "
+                   "Its stages import the modules they name and run their code, as a script would: use "
+                   "only recipe files you trust (the current folder is not searched for modules).")
 @click.option("--shards", type=click.Path(path_type=str), default=None,
               help="Shard directory, manifest.json, .tar or brace pattern to read images from.")
 @click.option("--images", type=click.Path(path_type=str), default=None,
               help="Or a folder of plain images (searched recursively).")
 @click.option("--out", type=click.Path(path_type=str), required=True, help="Output PNG.")
-@click.option("-n", "count", type=int, default=8, show_default=True, help="Number of images (rows).")
-@click.option("--size", type=int, default=224, show_default=True, help="Crop side in pixels.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the image choice and the views.")
+@click.option("-n", "count", type=click.IntRange(1, MAX_PREVIEW_IMAGES), default=8, show_default=True,
+              help="Number of images (rows).")
+@click.option("--size", type=click.IntRange(MIN_INPUT_SIZE, MAX_INPUT_SIZE), default=224, show_default=True,
+              help="Crop side in pixels.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Seed of the image choice and the views.")
 @click.option("--device", type=str, default="cpu", show_default=True, help="Where to augment (cpu, cuda, cuda:1).")
 @click.option("--recipe-set", "--set", "settings", multiple=True, metavar="NAME=VALUE",
               help="Override a recipe option, e.g. --recipe-set watermark_p=1.0 (repeatable; wins over the file).")

@@ -6,6 +6,9 @@ import re
 
 import click
 
+from ecomaug.commands import FloatRange
+from ecomaug.limits import MAX_IMAGE_SIDE, MAX_SEED, MAX_WORKERS
+
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -23,16 +26,19 @@ def parse_size(text: str | None) -> int | None:
 @click.command("shard")
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=str))
 @click.argument("out_dir", metavar="OUT_DIR", type=click.Path(path_type=str))
-@click.option("--max-size", type=int, default=384, show_default=True,
+@click.option("--max-size", type=click.IntRange(1, MAX_IMAGE_SIDE), default=384, show_default=True,
               help="Cap of the longer side in px (never enlarges); 384 suits 224-px training.")
 @click.option("--resize-side", type=click.Choice(["longer", "shorter"]), default="longer", show_default=True,
               help="Which side --max-size caps.")
-@click.option("--quality", type=int, default=90, show_default=True, help="JPEG quality when re-encoding.")
-@click.option("--min-size", type=int, default=32, show_default=True,
-              help="Skip images whose shorter side is below this (reason 'too small').")
-@click.option("--max-pixels", type=int, default=89_478_485, show_default=True,
+@click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True,
+              help="JPEG quality when re-encoding.")
+@click.option("--min-size", type=click.IntRange(1, MAX_IMAGE_SIDE), default=32, show_default=True,
+              help="Skip images whose shorter side is below this, before or after the resize to "
+                   "--max-size (reason 'too small'); at most --max-size.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=89_478_485, show_default=True,
               help="Decompression-bomb limit: skip larger images (reason 'too many pixels').")
-@click.option("--shard-size", type=int, default=1000, show_default=True, help="Most samples per shard.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Most samples per shard.")
 @click.option("--shard-bytes", type=str, default=None,
               help="Most bytes per shard, e.g. 500MB or 1GiB (optional, with --shard-size).")
 @click.option("--prefix", type=str, default="shard", show_default=True, help="Shard file name prefix.")
@@ -41,26 +47,28 @@ def parse_size(text: str | None) -> int | None:
 @click.option("--item-id-from", type=click.Choice(["column", "parent"]), default="column", show_default=True,
               help="Where each image's item_id comes from: the manifest's item_id column, or the name of "
                    "the folder holding the image (a folder tree of one sub-folder per item, no manifest).")
-@click.option("--val-split", type=float, default=None,
+@click.option("--val-split", type=FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Hold out this fraction of the items (all their photos, seeded by --seed) as a "
                    "validation set, written to OUT_DIR/val (for ecomaug eval and train.py --val-data).")
 @click.option("--balance-by", type=str, default=None,
               help="Manifest column to sample evenly by, e.g. region.")
-@click.option("--per-group", type=int, default=None,
+@click.option("--per-group", type=click.IntRange(min=1), default=None,
               help="Inputs kept per --balance-by group (default: the smallest group's size).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling and --shuffle.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Seed of the sampling and --shuffle.")
 @click.option("--shuffle/--no-shuffle", default=False, show_default=True,
               help="Write inputs in a seeded random order rather than input order.")
-@click.option("--num-jobs", type=int, default=1, show_default=True,
+@click.option("--num-jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Split the input into this many jobs (e.g. a job array) ...")
-@click.option("--job-index", type=int, default=0, show_default=True,
+@click.option("--job-index", type=click.IntRange(min=0), default=0, show_default=True,
               help="... and convert only this one (0-based; e.g. $SLURM_ARRAY_TASK_ID).")
-@click.option("--workers", type=int, default=None, help="Worker processes. Default: one per CPU core.")
+@click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=None,
+              help="Worker processes. Default: one per CPU core.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def shard(input_path: str, out_dir: str, max_size: int, resize_side: str, quality: int, min_size: int,
           max_pixels: int, shard_size: int, shard_bytes: str | None, prefix: str, path_column: str,
-          item_id_from: str, val_split: float | None, balance_by: str | None, per_group: int | None, seed: int, shuffle: bool, num_jobs: int,
-          job_index: int, workers: int | None, progress: bool) -> None:
+          item_id_from: str, val_split: float | None, balance_by: str | None, per_group: int | None, seed: int,
+          shuffle: bool, num_jobs: int, job_index: int, workers: int | None, progress: bool) -> None:
     """Convert INPUT (a folder of images, or a .csv/.jsonl manifest) into shards in OUT_DIR.
 
     Writes shard-NNNNNN.tar (<key>.jpg + <key>.json), a DALI index .idx per shard, manifest.json

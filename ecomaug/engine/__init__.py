@@ -10,15 +10,24 @@
 One file per concern: ``setup`` (device, plan, objective, views), ``step``, ``trainer`` (the
 phases), ``metrics``, ``monitor`` (held-out recall), ``rundir``, ``sample``, ``signals``,
 ``errors``, ``command``.
+
+Each name is imported on first use, so that ``train.py --help`` and a bad flag answer without
+importing torch and timm (the command line parses before it builds anything).
 """
 
-from ecomaug.engine.command import main, run
-from ecomaug.engine.errors import NonFiniteLossError, OutOfMemoryError, TrainingAborted, TrainingInterrupted
-from ecomaug.engine.setup import RunPlan, build_objective, build_views, plan_run, setup_distributed
-from ecomaug.engine.signals import StopSignals
-from ecomaug.engine.step import TrainStep
-from ecomaug.engine.trainer import Trainer, TrainResult, train
+from loaders.lazy import lazy_exports
 
-__all__ = ["NonFiniteLossError", "OutOfMemoryError", "RunPlan", "StopSignals", "TrainResult", "TrainStep",
-           "Trainer", "TrainingAborted", "TrainingInterrupted", "build_objective", "build_views", "main",
-           "plan_run", "run", "setup_distributed", "train"]
+# name -> the module defining it.
+_LAZY_EXPORTS = {
+    "main": "ecomaug.engine.command", "run": "ecomaug.engine.command",
+    "NonFiniteLossError": "ecomaug.engine.errors", "OutOfMemoryError": "ecomaug.engine.errors",
+    "TrainingAborted": "ecomaug.engine.errors", "TrainingInterrupted": "ecomaug.engine.errors",
+    "RunPlan": "ecomaug.engine.setup", "build_objective": "ecomaug.engine.setup",
+    "build_views": "ecomaug.engine.setup", "plan_run": "ecomaug.engine.setup",
+    "setup_distributed": "ecomaug.engine.setup", "StopSignals": "ecomaug.engine.signals",
+    "TrainStep": "ecomaug.engine.step", "Trainer": "ecomaug.engine.trainer",
+    "TrainResult": "ecomaug.engine.trainer", "train": "ecomaug.engine.trainer",
+}
+__all__ = sorted(_LAZY_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _LAZY_EXPORTS)

@@ -42,6 +42,15 @@ def _from_checkpoint(state: dict[str, Any], where: str) -> dict[str, torch.Tenso
     return weights
 
 
+def _safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from ecomaug.export import load_safetensors
+
+    try:
+        return load_safetensors(path)
+    except ValueError as error:  # a cut-off or corrupt header: one line naming the option and file
+        raise ValueError(f"--init {error}") from error
+
+
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors ``--init PATH`` names (see the module docstring for what PATH may be).
 
@@ -49,23 +58,18 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         FileNotFoundError: nothing at ``path``, or a folder without an export in it.
         ValueError: a file that holds no weights or cannot be read as any of the formats.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     if path.is_dir():
         for candidate in (path / "backbone.safetensors", path / "model.safetensors",
                           path / "export" / "backbone.safetensors"):
             if candidate.is_file():
-                return load_file(str(candidate))
+                return _safetensors(candidate)
         raise FileNotFoundError(2, "--init folder holds no export (backbone.safetensors or model.safetensors)",
                                 str(path))
     if not path.is_file():
         raise FileNotFoundError(2, "No such --init file", str(path))
     if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except Exception as error:  # safetensors raises its own SafetensorError
-            raise ValueError(f"--init {path}: not a readable safetensors file ({error})") from error
+        return _safetensors(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a pickle with code in it, a truncated file, not a checkpoint at all
@@ -120,9 +124,7 @@ def input_normalisation(config: Any) -> dict[str, tuple[float, float, float]]:
     Raises:
         ValueError: an ``--init`` export or checkpoint that records a bad mean or std.
     """
-    import json
-
-    from ecomaug.export import checkpoint_normalisation, read_normalisation
+    from ecomaug.export import checkpoint_normalisation, read_export_config
     from ecomaug.normalise import IMAGENET_MEAN, IMAGENET_STD
     from ecomaug.pretrained import model_preprocessing
 
@@ -132,7 +134,8 @@ def input_normalisation(config: Any) -> dict[str, tuple[float, float, float]]:
     if path.is_dir():
         for candidate in (path / "config.json", path / "export" / "config.json"):
             if candidate.is_file() and (candidate.parent / "backbone.safetensors").is_file():
-                return read_normalisation(json.loads(candidate.read_text(encoding="utf-8")), where=str(candidate))
+                config = read_export_config(candidate)  # every field checked: the folder may come from anywhere
+                return {"mean": config["mean"], "std": config["std"]}
     elif path.is_file() and path.suffix != ".safetensors":
         try:
             # mmap: only the small records are read; initial_weights reads the tensors (once)

@@ -18,10 +18,15 @@ def knn_recall_at_1(backbone: torch.nn.Module, shards: str | os.PathLike, *, con
                     autocast: AbstractContextManager) -> dict[str, Any]:
     """Leave-one-out item-matching recall@1 of the backbone's pooled features on ``shards``.
 
+    Returns:
+        ``recall@1``, its ``standard_error`` (:func:`ecomaug.evaluation.uncertainty.standard_error`),
+        ``num_queries`` and ``num_items``.
+
     Raises:
         ValueError: fewer than 2 samples of ``shards`` carry an item_id.
     """
     from ecomaug.evaluation.retrieval import retrieval_metrics
+    from ecomaug.evaluation.uncertainty import standard_error
     from loaders.build import build_loader
 
     loader = build_loader(shards, backend=config.backend, device=device, batch_size=config.batch_size,
@@ -46,7 +51,9 @@ def knn_recall_at_1(backbone: torch.nn.Module, shards: str | os.PathLike, *, con
     stacked = torch.stack(embeddings)  # M x F
     summary = retrieval_metrics(stacked, items, stacked, items, ks=(1,), exclude_same_key=True,
                                 query_keys=keys, gallery_keys=keys, compute_map=False)
-    return {"recall@1": float(summary["recall@1"]), "num_queries": int(summary["num_queries"])}
+    recall, num_queries = float(summary["recall@1"]), int(summary["num_queries"])
+    return {"recall@1": recall, "standard_error": standard_error(recall, num_queries), "num_queries": num_queries,
+            "num_items": len(set(items))}
 
 
 def closing_recall(backbone: torch.nn.Module, shards: str | os.PathLike, *, config: TrainConfig,
@@ -54,7 +61,9 @@ def closing_recall(backbone: torch.nn.Module, shards: str | os.PathLike, *, conf
                    start_weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """The run's closing evidence: held-out kNN recall@1 of the trained backbone, of the weights it
     started from (``start_weights``, frozen: what fine-tuning must beat) and of a random-init one of
-    the same architecture and input size (seeded with ``config.seed``)."""
+    the same architecture and input size (seeded with ``config.seed``), the trained recall's standard
+    error, and a ``warning`` line when the set is too small to separate them (else None)."""
+    from ecomaug.evaluation.uncertainty import held_out_warning
     from ecomaug.export import create_backbone
 
     def recall_of(weights: dict[str, torch.Tensor] | None) -> float:
@@ -71,8 +80,13 @@ def closing_recall(backbone: torch.nn.Module, shards: str | os.PathLike, *, conf
 
     trained = knn_recall_at_1(backbone, shards, config=config, device=device, normalise=normalise,
                               autocast=autocast)
-    result = {"trained_recall@1": trained["recall@1"], "random_init_recall@1": recall_of(None),
-              "num_queries": trained["num_queries"], "data": str(shards)}
+    result = {"trained_recall@1": trained["recall@1"], "standard_error": trained["standard_error"],
+              "random_init_recall@1": recall_of(None), "num_queries": trained["num_queries"],
+              "num_items": trained["num_items"], "data": str(shards)}
     if start_weights is not None:
         result["start_recall@1"] = recall_of(start_weights)
+    result["warning"] = held_out_warning(
+        trained["recall@1"], {"random-init": result["random_init_recall@1"], "the frozen start":
+                              result.get("start_recall@1")},
+        num_queries=trained["num_queries"], num_items=trained["num_items"])
     return result

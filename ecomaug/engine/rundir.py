@@ -7,6 +7,7 @@ from pathlib import Path
 from ecomaug.checkpoint import CHECKPOINT_DIR, list_checkpoints
 from ecomaug.config import TrainConfig
 from ecomaug.export import EXPORT_FILES, WEIGHTS_NAME
+from loaders.atomic import check_writable
 
 
 def previous_run(run_dir: Path) -> list[str]:
@@ -31,12 +32,14 @@ def check_run_dir(config: TrainConfig) -> None:
     to the metrics; ``python train.py`` (``--out runs/sample``) is rerun often.
 
     Raises:
-        NotADirectoryError: ``--out`` is a file.
+        NotADirectoryError: ``--out`` is a file, or a file is in its way.
+        OSError: ``--out`` cannot be written (read-only file system: EROFS; PermissionError).
         FileExistsError: ``--out`` holds a run and neither flag was given.
     """
     run_dir = config.out_dir
     if run_dir.exists() and not run_dir.is_dir():
         raise NotADirectoryError(20, "--out is a file, not a directory", str(run_dir))
+    check_writable(run_dir)  # now, not after the model is built
     found = previous_run(run_dir) if config.resume is None and not config.overwrite else []
     if found:
         raise FileExistsError(f"{run_dir} already holds a run ({', '.join(found)}): add --resume auto to "

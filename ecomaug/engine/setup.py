@@ -16,10 +16,15 @@ from torch import nn
 
 from ecomaug.config import TrainConfig
 from ecomaug.moco import MoCo, resolve_queue_size
+from ecomaug.presets import CPU_PRESETS, CPU_SECONDS_PER_RESNET50_IMAGE, CPU_SECONDS_PER_STEP, PRESETS
 from ecomaug.recipe_config import RecipeSpec
 from ecomaug.siamese import Siamese
 
 logger = logging.getLogger(__name__)
+
+# Pixels per step (batch x crop side squared) above which a run on a CPU is warned: 4x the finetune
+# preset's 32 x 128 px, which takes ~1.8 s a step on one core.
+HEAVY_FOR_CPU = 4 * 32 * 128 ** 2
 
 
 def setup_distributed(device_name: str) -> torch.device:
@@ -74,20 +79,26 @@ class RunPlan:
 
 
 def plan_run(config: TrainConfig, shard_set, *, data: str | Path, val_data: str | Path | None,
-             world_size: int) -> RunPlan:
+             world_size: int, device: torch.device | None = None) -> RunPlan:
     """Plan the run from the shard set's counts (no loader is built for it).
+
+    A config other than the CPU presets' that runs on a CPU (``device``) and is heavy for one
+    (the defaults: ResNet-50, 224 px, batch 256) gets a warning naming the preset that fits.
 
     Raises:
         ValueError: the data holds less than one batch per rank, counts are unknown, or the
-            dataset is too small for a MoCo queue.
+            dataset is too small for a MoCo queue (outside the CPU presets, the message names
+            the preset that fits and what it costs).
     """
     from loaders.sharding import epoch_plan
 
     global_batch = config.batch_size * world_size
     num_samples = shard_set.num_samples
+    offers = "" if config.preset in CPU_PRESETS else preset_hint(num_samples, world_size=world_size)
+    hint = f"; or start with a preset that fits: {offers}" if offers else ""
     if num_samples is not None and (num_samples // world_size) // config.batch_size == 0:
         raise ValueError(f"{data} holds {num_samples} samples over {world_size} rank(s), fewer than "
-                         f"batch_size={config.batch_size} per rank: not one batch; lower --batch-size")
+                         f"batch_size={config.batch_size} per rank: not one batch; lower --batch-size{hint}")
     # A DALI epoch can be a few batches shorter (its shard check leaves corrupt samples out);
     # the loop then ends that epoch early.
     steps_per_epoch = epoch_plan(shard_set, batch_size=config.batch_size, world_size=world_size,
@@ -97,14 +108,61 @@ def plan_run(config: TrainConfig, shard_set, *, data: str | Path, val_data: str 
         total_steps = min(total_steps, config.max_steps)
     queue_size = config.queue_size
     if config.objective == "moco" and config.moco_version == "v2":
-        queue_size, message = resolve_queue_size(config.queue_size, num_samples=num_samples,
-                                                 global_batch=global_batch)
+        try:
+            queue_size, message = resolve_queue_size(config.queue_size, num_samples=num_samples,
+                                                     global_batch=global_batch)
+        except ValueError as error:
+            raise ValueError(f"{error}{hint}") from None
         if message:
             logger.info(message)
+    heavy = config.batch_size * config.crop_size ** 2 > HEAVY_FOR_CPU
+    if device is not None and device.type == "cpu" and offers and heavy:
+        logger.warning(f"{cpu_warning(config, total_steps)}; on a CPU, start with a preset that fits: {offers}")
     bn_splits = config.bn_splits or (1 if world_size > 1 else min(4, max(1, config.batch_size // 8)))
     return RunPlan(data=data, val_data=val_data, num_samples=num_samples, steps_per_epoch=steps_per_epoch,
                    total_steps=total_steps, global_batch=global_batch,
                    lr=config.base_lr * global_batch / 256, queue_size=queue_size, bn_splits=bn_splits)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"~{seconds:.0f} s"
+    return f"~{seconds / 60:.0f} min" if seconds < 5400 else f"~{seconds / 3600:.1f} h"
+
+
+def preset_hint(num_samples: int | None, *, world_size: int = 1) -> str:
+    """The CPU presets, ``"--preset finetune (...) or --preset sample (...)"``, with what each costs.
+
+    Each preset comes with its steps on ``num_samples`` training images and their time on one CPU
+    core (:data:`ecomaug.presets.CPU_SECONDS_PER_STEP`); a set too small for its batch (the MoCo
+    queue needs two) gets the ``--batch-size`` that fits. Empty for fewer than 4 images per rank.
+    """
+    per_rank = None if num_samples is None else num_samples // world_size
+    if per_rank is not None and per_rank < 4:
+        return ""
+    offers = []
+    for name in CPU_PRESETS:
+        preset = PRESETS[name]
+        batch = preset["batch_size"] if per_rank is None else min(preset["batch_size"], per_rank // 2)
+        flags = f"--preset {name}" + (f" --batch-size {batch}" if batch != preset["batch_size"] else "")
+        what = f"{'pretrained ' if preset.get('pretrained') else ''}{preset['model']} at {preset['crop_size']} px"
+        seconds = CPU_SECONDS_PER_STEP[name] * batch / preset["batch_size"]
+        if per_rank is None:
+            cost = f"~{seconds:.1f} s a step on one CPU core"
+        else:
+            steps = preset["epochs"] * (per_rank // batch)
+            cost = f"{steps} steps, {_duration(steps * seconds)} at ~{seconds:.1f} s a step on one CPU core"
+        offers.append(f"{flags} ({what}, batch {batch}: {cost}{'; the recommended start' if not offers else ''})")
+    return " or ".join(offers)
+
+
+def cpu_warning(config: TrainConfig, total_steps: int) -> str:
+    """What ``config`` will cost on a CPU: its steps and, for ResNet-50, their time on one core."""
+    scale = config.batch_size * (config.crop_size / 224) ** 2 * CPU_SECONDS_PER_RESNET50_IMAGE
+    cost = (f" ({_duration(scale)} a step on one core, {_duration(total_steps * scale)} in all)"
+            if config.model == "resnet50" else "")
+    return (f"training {config.model} at {config.crop_size} px, batch {config.batch_size}, on a CPU: "
+            f"{total_steps} steps{cost}: a GPU recipe")
 
 
 def build_objective(config: TrainConfig, *, queue_size: int, bn_splits: int) -> MoCo | Siamese:

@@ -7,7 +7,6 @@ the objective's own members (:class:`ecomaug.objective.Objective`) say what diff
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import signal
@@ -17,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ecomaug.checkpoint import find_latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ecomaug.config import TrainConfig
-from ecomaug.distributed import all_reduce_mean, barrier, get_rank, get_world_size, is_distributed
+from ecomaug.distributed import (all_reduce_mean, barrier, gather, get_rank, get_world_size, is_distributed,
+                                 parameter_fingerprint)
 from ecomaug.engine.initial_weights import initial_weights, reread_start, run_normalisation
 from ecomaug.engine.errors import NonFiniteLossError, OutOfMemoryError, TrainingInterrupted, is_out_of_memory
 from ecomaug.engine.metrics import MetricsLog
@@ -46,24 +45,6 @@ class TrainResult:
     export_dir: Path | None
     last_loss: float | None
     held_out: dict[str, Any] | None = None  # closing kNN recall@1, trained vs random init
-
-
-def parameter_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of every parameter's bytes: equal on all ranks when DDP kept them in step."""
-    digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        digest.update(name.encode())
-        digest.update(param.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def gather(value: Any) -> list[Any]:
-    """``value`` from every rank, in rank order (a one-element list on one process)."""
-    if not is_distributed():
-        return [value]
-    values = [None] * get_world_size()
-    dist.all_gather_object(values, value)
-    return values
 
 
 class Trainer:
@@ -101,7 +82,7 @@ class Trainer:
         else:
             data, val_data = config.data, None
         self.shard_set = shard_set
-        self.plan: RunPlan = plan_run(config, shard_set, data=data, world_size=self.world_size,
+        self.plan: RunPlan = plan_run(config, shard_set, data=data, world_size=self.world_size, device=self.device,
                                       val_data=config.val_data if config.val_data is not None else val_data)
         objective = build_objective(config, queue_size=self.plan.queue_size, bn_splits=self.plan.bn_splits)
         # A resumed run takes every weight from its checkpoint: --init / --pretrained are not read again.
@@ -149,6 +130,10 @@ class Trainer:
 
         self.bar = tqdm(total=plan.total_steps, initial=self.step_count, unit="step", dynamic_ncols=True,
                         disable=not (config.progress and self.is_main))
+        if self.is_main:  # with --no-progress, the only sign of life until the first step line
+            self.bar.write(f"training {plan.total_steps} steps of {config.model} at {config.crop_size} px, "
+                           f"batch {plan.global_batch}, on {self.device} from step {self.step_count}; "
+                           f"records: {self.metrics.path}")
         self._open_window()
         objective.train()
 
@@ -201,8 +186,8 @@ class Trainer:
             self.generators["augment"].manual_seed(config.seed + self.rank + 1000 * step)
         self.train_step.start_at(step)
         self.last_checkpoint, self.last_saved_step = path, step
-        self.metrics.write("resume", step=step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
-                           checkpoint=str(path), **self.objective.summary())
+        self.metrics.resume(step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,  # drops later records
+                            checkpoint=str(path), **self.objective.summary())
         if self.is_main:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", path, step, self.epoch,
                      self.batch_in_epoch)
@@ -251,6 +236,9 @@ class Trainer:
         self.metrics.write("train", **record)
         self.bar.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{record['lr']:.2e}",
                              img_s=f"{record['images_per_s']:.0f}", wait=f"{record['data_wait']:.0%}")
+        if self.is_main and not self.config.progress:  # no bar: a line per --log-every steps instead
+            self.bar.write(f"step {self.step_count}/{self.plan.total_steps}: loss {self.last_loss:.3f}, "
+                           f"{record['images_per_s']:.1f} images/s")
         self._open_window()
 
     def check_finite(self) -> None:
@@ -277,14 +265,9 @@ class Trainer:
         self.last_saved_step = self.step_count
         barrier()
 
-    def _stop_requested(self) -> bool:
-        """A stop signal arrived; under DDP all ranks agree, at metric steps (a sync point anyway)."""
-        if not is_distributed():
-            return self.stops.received is not None
-        if self.step_count % self.config.log_every:
-            return False
-        flag = torch.tensor(float(self.stops.received is not None), device=self.device)
-        return float(all_reduce_mean(flag)) > 0
+    def _stop_requested(self, *, anywhere: bool = False) -> bool:
+        """A stop signal arrived; under DDP all ranks agree at metric steps (a sync point anyway) or ``anywhere``."""
+        return self.stops.requested(self.device, agree=anywhere or self.step_count % self.config.log_every == 0)
 
     def _interrupted(self) -> TrainingInterrupted:
         """Save where the loop stands (as the periodic checkpoints do: resuming is exact) and say so."""
@@ -347,7 +330,7 @@ class Trainer:
                                      normalise=self.train_step.normalise, autocast=self.train_step.autocast())
             self.metrics.write("knn", step=self.step_count, epoch=self.epoch, **result)
             self.bar.write(f"epoch {self.epoch}: kNN recall@1 {result['recall@1']:.3f} "
-                           f"on {result['num_queries']} queries of {val_data}")
+                           f"± {result['standard_error']:.3f} on {result['num_queries']} queries of {val_data}")
         barrier()
 
     # -- finish -----------------------------------------------------------------------------------
@@ -357,6 +340,8 @@ class Trainer:
         from ecomaug.export import export_backbone
 
         config, backbone = self.config, self.objective.backbone
+        if self._stop_requested(anywhere=True):  # a stop during the last steps: the loop no longer looks
+            raise self._interrupted()
         fingerprints = gather(parameter_fingerprint(self.objective))
         if len(set(fingerprints)) != 1:
             raise RuntimeError(f"ranks ended with different weights (fingerprints {fingerprints})")
@@ -364,11 +349,15 @@ class Trainer:
         if self.is_main and config.export:
             export_dir = export_backbone(backbone, self.run_dir / "export", model_name=config.model,
                                          input_size=config.crop_size, **self.normalisation)
+        if self._stop_requested(anywhere=True):  # during the export: it is written, the recall can wait
+            raise self._interrupted()
         if self.is_main and self.plan.val_data is not None:
             held_out = closing_recall(backbone, self.plan.val_data, config=config, device=self.device,
                                       normalise=self.train_step.normalise, autocast=self.train_step.autocast(),
                                       start_weights=self.start_weights or reread_start(config, backbone))
             self.metrics.write("held_out", step=self.step_count, **held_out)
+        if self._stop_requested(anywhere=True):  # during the recall: a stop is honoured up to the last record
+            raise self._interrupted()
         self.metrics.write("end", step=self.step_count, epoch=self.epoch, loss=self.last_loss,
                            checkpoint=str(self.last_checkpoint), export=str(export_dir) if export_dir else None,
                            rank_fingerprints=fingerprints)

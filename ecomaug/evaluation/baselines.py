@@ -1,4 +1,5 @@
-"""Trivial embedders that a trained model must beat: the image itself, shrunk to a few pixels.
+"""The baselines a trained model must beat: the image itself shrunk to a few pixels, and which
+random-init and frozen pretrained backbones ``ecomaug eval`` adds by default.
 
 A "tiny image" embedding (Torralba et al. 2008) is the honest floor of item matching: on clean
 near-duplicates it is hard to beat, and any learned embedding that does not beat it on disturbed
@@ -6,6 +7,8 @@ queries has learned nothing useful for them.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -38,3 +41,25 @@ def tiny_image_model(*, device: torch.device | str = "cpu", input_size: int = 64
     """The pixel baseline as an :class:`EmbeddingModel`: centre crop at ``input_size``, then ``side`` px."""
     return EmbeddingModel(backbone=TinyImage(side).to(device).eval(), model_name=f"tiny-image-{side}",
                           input_size=input_size, source=f"pixels:{side}x{side}")
+
+
+def default_baselines(architectures: Sequence[str], *, named_pretrained: Sequence[str] = (),
+                      named_random_init: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """The baselines ``ecomaug eval`` adds by default for the ``--model`` architectures: what a
+    trained model must beat on the same report.
+
+    Args:
+        architectures: the timm names of the ``--model`` backbones, in order.
+        named_pretrained: the ``--pretrained`` names given (not added twice).
+        named_random_init: the ``--random-init`` names given (not added twice).
+
+    Returns:
+        ``(pretrained, random_init)``: the frozen pretrained baseline of each architecture whose
+        weights can be had offline (:func:`ecomaug.pretrained.available_offline`; the hub is not
+        asked), and the random-init baseline of each.
+    """
+    from ecomaug.pretrained import available_offline
+
+    unique = list(dict.fromkeys(architectures))
+    pretrained = [name for name in unique if name not in named_pretrained and available_offline(name)]
+    return pretrained, [name for name in unique if name not in named_random_init]

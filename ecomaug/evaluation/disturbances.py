@@ -30,9 +30,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFont
 
+from ecomaug.limits import DISTURBANCES  # defined there, torch-free, for `ecomaug eval --help`
 from ecomaug.marks import render_text_mark
-
-DISTURBANCES = ("clean", "perspective", "watermark", "colour", "multi_item")
 
 # Marks unlike any a training pool would hold: invented shop names, slogans and notices.
 WATERMARK_WORDS = ("SAMPLE", "© Lumenbay", "kedai-murah.id", "PROOF", "not for resale",

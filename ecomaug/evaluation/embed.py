@@ -26,16 +26,19 @@ from ecomaug.evaluation.models import (EmbeddingModel, load_checkpoint, load_exp
                                        random_init_model, resolve_device)
 from ecomaug.evaluation.sources import (ReadReport, Sample, count_samples, data_location,
                                         error_reason, is_shards, iter_data, iter_folder_samples,
-                                        iter_manifest_samples, iter_shard_samples)
+                                        iter_manifest_samples, iter_shard_samples, read_counts,
+                                        shortfall)
 from loaders.atomic import DiskFullError  # raised by Embeddings.save
 from loaders.convert.hygiene import read_image
+from loaders.torch_backend import DECODE_ERRORS  # what a broken image raises, as the loaders catch it
 
 __all__ = ["DONE_PATTERN", "PART_PATTERN", "DiskFullError", "EmbeddingModel", "Embeddings",
-           "PartsReport", "RankParts", "ReadReport", "Sample", "count_samples", "embed_data",
+           "PartsReport", "RankParts", "ReadReport", "Sample", "count_samples", "decodable_samples",
+           "embed_data",
            "embed_samples", "embed_to_parts", "embed_with_loader", "is_parts_folder", "iter_data",
            "iter_folder_samples", "iter_manifest_samples", "iter_shard_samples", "load_checkpoint",
            "load_embeddings", "load_export", "load_model", "prepare", "random_init_model",
-           "resolve_device"]
+           "read_counts", "resolve_device", "shortfall"]
 
 
 def prepare(image: Image.Image | bytes, size: int) -> torch.Tensor:
@@ -88,9 +91,37 @@ class _Batches:
         return torch.cat(self.chunks) if self.chunks else torch.zeros((0, self.dim))
 
 
+def _decode_skip(key: str, row: dict[str, Any], position: int, error: BaseException) -> dict[str, Any]:
+    """The skip record of an image that does not decode: its file (or key), key and reason."""
+    return {"where": row.get("source", key), "key": key, "position": position,
+            "reason": f"cannot decode ({error_reason(error)})"}
+
+
+def decodable_samples(samples: Iterable[Sample], report: ReadReport | None) -> list[Sample]:
+    """The samples whose image decodes (as :func:`prepare` reads it), in order.
+
+    Each other one is recorded in ``report`` with its file, key and reason, and taken off
+    ``report.yielded`` (it was read, not used); without a report it raises ValueError naming it.
+    """
+    kept: list[Sample] = []
+    for position, (key, row, image) in enumerate(samples):
+        try:
+            if isinstance(image, (bytes, bytearray)):  # a PIL image or a callable is decoded already
+                read_image(bytes(image), min_side=1)  # a JPEG at 1/8 scale: the whole stream, ~8x cheaper
+        except DECODE_ERRORS as error:
+            record = _decode_skip(key, row, position, error)
+            if report is None:
+                raise ValueError(f"{record['where']}: key {key}: {record['reason']}") from error
+            report.skipped.append(record)
+            report.yielded -= 1
+            continue
+        kept.append((key, row, image))
+    return kept
+
+
 def embed_samples(model: EmbeddingModel, samples: Iterable[Sample], *, batch_size: int = 64,
-                  total: int | None = None, progress: bool = True,
-                  description: str = "embed") -> Embeddings:
+                  total: int | None = None, progress: bool = True, description: str = "embed",
+                  report: ReadReport | None = None) -> Embeddings:
     """Embed ``(key, meta, image)`` samples in batches on the model's device.
 
     Args:
@@ -101,6 +132,12 @@ def embed_samples(model: EmbeddingModel, samples: Iterable[Sample], *, batch_siz
         total: number of samples, for the progress bar.
         progress: show a tqdm bar.
         description: the bar's label.
+        report: where an image that does not decode is recorded (with its key, file and
+            reason) and skipped; without it, it raises.
+
+    Raises:
+        ValueError: an image does not decode (naming its key; only when ``report`` is None),
+            or there is nothing to embed.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
@@ -110,17 +147,22 @@ def embed_samples(model: EmbeddingModel, samples: Iterable[Sample], *, batch_siz
     meta: list[dict[str, Any]] = []
     batches = _Batches(model, batch_size)
     bar = tqdm(total=total, desc=description, unit="img", disable=not progress)
-    for key, row, image in samples:
-        if callable(image):
-            image = image()
-        crop = prepare(image, model.input_size)
+    for position, (key, row, image) in enumerate(samples):
+        try:
+            crop = prepare(image() if callable(image) else image, model.input_size)
+        except DECODE_ERRORS as error:
+            record = _decode_skip(key, row, position, error)
+            if report is None:
+                raise ValueError(f"{record['where']}: key {key}: {record['reason']}") from error
+            report.skipped.append(record)
+            continue
         keys.append(key)
         meta.append(row)
         bar.update(batches.add(crop))
     bar.update(batches.flush())
     bar.close()
     if not keys:
-        raise ValueError("no images to embed")
+        raise ValueError(_nothing_embedded("no images to embed", report.skipped if report else []))
     return Embeddings(vectors=batches.vectors(), keys=keys, meta=meta, info=model.info())
 
 
@@ -151,7 +193,8 @@ def embed_with_loader(model: EmbeddingModel, shards: str | os.PathLike, *, batch
 
 
 def embed_data(model: EmbeddingModel, data: str | os.PathLike, *, batch_size: int = 64,
-               loader: str = "builtin", progress: bool = True) -> Embeddings:
+               loader: str = "builtin", progress: bool = True,
+               report: ReadReport | None = None) -> Embeddings:
     """Embed every image of shards, an ``items.csv`` or a plain folder, in order.
 
     Args:
@@ -163,6 +206,10 @@ def embed_data(model: EmbeddingModel, data: str | os.PathLike, *, batch_size: in
             uses for gallery and queries) or a ``build_loader`` backend (``"auto"``, ``"dali"``,
             ``"torch"``) for fast decoding on the device.
         progress: show a tqdm bar.
+        report: (builtin) record what was not embedded and go on: unreadable shards and files,
+            samples a shard's count promises but it does not hold, images that do not decode
+            (see :class:`ReadReport`); ``info["read"]`` then holds :func:`read_counts`. Without
+            it, the first of these raises ValueError naming the shard, file or key.
     """
     if loader != "builtin":
         if not is_shards(data):
@@ -170,9 +217,12 @@ def embed_data(model: EmbeddingModel, data: str | os.PathLike, *, batch_size: in
                              "(use loader='builtin')")
         return embed_with_loader(model, data, batch_size=batch_size, backend=loader,
                                  progress=progress)
-    embeddings = embed_samples(model, iter_data(data), batch_size=batch_size, progress=progress,
-                               total=count_samples(data), description="embed")
+    total = count_samples(data)
+    embeddings = embed_samples(model, iter_data(data, report=report), batch_size=batch_size,
+                               progress=progress, total=total, description="embed", report=report)
     embeddings.info["data"] = data_location(data)  # where the images are, for thumbnails later
+    if report is not None:
+        embeddings.info["read"] = read_counts(len(embeddings.keys), report.skipped, total)
     return embeddings
 
 
@@ -233,9 +283,8 @@ def embed_to_parts(model: EmbeddingModel, data: str | os.PathLike, out_dir: str 
             batches.add(prepare(image, model.input_size))
             keys.append(key)
             meta.append(row)
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            skipped.append({"where": row.get("source", key), "key": key, "position": position,
-                            "reason": f"cannot decode ({error_reason(error)})"})
+        except DECODE_ERRORS as error:
+            skipped.append(_decode_skip(key, row, position, error))
         position += 1
         bar.update(1)
         if position - part_start == part_size:
@@ -248,9 +297,20 @@ def embed_to_parts(model: EmbeddingModel, data: str | os.PathLike, out_dir: str 
     last_rank = rank == world_size - 1
     read_skips = [record for record in report.skipped if record["position"] >= start and
                   (last_rank or stop is None or record["position"] < stop)]
-    all_skipped = parts.skipped_in_parts() + read_skips
+    # in the data's order: what did not decode among what could not be read
+    all_skipped = sorted(parts.skipped_in_parts() + read_skips, key=lambda record: record["position"])
     if parts.rows == 0 and world_size == 1:
-        raise ValueError(f"{data}: no images to embed ({len(all_skipped)} skipped, see "
-                         f"{parts.folder}/skipped-r{rank:05d}.jsonl)" if all_skipped else
-                         f"{data}: no images to embed")
-    return parts.finish(seen=position - start, skipped=all_skipped, dim=batches.dim)
+        raise ValueError(_nothing_embedded(f"{data}: no images to embed", all_skipped))
+    # a rank's share is cut from the samples read, so only one rank's promise is its own count
+    promised = total if world_size == 1 else None
+    return parts.finish(seen=position - start, skipped=all_skipped, dim=batches.dim,
+                        promised=promised)
+
+
+def _nothing_embedded(message: str, skipped: list[dict[str, Any]]) -> str:
+    """``message``, with how many samples were skipped and the first one's reason."""
+    if not skipped:
+        return message
+    first = skipped[0]
+    key = f" {first['key']}" if first.get("key") else ""
+    return f"{message}: all {len(skipped)} skipped (first: {first['where']}{key}: {first['reason']})"

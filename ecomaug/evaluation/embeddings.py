@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ecomaug.evaluation.sources import error_reason
+from ecomaug.evaluation.sources import error_reason, read_counts, tally
 from loaders.atomic import write_atomic, write_json_atomic
+from loaders.remote import open_regular_file
 
 
 @dataclass
@@ -58,7 +59,8 @@ def load_embeddings(path: str | os.PathLike) -> Embeddings:
     """Read a file written by :meth:`Embeddings.save`, or a finished parts folder.
 
     A folder (of :func:`~ecomaug.evaluation.embed.embed_to_parts`) is read as one set: every
-    rank's parts in rank and part order, which is the data's order. It must be complete (every rank finished); no pickle is involved.
+    rank's parts in rank and part order, which is the data's order. It must be complete (every rank
+    finished); no pickle is involved.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -68,16 +70,32 @@ def load_embeddings(path: str | os.PathLike) -> Embeddings:
     if not path.exists():
         raise FileNotFoundError(2, "No such embeddings file or folder", str(path))
     if path.is_dir():
-        return _load_parts(path)
+        return _checked(_load_parts(path), path)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return Embeddings(vectors=torch.from_numpy(data["vectors"]),
-                              keys=data["keys"].tolist(),
-                              meta=[json.loads(row) for row in data["meta"].tolist()],
-                              info=json.loads(str(data["info"])))
+        with open_regular_file(path) as stream, np.load(stream, allow_pickle=False) as data:
+            embeddings = Embeddings(vectors=torch.from_numpy(data["vectors"]),
+                                    keys=data["keys"].tolist(),
+                                    meta=[json.loads(row) for row in data["meta"].tolist()],
+                                    info=json.loads(str(data["info"])))
     except (OSError, KeyError, ValueError, EOFError) as error:
         raise ValueError(f"{path}: not an embeddings file written by ecomaug embed "
                          f"({error_reason(error)})") from error
+    return _checked(embeddings, path)
+
+
+def _checked(embeddings: Embeddings, path: Path) -> Embeddings:
+    """``embeddings`` if its vectors are an (N, D) float matrix of finite values, one row per key."""
+    vectors = embeddings.vectors
+    if vectors.ndim != 2 or not vectors.is_floating_point() or \
+            not vectors.shape[0] == len(embeddings.keys) == len(embeddings.meta):
+        raise ValueError(f"{path}: vectors must be an N x D float matrix with one key and meta row each; "
+                         f"got {vectors.dtype} {tuple(vectors.shape)}, {len(embeddings.keys)} keys")
+    finite = torch.isfinite(vectors).all(dim=1)
+    if not bool(finite.all()):
+        raise ValueError(f"{path}: {int((~finite).sum())} of {len(finite)} vectors hold NaN/inf values "
+                         f"(e.g. key {embeddings.keys[int((~finite).nonzero()[0])]!r}): embedded with broken "
+                         "weights? refused")
+    return embeddings
 
 
 PART_PATTERN = "part-r{rank:05d}-{part:06d}.npz"
@@ -125,9 +143,13 @@ def _load_parts(folder: Path) -> Embeddings:
     rows = sum(record["rows"] for record in records)
     if rows != len(keys):
         raise ValueError(f"{folder}: the done records count {rows} rows, the parts hold {len(keys)}")
+    read = tally(rows, records=sum(record["skipped"] for record in records),
+                 missing=sum(record.get("missing", 0) for record in records),
+                 broken=sum(record.get("broken_shards", 0) for record in records),
+                 repeats=sum(record.get("repeats", 0) for record in records), promised=info.get("stream_total"))
     return Embeddings(vectors=torch.cat(vectors), keys=keys, meta=meta,
                       info={**info, "parts": sum(r["parts"] for r in records),
-                            "world_size": world_size})
+                            "world_size": world_size, "read": read})
 
 
 _PART_FIELDS = ("part", "rank", "stream_start", "stream_stop", "skipped")
@@ -143,9 +165,11 @@ class PartsReport:
         rows: vectors this rank holds in its parts (all runs together).
         parts: its part files; resumed_parts: how many of them an earlier run had written.
         seen: samples of this rank's share that were read (rows + skipped samples).
-        skipped: records of what was not embedded (``skipped-r<rank>.jsonl`` holds them).
+        skipped: records of what was not embedded (``skipped-r<rank>.jsonl`` holds them),
+            the samples missing from the data (``"missing": True``) among them.
         duplicate_keys: rows whose key repeated an earlier one of the same shard (kept, renamed).
         dim: the vectors' width.
+        promised: how many samples the data says it holds (one rank only; None: unknown).
     """
 
     folder: Path
@@ -158,10 +182,27 @@ class PartsReport:
     skipped: list[dict[str, Any]]
     duplicate_keys: int
     dim: int
+    promised: int | None = None
+
+    @property
+    def counts(self) -> dict[str, int | None]:
+        """:func:`~ecomaug.evaluation.sources.read_counts` of this rank (read = rows + skipped)."""
+        return read_counts(self.rows, self.skipped, self.promised)
+
+    @property
+    def skipped_file(self) -> Path:
+        """The file listing this rank's skip records."""
+        return self.folder / f"skipped-r{self.rank:05d}.jsonl"
+
+
+def write_skipped(path: str | os.PathLike, skipped: list[dict[str, Any]]) -> Path:
+    """Write skip records to ``path``, one JSON object a line (atomically; empty when none)."""
+    text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in skipped)
+    return write_atomic(Path(path), lambda stream: stream.write(text.encode("utf-8")))
 
 
 def _part_info(path: Path) -> dict[str, Any]:
-    with np.load(path, allow_pickle=False) as data:
+    with open_regular_file(path) as stream, np.load(stream, allow_pickle=False) as data:
         return json.loads(str(data["info"]))
 
 
@@ -235,33 +276,38 @@ class RankParts:
         return self.earlier_skipped + [record for part in range(self.resumed, self.parts)
                                        for record in _part_info(self.path(part))["skipped"]]
 
-    def finish(self, *, seen: int, skipped: list[dict[str, Any]], dim: int) -> PartsReport:
+    def finish(self, *, seen: int, skipped: list[dict[str, Any]], dim: int,
+               promised: int | None = None) -> PartsReport:
         """Write ``skipped-r<rank>.jsonl`` and the done record; the rank's :class:`PartsReport`.
 
         Args:
             seen: samples of this rank's share that were read.
-            skipped: every record of what was not embedded.
+            skipped: every record of what was not embedded (missing samples included).
             dim: the vectors' width (0: read it from the parts).
+            promised: how many samples the data says it holds (one rank only).
         """
         if not dim and self.rows:
             dim = _part_dim(self.folder, self.rank, self.parts)
-        with open(self.folder / f"skipped-r{self.rank:05d}.jsonl", "w", encoding="utf-8") as stream:
-            for record in skipped:
-                stream.write(json.dumps(record, sort_keys=True) + "\n")
+        write_skipped(self.folder / f"skipped-r{self.rank:05d}.jsonl", skipped)
+        counts = read_counts(self.rows, skipped, promised)
         write_json_atomic(self.folder / DONE_PATTERN.format(rank=self.rank, world_size=self.world_size),
                           {"rank": self.rank, "world_size": self.world_size, "rows": self.rows,
                            "parts": self.parts, "seen": seen, "skipped": len(skipped),
+                           "missing": counts["missing"], "broken_shards": counts["broken_shards"],
+                           "repeats": counts["repeats"],
                            "duplicate_keys": self.duplicates, "dim": dim,
                            **{k: self.settings[k] for k in ("model", "source", "data")}})
         return PartsReport(folder=self.folder, rank=self.rank, world_size=self.world_size,
                            rows=self.rows, parts=self.parts, resumed_parts=self.resumed, seen=seen,
-                           skipped=skipped, duplicate_keys=self.duplicates, dim=dim)
+                           skipped=skipped, duplicate_keys=self.duplicates, dim=dim,
+                           promised=promised)
 
 
 def _part_dim(folder: Path, rank: int, parts: int) -> int:
     """The vectors' width in a rank's parts (a resumed run may compute none itself)."""
     for part in range(parts):
-        with np.load(folder / PART_PATTERN.format(rank=rank, part=part), allow_pickle=False) as data:
+        with open_regular_file(folder / PART_PATTERN.format(rank=rank, part=part)) as stream, \
+                np.load(stream, allow_pickle=False) as data:
             if data["vectors"].shape[0]:
                 return int(data["vectors"].shape[1])
     return 0

@@ -9,7 +9,6 @@ device.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,11 +66,10 @@ class EmbeddingModel:
                 "std": list(self.std), "source": self.source}
 
 
-def _input_side(value: Any) -> int:
-    side = value[-1] if isinstance(value, (list, tuple)) else value
-    if not isinstance(side, int) or side < 8:
-        raise ValueError(f"input_size must be an int >= 8 or [3, H, W]; got {value!r}")
-    return side
+def _input_side(value: Any, name: str = "--input-size") -> int:
+    from ecomaug.limits import check_input_size
+
+    return check_input_size(value, name=name)
 
 
 def _create(model_name: str, img_size: int | None = None) -> torch.nn.Module:
@@ -81,24 +79,36 @@ def _create(model_name: str, img_size: int | None = None) -> torch.nn.Module:
 
 
 def load_export(directory: str | os.PathLike, *, device: torch.device) -> EmbeddingModel:
-    """Load ``backbone.safetensors`` + ``config.json`` written by ``ecomaug export``."""
-    from safetensors.torch import load_file
+    """Load ``backbone.safetensors`` + ``config.json`` written by ``ecomaug export``.
+
+    The folder may come from anywhere, so everything is checked before a tensor reaches the
+    model: the config's fields (:func:`ecomaug.export.read_export_config`), and every weight's
+    key, shape and value (:func:`ecomaug.export.check_weights`: a NaN weight would embed every
+    image as NaN).
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: a bad config field, a corrupt safetensors file, or weights that do not fit
+            the model the config names or are not finite; one line naming the file and the field or key.
+    """
+    from ecomaug.export import check_weights, load_safetensors, read_export_config
 
     directory = Path(directory)
     config_path, weights_path = directory / "config.json", directory / "backbone.safetensors"
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(2, "Export is missing a file", str(path))
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    if "model" not in config:
-        raise ValueError(f"{config_path}: no 'model' (timm name) in the export config")
-    from ecomaug.export import read_normalisation
-
-    normalisation = read_normalisation(config, where=str(config_path))  # the model's own mean/std
-    backbone = _create(config["model"], _input_side(config.get("input_size", 224)))
-    backbone.load_state_dict(load_file(str(weights_path)))
+    config = read_export_config(config_path)
+    backbone = _create(config["model"], config["input_size"])
+    if config.get("num_features", backbone.num_features) != backbone.num_features:
+        raise ValueError(f"{config_path}: num_features {config['num_features']} but timm's {config['model']} "
+                         f"has {backbone.num_features}: the config does not describe this model")
+    weights = load_safetensors(weights_path)
+    check_weights(weights, backbone, where=str(weights_path),
+                  hint=f"{config_path} names {config['model']!r}; are these its weights?")
+    backbone.load_state_dict(weights)
     return EmbeddingModel(backbone=backbone.to(device).eval(), model_name=config["model"],
-                          input_size=_input_side(config.get("input_size", 224)), **normalisation,
+                          input_size=config["input_size"], mean=config["mean"], std=config["std"],
                           source=str(directory))
 
 
@@ -112,7 +122,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: torch.device,
         input_size: crop side; default: the run's ``crop_size``.
     """
     from ecomaug.checkpoint import load_checkpoint as read_checkpoint
-    from ecomaug.export import backbone_state_from_checkpoint, checkpoint_normalisation
+    from ecomaug.export import backbone_state_from_checkpoint, check_weights, checkpoint_normalisation
 
     path = Path(path)
     try:
@@ -121,14 +131,15 @@ def load_checkpoint(path: str | os.PathLike, *, device: torch.device,
         normalisation = checkpoint_normalisation(checkpoint, where=str(path))
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
-    backbone = _create(model_name, config.get("crop_size"))
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: backbone weights do not fit {model_name} ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected, e.g. {(missing or unexpected)[0]})")
-    size = input_size or config.get("crop_size") or 224
+    crop = config.get("crop_size")  # the checkpoint may come from anywhere: a crop of 100000 is refused
+    if crop is not None:
+        _input_side(crop, f"{path}: crop_size")
+    size = _input_side(input_size) if input_size is not None else (crop or 224)
+    backbone = _create(model_name, crop)
+    check_weights(state, backbone, where=str(path), hint=f"the checkpoint's config names {model_name!r}")
+    backbone.load_state_dict(state)
     return EmbeddingModel(backbone=backbone.to(device).eval(), model_name=model_name,
-                          input_size=_input_side(size), **normalisation, source=str(path))
+                          input_size=size, **normalisation, source=str(path))
 
 
 def random_init_model(model_name: str, *, device: torch.device, input_size: int = 224,

@@ -21,9 +21,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from ecomaug.evaluation.embed import EmbeddingModel, embed_samples
+from ecomaug.evaluation.embed import EmbeddingModel, ReadReport, decodable_samples, embed_samples
 from ecomaug.evaluation.queries import EvalSet
 from ecomaug.evaluation.retrieval import retrieve, summarize
+from ecomaug.evaluation.uncertainty import report_lines, report_warning, summary_error
 
 INDEPENDENCE_NOTE = (
     "The query disturbances (ecomaug.evaluation.disturbances) are implemented independently of "
@@ -108,6 +109,7 @@ def evaluate_models(eval_set: EvalSet, models: Sequence[ModelSpec], *, batch_siz
             groups = {column: [meta.get(column, "") for meta in metas] for column in group_by
                       if any(column in meta for meta in metas)}
             result.summaries[name] = summarize(ranking, ks=KS, groups=groups)
+            result.summaries[name]["recall@1_standard_error"] = summary_error(result.summaries[name])
             result.topk[name] = ranking.topk_indices
             result.topk_scores[name] = ranking.topk_scores
         results.append(result)
@@ -115,8 +117,9 @@ def evaluate_models(eval_set: EvalSet, models: Sequence[ModelSpec], *, batch_siz
     return results
 
 
-def format_table(results: Sequence[ModelResult]) -> str:
-    """One block per metric: a row per model, a column per disturbance."""
+def format_table(results: Sequence[ModelResult], *, num_items: int | None = None) -> str:
+    """One block per metric: a row per model, a column per disturbance; under it recall@1's standard
+    error and, on too few ``num_items`` or queries, :func:`~ecomaug.evaluation.uncertainty.report_warning`."""
     disturbances = list(results[0].summaries)
     label_width = max(12, *(len(r.label) for r in results))
     widths = [max(9, len(name)) for name in disturbances]
@@ -133,7 +136,7 @@ def format_table(results: Sequence[ModelResult]) -> str:
     counts = results[0].summaries[disturbances[0]]
     lines.append(f"{counts['num_queries']} queries per disturbance; metrics by item_id against a "
                  "clean gallery of one image per item.")
-    return "\n".join(lines)
+    return "\n".join(lines + report_lines(results, num_items=num_items))
 
 
 def _json_safe(value: Any) -> Any:
@@ -247,13 +250,14 @@ def write_report(eval_set: EvalSet, results: Sequence[ModelResult], out_dir: str
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = format_table(results)
+    table = format_table(results, num_items=eval_set.num_items)
     payload = {
         "format": "ecomaug-eval-report", "format_version": 1,
         "note": INDEPENDENCE_NOTE, "protocol": eval_set.protocol,
         "metrics": list(METRICS),
         "models": [{"label": r.label, **r.info} for r in results],
         "results": {r.label: _json_safe(r.summaries) for r in results},
+        "warning": report_warning(results, num_items=eval_set.num_items),
     }
     paths = {"json": out / "report.json", "table": out / "report.txt", "chart": out / "recall.png",
              "examples": out / "examples.html"}
@@ -326,7 +330,8 @@ def robustness_report(gallery: str | os.PathLike, models: Sequence[ModelSpec],
                       max_queries_per_item: int | None = None, batch_size: int = 64,
                       group_by: Sequence[str] | None = None, backend: str = "torch",
                       examples_per_disturbance: int = 3, query_regions: str = "items",
-                      progress: bool = True) -> tuple[str, dict[str, Path]]:
+                      progress: bool = True, read_report: ReadReport | None = None
+                      ) -> tuple[str, dict[str, Path]]:
     """From shards (or an ``items.csv``) with ``item_id`` to the written report.
 
     Args:
@@ -345,6 +350,8 @@ def robustness_report(gallery: str | os.PathLike, models: Sequence[ModelSpec],
         query_regions: ``"items"`` (score each query by its best item region), ``"none"`` or
             ``"grid"``; see :func:`evaluate_models`.
         progress: show progress bars.
+        read_report: a :class:`~ecomaug.evaluation.sources.ReadReport` where what the gallery
+            did not hold or could not be read or decoded is recorded (None: that raises).
 
     Returns:
         ``(table text, {"json", "table", "chart", "examples"} -> path)``.
@@ -358,7 +365,8 @@ def robustness_report(gallery: str | os.PathLike, models: Sequence[ModelSpec],
 
     if not models:
         raise ValueError("no models to evaluate: give --model and/or --random-init")
-    eval_set = build_eval_set(list(iter_data(gallery)), disturbances=disturbances or DISTURBANCES,
+    gallery_samples = decodable_samples(iter_data(gallery, report=read_report), read_report)
+    eval_set = build_eval_set(gallery_samples, disturbances=disturbances or DISTURBANCES,
                               seed=seed, max_items=max_items,
                               max_queries_per_item=max_queries_per_item, progress=progress)
     columns = sorted({name for samples in eval_set.queries.values() for _, meta, _ in samples for name in meta})
@@ -372,4 +380,4 @@ def robustness_report(gallery: str | os.PathLike, models: Sequence[ModelSpec],
                               backend=backend, progress=progress, query_regions=query_regions)
     paths = write_report(eval_set, results, out_dir,
                          examples_per_disturbance=examples_per_disturbance)
-    return format_table(results), paths
+    return format_table(results, num_items=eval_set.num_items), paths

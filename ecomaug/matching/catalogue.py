@@ -30,6 +30,8 @@ class Catalogue:
         embeddings: vectors (L2-normalised here), keys and metadata.
         source: what the user passed.
         data: where its images are (for thumbnails), when known.
+        read: how reading its images went (:func:`~ecomaug.evaluation.sources.read_counts`),
+            when known; skipped_file: where the samples not embedded are listed.
 
     Shape:
         - embeddings.vectors: :math:`(N, D)` float32, unit rows.
@@ -39,6 +41,8 @@ class Catalogue:
     embeddings: Embeddings
     source: str
     data: str | None
+    read: dict[str, int | None] | None = None
+    skipped_file: str | None = None
 
     def __len__(self) -> int:
         return len(self.embeddings.keys)
@@ -116,21 +120,24 @@ def load_catalogue(source: str | os.PathLike, *, name: str, model: EmbeddingMode
     if is_embeddings(text):
         embeddings = load_embeddings(text)
         data = embeddings.info.get("data")
+        path = Path(text)
+        listed = (path / "skipped-r*.jsonl") if path.is_dir() else path.with_suffix(".skipped.jsonl")
     else:
         if model is None:
             raise ValueError(f"--{name} {text} holds images; give --model to embed them (or pass "
                              "what ecomaug embed wrote)")
         folder = Path(work_dir) / "embeddings" / name
-        embed_to_parts(model, text, folder, batch_size=batch_size, part_size=part_size,
-                       progress=progress)
+        report = embed_to_parts(model, text, folder, batch_size=batch_size, part_size=part_size,
+                                progress=progress)
         embeddings = load_embeddings(folder)
-        data = text
+        data, listed = text, report.skipped_file
     if not embeddings.keys:
         raise ValueError(f"--{name} {text}: the catalogue is empty")
     vectors = torch.nn.functional.normalize(embeddings.vectors.float(), dim=1)
     embeddings = Embeddings(vectors=vectors, keys=embeddings.keys, meta=embeddings.meta,
                             info=embeddings.info)
-    return Catalogue(name=name, embeddings=embeddings, source=text, data=data)
+    return Catalogue(name=name, embeddings=embeddings, source=text, data=data,
+                     read=embeddings.info.get("read"), skipped_file=str(listed))
 
 
 def check_compatible(a: Catalogue, b: Catalogue) -> None:

@@ -26,14 +26,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ecomaug.limits import EXACT_LIMIT, SEARCH_METHODS as METHODS  # torch-free, for `match --help`
 from loaders.atomic import write_json_atomic
 
-METHODS = ("auto", "exact", "ivf", "hnsw")
-# Above this many database vectors, auto uses an index. Measured with python -m bench.match on
-# 2 shared CPU cores at D = 512 (README, "Matching benchmark"): exact search answers 234
-# queries/s at 10^5 (IVF at recall 0.95: 152) and 18.7 at 10^6 (IVF: 34), so the index starts
-# to pay between the two.
-EXACT_LIMIT = 200_000
 RECALL_SAMPLE = 500
 
 

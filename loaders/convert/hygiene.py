@@ -57,6 +57,9 @@ class HygieneOptions:
             raise ValueError(f"quality must be in 1..100 (got {self.quality})")
         if self.min_size < 1:
             raise ValueError(f"min_size must be >= 1 (got {self.min_size})")
+        if self.min_size > self.max_size:  # the resize to max_size would leave every image too small
+            raise ValueError(f"min_size {self.min_size} is larger than max_size {self.max_size}: every image "
+                             "would be skipped as too small")
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1 (got {self.max_pixels})")
 
@@ -252,6 +255,10 @@ def prepare_image(data: bytes, options: HygieneOptions,
         image, layout = _open(data, options.max_pixels, options.min_size)
         stored_size = image.size
         target = output_size(*stored_size, options.max_size, options.resize_side)
+        if min(target) < options.min_size:  # a strip (12000 x 40) would be stored as 384 x 1
+            raise UnreadableImage("too small", f"{stored_size[0]}x{stored_size[1]} would be {target[0]}x{target[1]} "
+                                               f"after the resize to {options.max_size}, shorter side < "
+                                               f"{options.min_size} px")
         orientation = image.getexif().get(ORIENTATION_TAG, 1)
         # Animations are decoded as their first frame (Pillow opens frame 0); MPO is not "JPEG".
         untouched_jpeg = (image.format == "JPEG" and image.mode == "RGB" and target == stored_size

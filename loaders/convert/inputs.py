@@ -21,11 +21,10 @@ from typing import Any
 
 from PIL import Image
 
-from loaders.remote import file_kind
+from loaders.remote import NOT_REGULAR, file_kind
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 KEY_LENGTH = 20
-NOT_REGULAR = "not a regular file"  # the skip reason of a folder entry that is not an image file
 ITEM_ID_SOURCES = ("column", "parent")  # a manifest's item_id column, or each image's folder name
 
 

@@ -60,7 +60,8 @@ def convert_to_shards(input_path: str | os.PathLike, out_dir: str | os.PathLike,
             eval resize for 224-px crops, and leaves headroom for scale-0.2 random crops.
         resize_side: ``"longer"`` or ``"shorter"``.
         quality: JPEG quality when re-encoding.
-        min_size: images whose shorter side is below this are skipped (``too small``).
+        min_size: images whose shorter side is below this, as read or after the resize to
+            ``max_size``, are skipped (``too small``); at most ``max_size``.
         max_pixels: decompression-bomb limit; larger images are skipped (``too many pixels``).
         path_column: the manifest column holding the image path.
         item_id_from: ``"column"`` (a manifest's ``item_id`` column, if any) or ``"parent"`` (the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
+import multiprocessing.pool
 import signal
 from typing import Any, Iterator, Sequence
 
@@ -24,7 +25,10 @@ def init_worker(options: HygieneOptions, image_hook: ImageHook | None, pooled: b
         # A forked worker inherits the parent's handlers; one that only notes SIGTERM (train.py's
         # stop-at-a-step-boundary handler) would outlive Pool.terminate() and hang its join.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # Ctrl-C reaches the whole process group: it is the parent's to act on (it terminates the
+        # pool). A worker that died of it would print a traceback, and lose its chunk, which the
+        # parent would then wait for forever.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def process_one(path: str) -> Prepared | Rejected:
@@ -43,6 +47,26 @@ def process_one(path: str) -> Prepared | Rejected:
 def process_chunk(paths: list[str]) -> list[Prepared | Rejected]:
     return [process_one(path) for path in paths]
 
+
+def _worker_quietly(target: Any, *args: Any) -> None:
+    """A pool worker's loop, ending in silence when the parent is gone (killed, or stopping)."""
+    try:
+        target(*args)
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        pass  # no one is left to read a result, or a traceback of the pipe that broke
+
+
+class _QuietPool(multiprocessing.pool.Pool):
+    """A :class:`multiprocessing.pool.Pool` whose workers run through :func:`_worker_quietly`.
+
+    A killed ``ecomaug shard`` left each worker's next result to a closed pipe: every worker then
+    printed a BrokenPipeError traceback into the terminal the parent had left.
+    """
+
+    @staticmethod
+    def Process(ctx: Any, *args: Any, **kwds: Any) -> Any:  # noqa: N802 (the name Pool calls)
+        kwds["args"] = (kwds.pop("target"), *kwds.get("args", ()))
+        return ctx.Process(*args, target=_worker_quietly, **kwds)
 
 
 def results_in_order(tasks: Sequence[Task], start: int, options: HygieneOptions, image_hook: ImageHook | None,
@@ -65,8 +89,8 @@ def results_in_order(tasks: Sequence[Task], start: int, options: HygieneOptions,
         # The workers resize with torch: imported once here, each forked worker shares it, rather
         # than one import (~1.5 s of CPU and its memory) per worker at its first resize.
         import loaders.crops  # noqa: F401
-    pool = multiprocessing.get_context(start_method).Pool(workers, initializer=init_worker,
-                                                          initargs=(options, image_hook, True))
+    pool = _QuietPool(workers, initializer=init_worker, initargs=(options, image_hook, True),
+                      context=multiprocessing.get_context(start_method))
     try:
         in_flight: collections.deque = collections.deque()
         position = start
