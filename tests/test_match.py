@@ -171,7 +171,8 @@ def test_calibrated_threshold_reaches_the_precision_and_is_reused(case, tmp_path
     labels = _read(case["labels"])
     va = torch.nn.functional.normalize(a.vectors, dim=1)
     vb = torch.nn.functional.normalize(b.vectors, dim=1)
-    scores = np.array([float(va[a_row[r["a"]]] @ vb[b_row[r["b"]]]) for r in labels])
+    assert calibration["score"] == "normalised"  # an uncalibrated run's score, chosen on it
+    scores = _normalised_reference(va, vb)[[a_row[r["a"]] for r in labels], [b_row[r["b"]] for r in labels]]
     same = np.array([r["same"] == "1" for r in labels])
     called = scores >= calibration["threshold"]
     assert same[called].mean() >= 0.95 and calibration["precision"] >= 0.95
@@ -184,6 +185,18 @@ def test_calibrated_threshold_reaches_the_precision_and_is_reused(case, tmp_path
                                       str(tmp_path / "again"), "--no-report", "--device", "cpu"])
     assert again.exit_code == 0, again.output
     assert f"threshold {calibration['threshold']:.4f} (stored" in again.output
+
+
+def _normalised_reference(va: torch.Tensor, vb: torch.Tensor) -> np.ndarray:
+    """Every A x B pair's normalised score, by the formula of docs/matching.md on full matrices:
+    (cos - m) / (1 - m), m the mean of both listings' mean cosine to their 3rd-5th nearest A
+    listing (an A listing's own row left out)."""
+    within = (va @ va.T).numpy()
+    np.fill_diagonal(within, -np.inf)
+    level_a = -np.sort(-within, axis=1)[:, 2:5].mean(axis=1)
+    level_b = -np.sort(-(vb @ va.T).numpy(), axis=1)[:, 2:5].mean(axis=1)
+    level = (level_a[:, None] + level_b[None, :]) / 2
+    return ((va @ vb.T).numpy() - level) / (1 - level)
 
 
 def test_report_page_and_histogram(case, tmp_path):
@@ -207,6 +220,9 @@ def test_index_path_gives_the_known_answer(case, tmp_path):
     by_index, by_exact = _read(tmp_path / "ivf" / "pairs.csv"), _read(tmp_path / "exact" / "pairs.csv")
     assert [float(p.pop("score")) for p in by_index] == \
         pytest.approx([float(p.pop("score")) for p in by_exact], abs=1e-5)
+    # the normalised score divides by 1 - background (~0.02 here), so float noise grows with it
+    assert [float(p.pop("normalised_score")) for p in by_index] == \
+        pytest.approx([float(p.pop("normalised_score")) for p in by_exact], abs=1e-3)
     assert by_index == by_exact
     assert (tmp_path / "ivf" / "index" / "b.faiss").is_file()
     assert indexed.gap_listings == exact.gap_listings

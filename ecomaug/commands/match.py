@@ -22,12 +22,20 @@ from ecomaug.limits import (EXACT_LIMIT, MAX_BATCH_SIZE, MAX_INPUT_SIZE, MAX_SEE
               help="Output folder: pairs.csv, gaps.csv, report.html, scores.png, summary.json.")
 @click.option("--top-k", type=click.IntRange(1, MAX_TOP_K), default=10, show_default=True,
               help="Neighbours of each A listing considered as pairs.")
-@click.option("--threshold", type=float, default=None,  # MatchOptions.validate: [-1, 1], in its words
-              help="Fixed cosine threshold (default: calibrated, stored with the model, or an "
-                   "uncalibrated 0.8).")
+@click.option("--threshold", type=float, default=None,  # MatchOptions.validate checks it, in its words
+              help="Fixed threshold: a cosine, or a normalised score with --score normalised "
+                   "(default: calibrated, stored with the model, or the uncalibrated default on "
+                   "the normalised score).")
+@click.option("--score", type=click.Choice(["auto", "cosine", "normalised"]), default="auto",
+              show_default=True,
+              help="The score --threshold, --calibrate and the default apply to: the raw cosine, or "
+                   "the cosine normalised against each listing's background in A (0 = as similar "
+                   "as its neighbours, 1 = identical). auto: cosine for --threshold, else a stored "
+                   "calibration's score, else normalised.")
 @click.option("--calibrate", type=click.Path(dir_okay=False, path_type=str), default=None,
-              help="Labelled pairs CSV (a, b, same) to choose the threshold; it is stored next "
-                   "to the model for later runs.")
+              help="Labelled pairs CSV (a, b, same) to choose the threshold; a useful one is stored "
+                   "next to the model for later runs, one that cannot reach --precision at recall "
+                   ">= 0.5 is an error.")
 @click.option("--precision", type=FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
               help="Precision the calibrated threshold must reach.")
 @click.option("--mutual-only", is_flag=True, help="Keep only mutual nearest neighbours.")
@@ -51,7 +59,7 @@ from ecomaug.limits import (EXACT_LIMIT, MAX_BATCH_SIZE, MAX_INPUT_SIZE, MAX_SEE
               help="Write report.html and scores.png.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
 def match(a_source: str, b_source: str, model_path: str | None, random_init: str | None, out: str,
-          top_k: int, threshold: float | None, calibrate: str | None, precision: float,
+          top_k: int, threshold: float | None, score: str, calibrate: str | None, precision: float,
           mutual_only: bool, rerank: int, index: str, exact_limit: int, shop_column: str | None,
           input_size: int | None, batch_size: int, device: str, seed: int, report: bool,
           progress: bool) -> None:
@@ -63,6 +71,7 @@ def match(a_source: str, b_source: str, model_path: str | None, random_init: str
           --calibrate labelled.csv --precision 0.95
       ecomaug embed --model runs/r50/export --data ./theirs_shards --out emb/theirs
       ecomaug match --a emb/ours --b emb/theirs --out match/ --rerank 2
+      ecomaug match --a emb/ours --b emb/theirs --out match/ --score normalised --threshold 0.5
     """
     from ecomaug.commands.embed import raise_disk_full
     from ecomaug.evaluation.embed import random_init_model, resolve_device, load_model, shortfall
@@ -73,7 +82,8 @@ def match(a_source: str, b_source: str, model_path: str | None, random_init: str
         raise ValueError("give at most one of --model and --random-init")
     options = MatchOptions(top_k=top_k, threshold=threshold, calibrate=calibrate,
                            precision=precision, mutual_only=mutual_only, rerank=rerank,
-                           index=index, exact_limit=exact_limit, shop_column=shop_column, seed=seed)
+                           index=index, exact_limit=exact_limit, shop_column=shop_column, seed=seed,
+                           score=score)
     options.validate()
     target = resolve_device(device)
     model = None
@@ -99,17 +109,14 @@ def match(a_source: str, b_source: str, model_path: str | None, random_init: str
                               NotADirectoryError, FileExistsError)):
             raise
         raise_disk_full(error, out)
-    if result.calibrated:
-        state = f"calibrated for precision {result.calibration.precision_target}"
-    elif result.threshold_source == "given":
-        state = "given with --threshold, not calibrated"
-    else:
-        state = "UNCALIBRATED default: pass --calibrate LABELLED.csv to choose it for a precision"
-    click.echo(f"threshold {result.threshold:.4f} ({result.threshold_source}; {state})")
+    for note in result.notes:
+        click.echo(f"Warning: {note}", err=True)
+    click.echo(f"threshold {result.threshold:.4f} ({result.threshold_source}, {result.score} score; "
+               f"{result.threshold_description})")
     if result.calibration is not None and result.threshold_source == "calibrated":
         c = result.calibration
-        click.echo(f"calibration: precision {c.precision:.3f} (asked {c.precision_target}), "
-                   f"recall {c.recall:.3f} on {c.pairs} labelled pairs ({c.unresolved} unresolved)")
+        click.echo(f"calibration: {c.positives} same of {c.pairs} labelled pairs ({c.unresolved} rows "
+                   f"unresolved); the curve is in {result.out_dir / 'precision_recall.png'}")
     for name, info in result.searches.items():
         recall = (f", recall@{info.get('recall_k')} vs exact {info['recall_vs_exact']:.3f}"
                   if "recall_vs_exact" in info else "")

@@ -2,9 +2,13 @@
 
 Labelled pairs come as a CSV with columns ``a, b, same``: ``a`` and ``b`` name images of the two
 catalogues by key or by source path as given in the input; ``same`` is 1/0 (or true/false,
-yes/no). The chosen threshold is the lowest cosine at which the labelled pairs scoring at or
-above it reach the target precision: the most recall for that precision. It is stored next to
-the model (``match-threshold.json``) so later runs with that model reuse it.
+yes/no). The chosen threshold is the lowest score at which the labelled pairs scoring at or
+above it reach the target precision: the most recall for that precision. It applies to one
+score (the raw cosine or the normalised score of :mod:`ecomaug.matching.normalise`) and says
+which. A threshold that reaches the precision only by calling almost nothing the same item (recall
+below :data:`MIN_RECALL`, or a threshold at the top of the score range) is refused, not kept.
+A useful one is stored next to the model (``match-threshold.json``) so later runs with that
+model reuse it; a stored one that is not useful (written before this check) is not reused.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,10 @@ import numpy as np
 TRUE_WORDS = {"1", "true", "yes", "y", "same"}
 FALSE_WORDS = {"0", "false", "no", "n", "different"}
 THRESHOLD_FILE = "match-threshold.json"
+# A calibration that keeps less of the same-item pairs than this is no threshold for "same item".
+MIN_RECALL = 0.5
+# Both scores are at most 1 (identical images); a threshold this close to it calls nothing the same.
+TOP_OF_RANGE = 1.0 - 1e-6
 
 
 @dataclass
@@ -28,7 +36,7 @@ class Calibration:
     """A calibrated threshold and how it was found.
 
     Attributes:
-        threshold: cosine at or above which two listings are called the same item.
+        threshold: score at or above which two listings are called the same item.
         precision_target: the precision asked for.
         precision: precision of the labelled pairs at the threshold.
         recall: their recall at the threshold.
@@ -37,6 +45,8 @@ class Calibration:
         rerank: the re-ranking depth the scores were computed with (a threshold fits one).
         labels: the labels file.
         model: the model's source.
+        score: which score ``threshold`` applies to, ``"cosine"`` or ``"normalised"`` (records
+            written before scores were normalised are cosine).
     """
 
     threshold: float
@@ -49,6 +59,18 @@ class Calibration:
     rerank: int
     labels: str
     model: str
+    score: str = "cosine"
+
+
+def calibration_problem(calibration: Calibration, *, min_recall: float = MIN_RECALL) -> str | None:
+    """Why ``calibration`` is no useful threshold (too little recall, or the top of the score
+    range), in words; None when it is useful."""
+    if calibration.threshold >= TOP_OF_RANGE:
+        return (f"threshold {calibration.threshold:.4f} is the top of the {calibration.score} range "
+                f"(recall {calibration.recall:.3f})")
+    if calibration.recall < min_recall:
+        return f"recall {calibration.recall:.3f} < {min_recall} at threshold {calibration.threshold:.4f}"
+    return None
 
 
 def read_labels(path: str | os.PathLike, a_positions: dict[str, int], b_positions: dict[str, int]
@@ -103,15 +125,24 @@ def precision_recall(scores: np.ndarray, same: np.ndarray) -> dict[str, list[flo
             "recall": (true_positive[last] / positives).tolist()}
 
 
-def choose_threshold(scores: np.ndarray, same: np.ndarray, *, precision: float
-                     ) -> tuple[float, float, float]:
+def choose_threshold(scores: np.ndarray, same: np.ndarray, *, precision: float,
+                     min_recall: float = MIN_RECALL) -> tuple[float, float, float]:
     """The lowest threshold whose pairs reach ``precision``: ``(threshold, precision, recall)``.
 
+    Args:
+        scores: each labelled pair's score.
+        same: its label.
+        precision: the precision to reach.
+        min_recall: the least recall a useful threshold keeps (0 accepts any).
+
     Raises:
-        ValueError: no positive pair, or no threshold reaches the precision.
+        ValueError: no positive pair, no threshold reaches the precision, or the one that does
+            keeps less than ``min_recall`` of the positives or sits at the top of the range.
     """
     if not 0 < precision <= 1:
         raise ValueError(f"precision must be in (0, 1]; got {precision}")
+    if not 0 <= min_recall <= 1:
+        raise ValueError(f"min_recall must be in [0, 1]; got {min_recall}")
     if not same.any():
         raise ValueError("the labelled pairs hold no positive (same = 1) pair to calibrate on")
     curve = precision_recall(scores, same)
@@ -122,7 +153,14 @@ def choose_threshold(scores: np.ndarray, same: np.ndarray, *, precision: float
                          f"labelled pairs (best {curve['precision'][best]:.3f} at "
                          f"{curve['threshold'][best]:.4f}); lower --precision or label more pairs")
     i = max(reaching, key=lambda j: (curve["recall"][j], -curve["threshold"][j]))
-    return curve["threshold"][i], curve["precision"][i], curve["recall"][i]
+    threshold, reached, recall = curve["threshold"][i], curve["precision"][i], curve["recall"][i]
+    if recall < min_recall or threshold >= TOP_OF_RANGE:
+        where = " and is the top of the score range" if threshold >= TOP_OF_RANGE else ""
+        raise ValueError(f"no useful threshold reaches precision {precision} on these {len(scores)} "
+                         f"labelled pairs ({int(same.sum())} same): the best, {threshold:.4f}, keeps "
+                         f"recall {recall:.3f} (at least {min_recall} needed){where}; nothing stored; "
+                         "label more pairs (hard negatives too), lower --precision or use a better model")
+    return threshold, reached, recall
 
 
 def threshold_path(model_source: str | None) -> Path | None:
@@ -150,14 +188,16 @@ def save_calibration(calibration: Calibration, *paths: Path | None) -> list[Path
 
 
 def stored_threshold(model_source: str | None, *, rerank: int) -> Calibration | None:
-    """The threshold stored for this model and re-ranking depth, if any."""
+    """The threshold stored for this model and re-ranking depth, if any (useful or not: see
+    :func:`calibration_problem`)."""
     path = threshold_path(model_source)
     if path is None or not path.is_file():
         return None
     record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     if record.get("rerank") != rerank:
         return None
-    return Calibration(**{key: record[key] for key in Calibration.__dataclass_fields__})
+    fields = Calibration.__dataclass_fields__
+    return Calibration(**{key: record[key] for key in fields if key in record})
 
 
 def plot_curve(curve: dict[str, list[float]], calibration: Calibration, path: Path) -> Path:
@@ -172,7 +212,7 @@ def plot_curve(curve: dict[str, list[float]], calibration: Calibration, path: Pa
     axis.scatter([calibration.recall], [calibration.precision], color="red", zorder=3,
                  label=f"threshold {calibration.threshold:.4f}")
     axis.axhline(calibration.precision_target, color="grey", linestyle=":", linewidth=1)
-    axis.set_xlabel("recall")
+    axis.set_xlabel(f"recall ({calibration.score} score)")
     axis.set_ylabel("precision")
     axis.set_title(f"labelled pairs: {calibration.pairs} ({calibration.positives} same)")
     axis.set_ylim(0, 1.02)
@@ -181,3 +221,15 @@ def plot_curve(curve: dict[str, list[float]], calibration: Calibration, path: Pa
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+@dataclass
+class Threshold:
+    """The resolved threshold: its value, where it came from, the score it applies to."""
+
+    value: float
+    source: str
+    score: str
+    calibration: Calibration | None = None
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
