@@ -12,7 +12,7 @@ from typing import Any
 
 # Presets override the defaults; flags override presets.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The bundled sample on a CPU: a few minutes on 2 cores. keep_last = 1: a 70-step demo needs one
+    # The bundled sample on a CPU: ~30 s on 2 cores. keep_last = 1: a 70-step demo needs one
     # checkpoint to resume from, not three of 138 MB.
     # m = 0.99: with m = 0.999 the key encoder barely moves in a run of ~100 steps.
     # bn_splits = 1: at batch 32 ghost-BN splits of 8 cost held-out recall (bench.moco_reference:
