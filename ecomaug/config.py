@@ -140,9 +140,11 @@ class TrainConfig:
             raise ValueError(f"--bn-splits must be >= 0, got {self.bn_splits}")
         if not 0.0 <= self.momentum <= 1.0:
             raise ValueError(f"--momentum must be in [0, 1], got {self.momentum}")
-        for name in ("temperature", "base_lr"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        # Logits are cosines / T: below 1e-3 they pass 1,000 and fp16 autocast loses them to inf.
+        if not 1e-3 <= self.temperature <= 10.0:
+            raise ValueError(f"--temperature must be in 0.001..10 (MoCo uses 0.07-0.2), got {self.temperature}")
+        if self.base_lr <= 0:
+            raise ValueError(f"--base-lr must be > 0, got {self.base_lr}")
         if self.warmup_epochs < 0 or self.weight_decay < 0 or self.min_lr < 0:
             raise ValueError("--warmup-epochs, --weight-decay and --min-lr must be >= 0")
         if self.clip_grad is not None and self.clip_grad <= 0:

@@ -55,6 +55,12 @@ def test_a_bad_config_file_is_one_value_error_naming_the_field(tmp_path, text, m
         read_config_file(path)
 
 
+@pytest.mark.parametrize("value", ["1e-30", "0", "-0.2", "11"])
+def test_a_temperature_outside_its_range_is_one_value_error(value):
+    with pytest.raises(ValueError, match=r"--temperature must be in 0\.001\.\.10"):
+        parse_config(["--data", "shards", "--temperature", value])
+
+
 def test_a_missing_config_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         parse_config(["--config", str(tmp_path / "nope.yaml")])
