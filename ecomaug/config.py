@@ -115,6 +115,9 @@ class TrainConfig:
         if isinstance(self.recipe_set, str) or not all(isinstance(pair, str) for pair in self.recipe_set):
             raise ValueError(f"--recipe-set takes NAME=VALUE strings, got {self.recipe_set!r}")
         object.__setattr__(self, "recipe_set", tuple(self.recipe_set))  # a list from JSON/YAML: one type
+        for pair in self.recipe_set:  # the form only: names and values are checked with the recipe
+            if not pair.partition("=")[0].strip() or "=" not in pair:
+                raise ValueError(f"--recipe-set expects NAME=VALUE, got {pair!r}")
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
             if isinstance(value, float) and not math.isfinite(value):

@@ -61,6 +61,12 @@ def test_a_temperature_outside_its_range_is_one_value_error(value):
         parse_config(["--data", "shards", "--temperature", value])
 
 
+@pytest.mark.parametrize("pair", ["foo", "=1", ""])
+def test_a_recipe_setting_without_name_equals_value_is_refused_before_any_work(pair):
+    with pytest.raises(ValueError, match="--recipe-set expects NAME=VALUE"):
+        parse_config(["--data", "shards", "--recipe-set", pair])
+
+
 def test_a_missing_config_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         parse_config(["--config", str(tmp_path / "nope.yaml")])
