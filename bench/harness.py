@@ -32,6 +32,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "view-difficulty": ("bench.view_difficulty:main", "weights -> views: the recipe stage a trained run fails on"),
     "robustness": ("bench.robustness:main", "weights -> recall: held-out recall per disturbance, per recipe"),
     "match": ("bench.match:main", "embeddings -> matches: embed vectors/s, search queries/s, memory"),
+    "index-budget": ("bench.index_budget:main",
+                     "embeddings -> matches: the index a memory budget allows: size, build, queries/s, recall"),
     "dewatermark-pr": ("bench.dewatermark_pr:main", "watermark detection precision/recall over thresholds"),
 }
 CONTEXT = {"help_option_names": ["-h", "--help"]}

@@ -1,13 +1,15 @@
 """The ranges the commands, the training config and an export's ``config.json`` hold numbers to,
 and the choices and defaults of command options whose code lives in torch-importing modules.
 
-One place, and no imports, so every command can name them in its click options without paying
+One place, importing nothing but ``re``, so every command can name them in its click options without paying
 for torch (``--help`` and a bad option answer at once). A number outside them is refused up front
 in one line, before any allocation: an ``--input-size`` of 100000 would otherwise ask for 30 GB for
 one batch, a ``--top-k`` of 10^9 for 96 GB of padding.
 """
 
 from __future__ import annotations
+
+import re
 
 # Side of the square crops a backbone is fed (training's --crop-size, --input-size, an export's
 # input_size). Below 16 a ResNet's stride-32 features are empty; above 1024 a batch of 64 is over
@@ -35,6 +37,11 @@ SEARCH_METHODS = ("auto", "exact", "ivf", "hnsw")
 # queries/s at 10^5 (IVF at recall 0.95: 152) and 18.7 at 10^6 (IVF: 34), so the index starts
 # to pay between the two.
 EXACT_LIMIT = 200_000
+# --max-index-memory of match (ecomaug.matching.index): a size in bytes, powers of 1024. Below 64 KiB
+# no faiss index holds a useful catalogue; 1 TiB is past any single machine's RAM.
+MIN_INDEX_MEMORY = 64 * 1024
+MAX_INDEX_MEMORY = 1024**4
+SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 # MoCo's queue holds K x dim floats: 2**20 x 128 is 512 MB.
 MAX_QUEUE_SIZE = 2**20
 # Sizes of the projection head (its output and hidden layer).
@@ -61,3 +68,26 @@ def check_input_size(value: object, *, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not MIN_INPUT_SIZE <= value <= MAX_INPUT_SIZE:
         raise ValueError(f"{name} must be an integer in {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE} (pixels), got {value!r}")
     return value
+
+
+def parse_size(text: object, *, name: str = "--max-index-memory") -> int:
+    """A size such as ``500K``, ``32M``, ``2G`` or ``1.5G`` in bytes (powers of 1024), range-checked.
+
+    Args:
+        text: the size: a number of bytes, or a number followed by K, M, G or T (an optional
+            ``B`` or ``iB`` after it, any case).
+        name: what it is, for the message.
+
+    Returns:
+        The size in bytes, in ``MIN_INDEX_MEMORY .. MAX_INDEX_MEMORY``.
+
+    Raises:
+        ValueError: not a size, or out of range (one line naming the value and what is allowed).
+    """
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", str(text).upper())
+    if found is None or isinstance(text, bool):
+        raise ValueError(f"{name} takes a size like 500K, 32M or 2G (bytes, powers of 1024); got {text!r}")
+    size = int(float(found.group(1)) * SIZE_UNITS[found.group(2)])
+    if not MIN_INDEX_MEMORY <= size <= MAX_INDEX_MEMORY:
+        raise ValueError(f"{name} must be between 64K and 1T; got {text!r} ({size} bytes)")
+    return size

@@ -6,7 +6,7 @@ import click
 
 from ecomaug.commands import FloatRange
 from ecomaug.limits import (EXACT_LIMIT, MAX_BATCH_SIZE, MAX_INPUT_SIZE, MAX_SEED, MAX_TOP_K, MIN_INPUT_SIZE,
-                            SEARCH_METHODS)
+                            SEARCH_METHODS, parse_size)
 
 
 @click.command("match")
@@ -46,6 +46,14 @@ from ecomaug.limits import (EXACT_LIMIT, MAX_BATCH_SIZE, MAX_INPUT_SIZE, MAX_SEE
               help="auto: exact up to --exact-limit database vectors, else a faiss IVF index.")
 @click.option("--exact-limit", type=click.IntRange(min=0), default=EXACT_LIMIT, show_default=True,
               help="Largest catalogue searched exactly with --index auto.")
+@click.option("--max-index-memory", type=str, default=None, metavar="SIZE",
+              help="Budget for each faiss index, e.g. 32M, 2G (powers of 1024): a catalogue whose vectors "
+                   "exceed it (or --exact-limit) gets the most accurate index that fits (HNSW, IVF-Flat, IVF-PQ, "
+                   "OPQ + IVF-PQ), tuned against exact search; summary.json records its type, bytes, recall@10.")
+@click.option("--query-regions", type=click.Choice(["none", "items", "grid"]), default="none", show_default=True,
+              help="items: also search B's listings by their item regions (the blobs standing out from a "
+                   "bundle photo's backdrop), so a bundle pairs with each A item it shows and pairs.csv's "
+                   "b_region names the box; grid: layout cells instead. Needs B's images, not embeddings.")
 @click.option("--shop-column", type=str, default=None,
               help="B's column counted per gap cluster (default: shop, when present).")
 @click.option("--input-size", type=click.IntRange(MIN_INPUT_SIZE, MAX_INPUT_SIZE), default=None,
@@ -60,9 +68,9 @@ from ecomaug.limits import (EXACT_LIMIT, MAX_BATCH_SIZE, MAX_INPUT_SIZE, MAX_SEE
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
 def match(a_source: str, b_source: str, model_path: str | None, random_init: str | None, out: str,
           top_k: int, threshold: float | None, score: str, calibrate: str | None, precision: float,
-          mutual_only: bool, rerank: int, index: str, exact_limit: int, shop_column: str | None,
+          mutual_only: bool, rerank: int, index: str, exact_limit: int, query_regions: str, shop_column: str | None,
           input_size: int | None, batch_size: int, device: str, seed: int, report: bool,
-          progress: bool) -> None:
+          progress: bool, max_index_memory: str | None) -> None:
     """Find which listings of B are the same item as ours (A), and what B sells that A lacks.
 
     \b
@@ -71,11 +79,14 @@ def match(a_source: str, b_source: str, model_path: str | None, random_init: str
           --calibrate labelled.csv --precision 0.95
       ecomaug embed --model runs/r50/export --data ./theirs_shards --out emb/theirs
       ecomaug match --a emb/ours --b emb/theirs --out match/ --rerank 2
+      ecomaug match --a emb/ours --b emb/theirs --out match/ --max-index-memory 2G
       ecomaug match --a emb/ours --b emb/theirs --out match/ --score normalised --threshold 0.5
+      ecomaug match --a emb/ours --b ./theirs_bundles --model runs/r50/export --out match/ \\
+          --query-regions items
     """
     from ecomaug.commands.embed import raise_disk_full
     from ecomaug.evaluation.embed import random_init_model, resolve_device, load_model, shortfall
-    from ecomaug.matching.catalogue import check_source, is_embeddings, load_catalogue
+    from ecomaug.matching.catalogue import check_region_source, check_source, is_embeddings, load_catalogue
     from ecomaug.matching.match import MatchOptions, match_catalogues
 
     if model_path is not None and random_init is not None:
@@ -83,12 +94,14 @@ def match(a_source: str, b_source: str, model_path: str | None, random_init: str
     options = MatchOptions(top_k=top_k, threshold=threshold, calibrate=calibrate,
                            precision=precision, mutual_only=mutual_only, rerank=rerank,
                            index=index, exact_limit=exact_limit, shop_column=shop_column, seed=seed,
-                           score=score)
+                           score=score, query_regions=query_regions,
+                           max_index_memory=None if max_index_memory is None else parse_size(max_index_memory))
     options.validate()
     target = resolve_device(device)
     model = None
     check_source(a_source, name="a")
     check_source(b_source, name="b")
+    check_region_source(b_source, query_regions)  # before A is embedded
     needs_model = not (is_embeddings(a_source) and is_embeddings(b_source))
     if needs_model and model_path is None and random_init is None:
         raise ValueError("--a or --b holds images: give --model (or pass what ecomaug embed wrote)")
@@ -100,7 +113,7 @@ def match(a_source: str, b_source: str, model_path: str | None, random_init: str
         a = load_catalogue(a_source, name="a", model=model, work_dir=out, batch_size=batch_size,
                            progress=progress)
         b = load_catalogue(b_source, name="b", model=model, work_dir=out, batch_size=batch_size,
-                           progress=progress)
+                           progress=progress, regions=query_regions)
         model_source = model.source if model is not None else a.embeddings.info.get("source")
         result = match_catalogues(a, b, out, options=options, model_source=model_source,
                                   device=target, report=report)
@@ -120,11 +133,14 @@ def match(a_source: str, b_source: str, model_path: str | None, random_init: str
     for name, info in result.searches.items():
         recall = (f", recall@{info.get('recall_k')} vs exact {info['recall_vs_exact']:.3f}"
                   if "recall_vs_exact" in info else "")
-        click.echo(f"search {name}: {info['method']}{recall}, "
+        kind = (f" {info['kind']} ({info['index_bytes'] / 2**20:.1f} MiB)" if "index_bytes" in info else "")
+        click.echo(f"search {name}: {info['method']}{kind}{recall}, "
                    f"{info['queries_per_second']:.0f} queries/s")
     click.echo(f"{result.pairs} pairs ({result.mutual_pairs} mutual) of {result.a_listings} A and "
                f"{result.b_listings} B listings; {result.b_matched} B listings matched, "
                f"{result.gap_listings} in {result.gap_clusters} gap clusters -> {result.out_dir}")
+    if result.regions:
+        click.echo(result.regions_description)
     for catalogue in (a, b):  # what each side's data promised but did not give
         lost = shortfall(catalogue.read, where=catalogue.skipped_file) if catalogue.read else ""
         if lost:

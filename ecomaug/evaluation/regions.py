@@ -90,27 +90,31 @@ def region_count(mode: str, grids: Sequence[tuple[int, int]] = GRIDS) -> int:
     raise ValueError(f"query regions must be 'items' or 'grid'; got {mode!r}")
 
 
-def region_crops(image: Image.Image | bytes, size: int, grids: Sequence[tuple[int, int]] = GRIDS,
-                 *, mode: str = "grid") -> torch.Tensor:
-    """Every region of ``image`` as a ``size`` square: padded with the border colour, then resized.
+def image_regions(image: Image.Image, grids: Sequence[tuple[int, int]] = GRIDS, *,
+                  mode: str = "grid") -> list[tuple[int, int, int, int]]:
+    """The ``(left, top, right, bottom)`` boxes :func:`region_crops` embeds, the whole image first.
 
-    With ``mode="items"`` the regions are the whole image and its :func:`item_boxes` (none when
-    it shows fewer than two), so R varies from image to image (1 to ``1 + MAX_ITEMS``).
+    With ``mode="items"``: the whole image and its :func:`item_boxes` (none when it shows fewer
+    than two); with ``mode="grid"``: every cell of every layout of ``grids``.
+    """
+    if mode == "items":
+        items = item_boxes(image)
+        return [(0, 0, *image.size)] + (items if len(items) >= 2 else [])
+    if mode == "grid":
+        return region_boxes(*image.size, grids)
+    raise ValueError(f"query regions must be 'items' or 'grid'; got {mode!r}")
+
+
+def crop_regions(image: Image.Image, boxes: Sequence[tuple[int, int, int, int]], size: int) -> torch.Tensor:
+    """Each box of ``image`` as a ``size`` square: padded with the border colour, then resized.
 
     Shape:
-        - output: :math:`(R, 3, size, size)` uint8, the whole image first.
+        - output: :math:`(len(boxes), 3, size, size)` uint8.
     """
     from ecomaug.evaluation.embed import prepare
 
-    if isinstance(image, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(image))
     image = image.convert("RGB")
     fill = _border_colour(np.asarray(image))
-    if mode == "items":
-        items = item_boxes(image)
-        boxes = [(0, 0, *image.size)] + (items if len(items) >= 2 else [])
-    else:
-        boxes = region_boxes(*image.size, grids)
     crops = []
     for box in boxes:
         cell = image.crop(box)
@@ -119,6 +123,21 @@ def region_crops(image: Image.Image | bytes, size: int, grids: Sequence[tuple[in
         square.paste(cell, ((side - cell.width) // 2, (side - cell.height) // 2))
         crops.append(prepare(square, size))
     return torch.stack(crops)
+
+
+def region_crops(image: Image.Image | bytes, size: int, grids: Sequence[tuple[int, int]] = GRIDS,
+                 *, mode: str = "grid") -> torch.Tensor:
+    """Every region of ``image`` (:func:`image_regions`) as a ``size`` square (:func:`crop_regions`).
+
+    With ``mode="items"`` R varies from image to image (1 to ``1 + MAX_ITEMS``).
+
+    Shape:
+        - output: :math:`(R, 3, size, size)` uint8, the whole image first.
+    """
+    if isinstance(image, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(image))
+    image = image.convert("RGB")
+    return crop_regions(image, image_regions(image, grids, mode=mode), size)
 
 
 def embed_regions(model: "EmbeddingModel", samples: Sequence[tuple[str, dict, bytes]], *,

@@ -16,6 +16,8 @@ import torch
 
 from ecomaug.evaluation.embed import (EmbeddingModel, Embeddings, embed_to_parts, iter_data,
                                       is_parts_folder, load_embeddings)
+from ecomaug.evaluation.regions import QUERY_REGIONS
+from ecomaug.matching.regions import ListingRegions, embed_listing_regions
 
 # Metadata a sample carries for the loaders' sake, not the user's columns.
 INTERNAL_COLUMNS = ("key", "width", "height", "duplicate_of")
@@ -32,6 +34,7 @@ class Catalogue:
         data: where its images are (for thumbnails), when known.
         read: how reading its images went (:func:`~ecomaug.evaluation.sources.read_counts`),
             when known; skipped_file: where the samples not embedded are listed.
+        regions: its listings' item regions (:mod:`ecomaug.matching.regions`), when asked for.
 
     Shape:
         - embeddings.vectors: :math:`(N, D)` float32, unit rows.
@@ -43,6 +46,7 @@ class Catalogue:
     data: str | None
     read: dict[str, int | None] | None = None
     skipped_file: str | None = None
+    regions: ListingRegions | None = None
 
     def __len__(self) -> int:
         return len(self.embeddings.keys)
@@ -84,6 +88,19 @@ def is_embeddings(source: str | os.PathLike) -> bool:
     return (path.is_file() and path.suffix == ".npz") or is_parts_folder(path)
 
 
+def check_region_source(source: str, mode: str, *, name: str = "b") -> None:
+    """Refuse item regions (``match --query-regions``) of what ``ecomaug embed`` wrote: no pixels.
+
+    Raises:
+        ValueError: an unknown ``mode``, or regions asked of an embeddings output.
+    """
+    if mode not in QUERY_REGIONS:
+        raise ValueError(f"--query-regions must be one of {', '.join(QUERY_REGIONS)}; got {mode!r}")
+    if mode != "none" and is_embeddings(source):
+        raise ValueError(f"--query-regions {mode} embeds --{name}'s item regions from its images, but "
+                         f"{source} holds embeddings (no pixels): pass its shards, folder or manifest")
+
+
 def check_source(source: str | os.PathLike, *, name: str) -> str:
     """``source`` as text, once it is known to exist (local paths; URLs and patterns pass).
 
@@ -98,7 +115,7 @@ def check_source(source: str | os.PathLike, *, name: str) -> str:
 
 def load_catalogue(source: str | os.PathLike, *, name: str, model: EmbeddingModel | None,
                    work_dir: str | os.PathLike, batch_size: int = 64, part_size: int = 4096,
-                   progress: bool = True) -> Catalogue:
+                   progress: bool = True, regions: str = "none") -> Catalogue:
     """Read embeddings, or embed the images of ``source`` into ``work_dir/embeddings/<name>``.
 
     Embedding is resumable: a rerun after a kill keeps the finished parts.
@@ -111,12 +128,15 @@ def load_catalogue(source: str | os.PathLike, *, name: str, model: EmbeddingMode
         batch_size: images per forward pass.
         part_size: samples per part file.
         progress: show a progress bar.
+        regions: ``"none"``, or ``"items"`` / ``"grid"``: also embed each listing's item regions
+            (``match --query-regions``), kept in ``work_dir/embeddings/<name>-regions-<mode>.npz``.
 
     Raises:
         FileNotFoundError: ``source`` does not exist.
-        ValueError: no model for images, or an empty catalogue.
+        ValueError: no model for images, an empty catalogue, or regions of embeddings (no pixels).
     """
     text = check_source(source, name=name)
+    check_region_source(text, regions, name=name)
     if is_embeddings(text):
         embeddings = load_embeddings(text)
         data = embeddings.info.get("data")
@@ -136,8 +156,13 @@ def load_catalogue(source: str | os.PathLike, *, name: str, model: EmbeddingMode
     vectors = torch.nn.functional.normalize(embeddings.vectors.float(), dim=1)
     embeddings = Embeddings(vectors=vectors, keys=embeddings.keys, meta=embeddings.meta,
                             info=embeddings.info)
-    return Catalogue(name=name, embeddings=embeddings, source=text, data=data,
-                     read=embeddings.info.get("read"), skipped_file=str(listed))
+    catalogue = Catalogue(name=name, embeddings=embeddings, source=text, data=data,
+                          read=embeddings.info.get("read"), skipped_file=str(listed))
+    if regions != "none":
+        catalogue.regions = embed_listing_regions(model, data, catalogue.keys, catalogue.vectors, regions,
+                                                  name=name, work_dir=work_dir, batch_size=batch_size,
+                                                  progress=progress)
+    return catalogue
 
 
 def check_compatible(a: Catalogue, b: Catalogue) -> None:

@@ -22,14 +22,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from ecomaug.evaluation.regions import QUERY_REGIONS
+from ecomaug.limits import parse_size
 from ecomaug.matching.calibrate import (Calibration, Threshold, calibration_problem, choose_threshold,
                                         plot_curve, precision_recall, read_labels,
                                         save_calibration, stored_threshold, threshold_path)
 from ecomaug.matching.catalogue import Catalogue, check_compatible
 from ecomaug.matching.normalise import BACKGROUND_RANKS, DEFAULT_MARGIN, SCORES, Scores, score_searches
 from ecomaug.matching.outputs import write_gaps, write_pairs, write_parquet
+from ecomaug.matching.regions import SearchRows, collapse, labelled_best, search_rows
 from ecomaug.matching.rerank import expand
 from ecomaug.matching.search import EXACT_LIMIT, SearchResult, fingerprint, search
 
@@ -52,6 +56,9 @@ class MatchOptions:
         rerank: neighbours used by neighbourhood re-ranking (0 = off).
         index: ``auto``, ``exact``, ``ivf`` or ``hnsw`` (see :mod:`ecomaug.matching.search`).
         exact_limit: auto's largest database searched exactly.
+        max_index_memory: a budget in bytes for each index (``--max-index-memory``): a database
+            whose vectors exceed it gets the most accurate index that fits
+            (:mod:`ecomaug.matching.index`); None: no budget.
         shop_column: B's column counted per cluster (default ``shop`` when present).
         report_samples: pairs around the threshold and gaps shown in report.html (each).
         seed: seeds index training and the samples.
@@ -59,6 +66,8 @@ class MatchOptions:
             (:mod:`ecomaug.matching.normalise`) or ``"auto"``: the cosine for a given
             ``threshold`` (what it always meant), else a stored calibration's score, else the
             normalised score.
+        query_regions: ``"none"``, or ``"items"`` / ``"grid"``: B's listings are searched by their
+            item regions too (:mod:`ecomaug.matching.regions`; load B with ``regions=`` the same).
     """
 
     top_k: int = 10
@@ -69,10 +78,12 @@ class MatchOptions:
     rerank: int = 0
     index: str = "auto"
     exact_limit: int = EXACT_LIMIT
+    max_index_memory: int | None = None
     shop_column: str | None = None
     report_samples: int = 24
     seed: int = 0
     score: str = "auto"
+    query_regions: str = "none"
 
     def validate(self) -> None:
         if self.top_k < 1:
@@ -90,6 +101,13 @@ class MatchOptions:
             raise ValueError(f"--threshold is a cosine in [-1, 1]; got {self.threshold}")
         if not 0 < self.precision <= 1:
             raise ValueError(f"--precision must be in (0, 1]; got {self.precision}")
+        if self.max_index_memory is not None:
+            parse_size(self.max_index_memory)  # its range, in its words
+            if self.index != "auto":
+                raise ValueError(f"--max-index-memory chooses the index itself: give it with --index auto, "
+                                 f"not --index {self.index}")
+        if self.query_regions not in QUERY_REGIONS:
+            raise ValueError(f"--query-regions must be one of {', '.join(QUERY_REGIONS)}; got {self.query_regions!r}")
 
 
 @dataclass
@@ -111,6 +129,7 @@ class MatchResult:
     searches: dict[str, dict[str, Any]] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # warnings for the user, e.g. a stored threshold not used
+    regions: dict[str, Any] = field(default_factory=dict)  # with --query-regions: mode, counts
 
     @property
     def calibrated(self) -> bool:
@@ -130,17 +149,35 @@ class MatchResult:
             return "given with --threshold, not calibrated"
         return "UNCALIBRATED: pass --calibrate LABELLED.csv to choose it for a precision"
 
+    @property
+    def regions_description(self) -> str:
+        """What ``--query-regions`` added, in words (empty without it)."""
+        r = self.regions
+        return (f"--query-regions {r['mode']}: {r['regions']} item regions of {r['listings_with_regions']} B "
+                f"listings searched; {r['pairs_through_regions']} pairs found through a region") if r else ""
+
 
 def _search_all(a: torch.Tensor, b: torch.Tensor, a_keys: list[str], b_keys: list[str],
-                options: MatchOptions, out_dir: Path, device: torch.device | None, tag: str
-                ) -> dict[str, SearchResult]:
+                options: MatchOptions, out_dir: Path, device: torch.device | None, tag: str,
+                rows: SearchRows | None = None) -> dict[str, SearchResult]:
+    """The match's searches. With item regions (``rows``), ``b`` holds B's listings, then their
+    regions: A's neighbours are listings, each by its best row, and the regions get their own
+    neighbours in A (``regions_to_a``, for their background levels and the gaps)."""
+    searched, b = b, b[:len(b_keys)]
     b_id, a_id = fingerprint(b_keys, b), fingerprint(a_keys, a)
     common = dict(method=options.index, exact_limit=options.exact_limit, seed=options.seed,
-                  device=device)
+                  device=device, max_index_memory=options.max_index_memory)
     index_dir = out_dir / "index"
-    return {
-        "a_to_b": search(a, b, k=options.top_k, index_path=index_dir / f"b{tag}.faiss",
-                         database_id=b_id, **common),
+    if rows is None:
+        a_to_b = search(a, b, k=options.top_k, index_path=index_dir / f"b{tag}.faiss",
+                        database_id=b_id, **common)
+    else:  # deep enough that top_k listings remain once each listing's lower rows are dropped
+        a_to_b = collapse(search(a, searched, k=min(len(searched), options.top_k * rows.most),
+                                 index_path=index_dir / f"b-regions{tag}.faiss",
+                                 database_id=fingerprint(rows.keys(b_keys), searched), **common),
+                          rows.owner, options.top_k)
+    found = {
+        "a_to_b": a_to_b,
         # deep enough for B's background levels in A too (normalise.BACKGROUND_RANKS)
         "b_to_a": search(b, a, k=max(options.top_k, BACKGROUND_RANKS[1]),
                          index_path=index_dir / f"a{tag}.faiss", database_id=a_id, **common),
@@ -150,15 +187,46 @@ def _search_all(a: torch.Tensor, b: torch.Tensor, a_keys: list[str], b_keys: lis
         "a_to_a": search(a, a, k=BACKGROUND_RANKS[1] + 1, index_path=index_dir / f"a{tag}.faiss",
                          database_id=a_id, **common),
     }
+    if len(searched) > len(b):
+        found["regions_to_a"] = search(searched[len(b):], a, k=max(options.top_k, BACKGROUND_RANKS[1]),
+                                       index_path=index_dir / f"a{tag}.faiss", database_id=a_id, **common)
+    return found
+
+
+def _rows_to_a(found: dict[str, SearchResult]) -> SearchResult:
+    """Each B row's neighbours in A: its listings', then (with item regions) their regions'."""
+    ba, regions = found["b_to_a"], found.get("regions_to_a")
+    if regions is None:
+        return ba
+    return SearchResult(scores=np.concatenate([ba.scores, regions.scores]),
+                        indices=np.concatenate([ba.indices, regions.indices]), method=ba.method)
+
+
+def _search_reranked(a: Catalogue, b: Catalogue, options: MatchOptions, out: Path,
+                     device: torch.device | None, rows: SearchRows | None
+                     ) -> tuple[dict[str, SearchResult], torch.Tensor, torch.Tensor]:
+    """The searches (again on re-ranked vectors with ``--rerank``), and the vectors searched: A's,
+    and B's rows (its listings, then with ``--query-regions`` their item regions)."""
+    b_searched = b.vectors if rows is None else torch.cat([b.vectors, b.regions.vectors])
+    found = _search_all(a.vectors, b_searched, a.keys, b.keys, options, out, device, "", rows)
+    if not options.rerank:
+        return found, a.vectors, b_searched
+    a_vectors = expand(a.vectors, b_searched, found["a_to_b"].indices, found["a_to_b"].scores,
+                       n=options.rerank)
+    rows_to_a = _rows_to_a(found)
+    b_vectors = expand(b_searched, a.vectors, rows_to_a.indices, rows_to_a.scores, n=options.rerank)
+    found = _search_all(a_vectors, b_vectors, a.keys, b.keys, options, out, device,
+                        f"-rerank{options.rerank}", rows)
+    return found, a_vectors, b_vectors
 
 
 def _calibrate(scored: Scores, a_vectors: torch.Tensor, b_vectors: torch.Tensor, a: Catalogue,
-               b: Catalogue, options: MatchOptions, model_source: str | None, out_dir: Path
-               ) -> Threshold:
+               b: Catalogue, options: MatchOptions, model_source: str | None, out_dir: Path,
+               rows: SearchRows | None = None) -> Threshold:
     """Choose the threshold on the labelled pairs (the run's score) and store it, if useful."""
     score = "normalised" if options.score == "auto" else options.score
     a_rows, b_rows, same, unresolved = read_labels(options.calibrate, a.positions(), b.positions())
-    scores = scored.labelled(score, a_vectors, b_vectors, a_rows, b_rows)
+    scores = labelled_best(scored, score, a_vectors, b_vectors, a_rows, b_rows, rows)
     # Raises, storing nothing, when no useful threshold reaches the precision.
     threshold, precision, recall = choose_threshold(scores, same, precision=options.precision)
     calibration = Calibration(threshold=float(threshold), precision_target=options.precision,
@@ -179,13 +247,13 @@ def _calibrate(scored: Scores, a_vectors: torch.Tensor, b_vectors: torch.Tensor,
 
 def _resolve_threshold(scored: Scores, a_vectors: torch.Tensor, b_vectors: torch.Tensor,
                        a: Catalogue, b: Catalogue, options: MatchOptions, model_source: str | None,
-                       out_dir: Path) -> Threshold:
+                       out_dir: Path, rows: SearchRows | None = None) -> Threshold:
     """Given, else calibrated now, else stored with the model (if useful and of the score asked
     for), else the default of the score."""
     if options.threshold is not None:
         return Threshold(options.threshold, "given", "cosine" if options.score == "auto" else options.score)
     if options.calibrate is not None:
-        return _calibrate(scored, a_vectors, b_vectors, a, b, options, model_source, out_dir)
+        return _calibrate(scored, a_vectors, b_vectors, a, b, options, model_source, out_dir, rows)
     notes = []
     stored = stored_threshold(model_source, rerank=options.rerank)
     if stored is not None:
@@ -203,6 +271,37 @@ def _resolve_threshold(scored: Scores, a_vectors: torch.Tensor, b_vectors: torch
                       score, notes=notes)
 
 
+def _region_rows(b: Catalogue, options: MatchOptions) -> SearchRows | None:
+    """B's search rows with ``--query-regions``: its listings, then their regions (None without)."""
+    if options.query_regions == "none":
+        return None
+    if b.regions is None or b.regions.mode != options.query_regions:
+        raise ValueError(f"--query-regions {options.query_regions}: --b was loaded without its "
+                         f"{options.query_regions} regions (load_catalogue(..., regions={options.query_regions!r}))")
+    return search_rows(len(b), b.regions)
+
+
+def _matched(b: Catalogue, found: dict[str, SearchResult], scored: Scores, threshold: Threshold,
+             paired: np.ndarray) -> np.ndarray:
+    """B's listings matched besides those whose own nearest A listing is close enough: the paired
+    ones, and with item regions those with a region whose nearest A listing is."""
+    if "regions_to_a" not in found:
+        return paired
+    nearest = found["regions_to_a"].indices[:, 0]
+    close = scored.of(threshold.score)["regions_to_a"][:, 0] >= threshold.value
+    return np.concatenate([paired, b.regions.rows[close & (nearest >= 0)]])
+
+
+def _regions_summary(b: Catalogue, rows: SearchRows | None, pair_rows: np.ndarray) -> dict[str, Any]:
+    """What the item regions added (summary.json's ``regions``): how many, of how many listings,
+    and the pairs found through one (``pair_rows``: each pair's B row)."""
+    if rows is None:
+        return {}
+    return {"mode": b.regions.mode, "regions": len(b.regions),
+            "listings_with_regions": int(np.unique(b.regions.rows).size),
+            "pairs_through_regions": int((pair_rows >= rows.listings).sum())}
+
+
 def match_catalogues(a: Catalogue, b: Catalogue, out_dir: str | os.PathLike, *,
                      options: MatchOptions = MatchOptions(), model_source: str | None = None,
                      device: torch.device | None = None, report: bool = True) -> MatchResult:
@@ -218,39 +317,33 @@ def match_catalogues(a: Catalogue, b: Catalogue, out_dir: str | os.PathLike, *,
 
     Raises:
         ValueError: incompatible catalogues, bad options, labels that cannot calibrate, a
-            ``shop_column`` B does not have.
+            ``shop_column`` B does not have, ``query_regions`` B was not loaded with.
     """
     options.validate()
     check_compatible(a, b)
+    rows = _region_rows(b, options)
     if options.shop_column is not None and options.shop_column not in b.columns():
         raise ValueError(f"--shop-column {options.shop_column!r} is not a column of --b (columns: "
                          f"{', '.join(b.columns()) or 'none'})")
     shop_column = options.shop_column or ("shop" if "shop" in b.columns() else None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    a_vectors, b_vectors = a.vectors, b.vectors
-    found = _search_all(a_vectors, b_vectors, a.keys, b.keys, options, out, device, "")
-    if options.rerank:
-        a_vectors = expand(a.vectors, b.vectors, found["a_to_b"].indices, found["a_to_b"].scores,
-                           n=options.rerank)
-        b_vectors = expand(b.vectors, a.vectors, found["b_to_a"].indices, found["b_to_a"].scores,
-                           n=options.rerank)
-        found = _search_all(a_vectors, b_vectors, a.keys, b.keys, options, out, device,
-                            f"-rerank{options.rerank}")
+    found, a_vectors, b_vectors = _search_reranked(a, b, options, out, device, rows)
     scored = score_searches(found)
-    threshold = _resolve_threshold(scored, a_vectors, b_vectors, a, b, options, model_source, out)
+    threshold = _resolve_threshold(scored, a_vectors, b_vectors, a, b, options, model_source, out, rows)
     if threshold.score == "normalised" and len(a) <= BACKGROUND_RANKS[1]:
         threshold.notes.append(f"--a holds {len(a)} listings: too few for the normalised score's "
                                f"background (the {BACKGROUND_RANKS[0]}th-{BACKGROUND_RANKS[1]}th nearest "
                                "listings of A); give --threshold with --score cosine, or calibrate")
     ab, ba, bb = found["a_to_b"], found["b_to_a"], found["b_to_b"]
-    pairs = write_pairs(a, b, ab, ba, scored, threshold, top_k=options.top_k,
-                        mutual_only=options.mutual_only, out=out)
+    pairs = write_pairs(a, b, ab, _rows_to_a(found), scored, threshold, top_k=options.top_k,
+                        mutual_only=options.mutual_only, out=out, rows=rows)
     files = ["pairs.csv", *threshold.files]
     parquet = write_parquet(out / "pairs.csv")
     if parquet is not None:
         files.append(parquet.name)
-    gaps = write_gaps(a, b, ba, bb, scored, pairs.b_rows, threshold, shop_column=shop_column, out=out)
+    gaps = write_gaps(a, b, ba, bb, scored, _matched(b, found, scored, threshold, pairs.b_rows), threshold,
+                      shop_column=shop_column, out=out)
     files.append("gaps.csv")
     result = MatchResult(out_dir=out, threshold=float(threshold.value), threshold_source=threshold.source,
                          score=threshold.score, pairs=pairs.count,
@@ -260,7 +353,8 @@ def match_catalogues(a: Catalogue, b: Catalogue, out_dir: str | os.PathLike, *,
                          calibration=threshold.calibration,
                          searches={name: {"method": r.method, **{k: v for k, v in r.info.items()
                                                                  if k != "database_id"}}
-                                   for name, r in found.items()}, files=files, notes=threshold.notes)
+                                   for name, r in found.items()}, files=files, notes=threshold.notes,
+                         regions=_regions_summary(b, rows, ab.indices[pairs.a_rows, pairs.slots]))
     if report:
         from ecomaug.matching.report import write_report
 

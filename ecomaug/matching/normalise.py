@@ -99,7 +99,8 @@ class Scores:
     """Each search's scores on both scales, and the background levels the normalised ones use.
 
     Shape:
-        - level_a: :math:`(N_A,)`; level_b: :math:`(N_B,)`; each array of ``cosine`` and
+        - level_a: :math:`(N_A,)`; level_b: :math:`(N_B + M,)`, B's listings then its M item regions
+          (none without ``--query-regions``); each array of ``cosine`` and
           ``normalised``: its search's :math:`(Q, k)`.
     """
 
@@ -122,18 +123,26 @@ class Scores:
 
 def score_searches(found: dict[str, SearchResult]) -> Scores:
     """Background levels in A (itself left out of an A listing's own) and the normalised scores of
-    ``match``'s searches (``a_to_b``, ``b_to_a``, ``b_to_b``, ``a_to_a``)."""
+    ``match``'s searches (``a_to_b``, ``b_to_a``, ``b_to_b``, ``a_to_a``, and ``regions_to_a``: B's item
+    regions in A, with ``--query-regions``)."""
     aa = found["a_to_a"]
     itself = aa.indices == np.arange(aa.indices.shape[0])[:, None]
     others = -np.sort(-np.where(itself, -np.inf, aa.scores), axis=1)  # best first, itself last
     level_a = background_levels(others)
     level_b = background_levels(found["b_to_a"].scores)
-    levels = {"a": level_a, "b": level_b}
+    # With item regions (match --query-regions), a_to_b's rows are B's listings, then their
+    # regions (regions_to_a), each with a level of its own, computed as the listings' are.
+    level_regions = (background_levels(found["regions_to_a"].scores) if "regions_to_a" in found
+                     else np.zeros(0, dtype=np.float32))
+    level_rows = np.concatenate([level_b, level_regions])
+    levels = {"a_to_b": (level_a, level_rows), "b_to_a": (level_b, level_a), "b_to_b": (level_b, level_b),
+              "regions_to_a": (level_regions, level_a)}
     normalised = {}
-    for name in ("a_to_b", "b_to_a", "b_to_b"):
+    for name, (query, database) in levels.items():
+        if name not in found:
+            continue
         result = found[name]
-        query, database = levels[name[0]], levels[name[-1]]
         normalised[name] = normalise(result.scores, query[:, None],
                                      database[np.maximum(result.indices, 0)])
-    return Scores(level_a=level_a, level_b=level_b,
+    return Scores(level_a=level_a, level_b=level_rows,
                    cosine={name: found[name].scores for name in normalised}, normalised=normalised)

@@ -15,6 +15,7 @@ import numpy as np
 from ecomaug.matching.calibrate import Threshold
 from ecomaug.matching.catalogue import Catalogue
 from ecomaug.matching.normalise import Scores
+from ecomaug.matching.regions import SearchRows
 from ecomaug.matching.search import SearchResult
 from loaders.atomic import write_atomic
 
@@ -97,9 +98,14 @@ class Pairs:
 
 
 def write_pairs(a: Catalogue, b: Catalogue, ab: SearchResult, ba: SearchResult, scored: Scores,
-                threshold: Threshold, *, top_k: int, mutual_only: bool, out: Path) -> Pairs:
-    """Pairs: A's neighbours in B at or above the threshold (on its score), to ``out/pairs.csv``."""
-    b_best = ba.indices[:, 0]  # each B listing's nearest A listing
+                threshold: Threshold, *, top_k: int, mutual_only: bool, out: Path,
+                rows: SearchRows | None = None) -> Pairs:
+    """Pairs: A's neighbours in B at or above the threshold (on its score), to ``out/pairs.csv``.
+
+    With item regions (``rows``), ``ab`` and ``ba`` index B's search rows (its listings, then their
+    regions): a pair names its listing and, in ``b_region``, the row it was found through.
+    """
+    b_best = ba.indices[:, 0]  # each B row's nearest A listing
     rank = np.broadcast_to(np.arange(1, top_k + 1), ab.indices.shape)
     normalised = scored.normalised["a_to_b"]
     is_pair = (ab.indices >= 0) & (scored.of(threshold.score)["a_to_b"] >= threshold.value)
@@ -108,17 +114,20 @@ def write_pairs(a: Catalogue, b: Catalogue, ab: SearchResult, ba: SearchResult, 
     if mutual_only:
         is_pair &= mutual
     pair_a, pair_slot = np.nonzero(is_pair)
-    pair_b = ab.indices[pair_a, pair_slot]
+    pair_row = ab.indices[pair_a, pair_slot]
+    pair_b = pair_row if rows is None else rows.owner[pair_row]
     a_columns, b_columns = a.columns(), b.columns()
     priced = "price" in a_columns and "price" in b_columns
-    header = ["a_key", "b_key", "score", "normalised_score", "rank", "mutual", *[f"a_{c}" for c in a_columns],
+    header = ["a_key", "b_key", *(["b_region"] if rows is not None else []), "score", "normalised_score",
+              "rank", "mutual", *[f"a_{c}" for c in a_columns],
               *[f"b_{c}" for c in b_columns], *(["price_a", "price_b", "price_ratio"] if priced
                                                 else [])]
 
     def pair_rows() -> Iterator[list[Any]]:
-        for i, slot, j in zip(pair_a.tolist(), pair_slot.tolist(), pair_b.tolist()):
-            row = [a.keys[i], b.keys[j], f"{ab.scores[i, slot]:.6f}", f"{normalised[i, slot]:.6f}", slot + 1,
-                   int(mutual[i, slot]), *[a.meta[i].get(c, "") for c in a_columns],
+        for i, slot, j, r in zip(pair_a.tolist(), pair_slot.tolist(), pair_b.tolist(), pair_row.tolist()):
+            region = [rows.labels[r]] if rows is not None else []
+            row = [a.keys[i], b.keys[j], *region, f"{ab.scores[i, slot]:.6f}", f"{normalised[i, slot]:.6f}",
+                   slot + 1, int(mutual[i, slot]), *[a.meta[i].get(c, "") for c in a_columns],
                    *[b.meta[j].get(c, "") for c in b_columns]]
             if priced:
                 price_a, price_b = _number(a.meta[i].get("price")), _number(b.meta[j].get("price"))

@@ -7,15 +7,18 @@ to 16 sqrt(N), but on a CPU fewer lists train and fill much faster and the probe
 keeps the recall) is trained on a seeded sample of ``min(N, 64 * nlist)`` vectors, and
 ``nprobe`` is doubled from 8 until recall@k against exact search, measured on a sample of
 queries, reaches ``recall_target`` (0.95). ``method="hnsw"``
-builds HNSW32 instead (no training, more memory). The index is saved with the outputs and reused
-when the database is the same (same keys, same shape).
+builds HNSW32 instead (no training, more memory). With a memory budget (``max_index_memory``,
+``match --max-index-memory``) a database whose vectors (``4 N D`` bytes) exceed it, or ``exact_limit``,
+gets the most accurate index that fits instead (:mod:`ecomaug.matching.index`: HNSW, IVF-Flat,
+IVF-PQ or OPQ + IVF-PQ), its nprobe tuned the same way, a PQ index's candidates re-scored exactly.
+The index is saved with the outputs and reused when the database is the same (same keys, same
+shape) and, for a budgeted one, the budget too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,9 +30,15 @@ import numpy as np
 import torch
 
 from ecomaug.limits import EXACT_LIMIT, SEARCH_METHODS as METHODS  # torch-free, for `match --help`
+from ecomaug.matching.index import (IndexPlan, build_within_budget, faiss_module as _faiss, ivf_lists,
+                                    plan_index, rescore)
 from loaders.atomic import write_json_atomic
 
 RECALL_SAMPLE = 500
+# A PQ index's candidates re-scored exactly: max(RESCORE_FACTOR * k, RESCORE_MIN) a query to begin
+# with; tuning doubles them with nprobe (PQ's error, not the lists probed, is then what loses
+# neighbours) up to RESCORE_MAX.
+RESCORE_FACTOR, RESCORE_MIN, RESCORE_MAX = 4, 40, 2048
 
 
 @dataclass
@@ -39,9 +48,11 @@ class SearchResult:
     Attributes:
         scores: cosine similarities (``-inf`` where there is no neighbour).
         indices: database rows (-1 where there is none).
-        method: ``"exact"``, ``"ivf"`` or ``"hnsw"``.
-        info: for an index: its parameters, ``recall_vs_exact`` (recall@k of the index against
-            exact search on a query sample), build/search seconds, queries/s, whether reused.
+        method: ``"exact"``, ``"ivf"``, ``"hnsw"`` or ``"budget"`` (chosen by a memory budget).
+        info: for an index: its parameters (``kind``: the faiss factory string), ``recall_vs_exact``
+            (recall@k of the index against exact search on a query sample), build/search seconds,
+            queries/s, whether reused; with a budget also ``index_type``, ``index_bytes`` (the
+            serialised index), ``max_index_memory`` and ``rescored`` (candidates re-scored exactly).
 
     Shape:
         - scores, indices: :math:`(Q, k)`.
@@ -81,27 +92,32 @@ def exact_search(query: torch.Tensor, database: torch.Tensor, *, k: int,
     return result.topk_scores, result.topk_indices
 
 
-def ivf_lists(num_vectors: int) -> int:
-    """``nlist`` of the rule: sqrt(N) rounded to a power of two, within 16 .. 65536."""
-    return int(min(65536, max(16, 2 ** round(math.log2(math.sqrt(max(num_vectors, 1)))))))
+def choose_method(num_vectors: int, *, method: str = "auto", exact_limit: int = EXACT_LIMIT,
+                  dim: int = 0, max_index_memory: int | None = None) -> str:
+    """Apply the rule: ``exact`` up to ``exact_limit`` vectors, else ``ivf``; with a budget,
+    ``budget`` (an index chosen by it) unless the vectors fit it and ``exact_limit`` both.
 
+    Args:
+        num_vectors: database vectors.
+        method: ``auto``, ``exact``, ``ivf`` or ``hnsw``; a budget needs ``auto``.
+        exact_limit: auto's largest database searched exactly.
+        dim: their dimension (with a budget).
+        max_index_memory: the budget in bytes, or None.
 
-def choose_method(num_vectors: int, *, method: str = "auto", exact_limit: int = EXACT_LIMIT) -> str:
-    """Apply the rule: ``exact`` up to ``exact_limit`` vectors, else ``ivf``."""
+    Raises:
+        ValueError: an unknown method, or a budget with a method other than ``auto``.
+    """
     if method not in METHODS:
         raise ValueError(f"search method must be one of {METHODS}; got {method!r}")
+    if max_index_memory is not None:
+        if method != "auto":
+            raise ValueError(f"--max-index-memory chooses the index itself: give it with --index auto, "
+                             f"not --index {method}")
+        fits = num_vectors * dim * 4 <= max_index_memory
+        return "exact" if fits and num_vectors <= exact_limit else "budget"
     if method != "auto":
         return method
     return "exact" if num_vectors <= exact_limit else "ivf"
-
-
-def _faiss():
-    try:
-        import faiss
-    except ImportError as error:
-        raise ImportError("an index needs faiss: pip install 'ecomaug[faiss]' (faiss-cpu), or "
-                          "faiss-gpu on a GPU machine; or use --index exact") from error
-    return faiss
 
 
 def _build(vectors: np.ndarray, method: str, seed: int) -> tuple[Any, dict[str, Any]]:
@@ -143,33 +159,56 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / total if total else 1.0
 
 
-def _saved_index(saved: Path | None, database_id: str | None, method: str) -> tuple[Any, dict[str, Any]]:
-    """The index saved at ``saved`` for this database and method, or ``(None, {})``."""
+def _saved_index(saved: Path | None, database_id: str | None, method: str, budget: int | None = None,
+                 plans: Sequence[IndexPlan] = ()) -> tuple[Any, dict[str, Any]]:
+    """The index saved at ``saved`` for this database and method (and budget, and one of the
+    plans that fit it), or ``(None, {})``."""
     if saved is None or database_id is None or not (saved.with_suffix(".json").is_file() and saved.is_file()):
         return None, {}
     recorded = json.loads(saved.with_suffix(".json").read_text(encoding="utf-8"))
     if recorded.get("database_id") != database_id or recorded.get("method") != method:
         return None, {}
+    if budget is not None and (recorded.get("max_index_memory") != budget
+                               or recorded.get("kind") not in {plan.factory for plan in plans}):
+        return None, {}
     return _faiss().read_index(str(saved)), {**recorded, "reused": True}
 
 
+def _searcher(index: Any, info: dict[str, Any], base: np.ndarray, k: int
+              ) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Queries -> the index's top-k; a PQ index's wider candidate list re-scored exactly."""
+    if not info.get("rescored"):
+        return lambda queries: _index_search(index, queries, k)
+    width = min(base.shape[0], max(k, info.get("rescored_candidates", max(RESCORE_FACTOR * k, RESCORE_MIN))))
+    info["rescored_candidates"] = width
+    return lambda queries: rescore(queries, base, _index_search(index, queries, width)[1], k)
+
+
 def _tune_probe(index: Any, info: dict[str, Any], query: torch.Tensor, queries: np.ndarray,
-                exact: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]], *, k_index: int,
-                recall_target: float, seed: int) -> None:
-    """Grow IVF's nprobe (HNSW's efSearch) until recall@k against exact search on a query sample
-    reaches ``recall_target`` or the ceiling; ``info`` records the value and the recall."""
+                exact: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]],
+                base: np.ndarray, k: int, *, recall_target: float, seed: int
+                ) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Grow IVF's nprobe (HNSW's efSearch; and a PQ index's re-scored candidates) until recall@k
+    against exact search on a query sample reaches ``recall_target`` or the ceiling; ``info``
+    records the values and the recall. Returns the search so tuned."""
     rows = np.sort(np.random.default_rng(seed + 1).choice(
         queries.shape[0], size=min(RECALL_SAMPLE, queries.shape[0]), replace=False))
     _, truth = exact(query[rows])
     probe, ceiling = (8, info["nlist"]) if "nlist" in info else (32, 4096)
+    width = min(base.shape[0], max(RESCORE_FACTOR * k, RESCORE_MIN))
     while True:
         _set_probe(index, info, min(probe, ceiling))
-        _, found = _index_search(index, queries[rows], k_index)
+        if info.get("rescored"):
+            info["rescored_candidates"] = width
+        find = _searcher(index, info, base, k)
+        _, found = find(queries[rows])
         info["recall_vs_exact"] = _recall(found, truth)
         info["recall_sample"] = int(len(rows))
-        if info["recall_vs_exact"] >= recall_target or probe >= ceiling:
-            return
+        wider = info.get("rescored") and width < min(RESCORE_MAX, base.shape[0])
+        if info["recall_vs_exact"] >= recall_target or (probe >= ceiling and not wider):
+            return find
         probe *= 2
+        width = min(2 * width, RESCORE_MAX, base.shape[0]) if info.get("rescored") else width
 
 
 def _save_index(index: Any, info: dict[str, Any], saved: Path) -> None:
@@ -183,7 +222,7 @@ def search(query: torch.Tensor, database: torch.Tensor, *, k: int, method: str =
            exact_limit: int = EXACT_LIMIT, index_path: str | os.PathLike | None = None,
            database_id: str | None = None, recall_target: float = 0.95, seed: int = 0,
            device: torch.device | None = None, query_chunk: int = 1024,
-           gallery_chunk: int = 65536) -> SearchResult:
+           gallery_chunk: int = 65536, max_index_memory: int | None = None) -> SearchResult:
     """The ``k`` nearest database rows of every query by cosine (rows must be unit vectors).
 
     Args:
@@ -200,9 +239,12 @@ def search(query: torch.Tensor, database: torch.Tensor, *, k: int, method: str =
         device: where exact search runs.
         query_chunk: exact search: queries per chunk.
         gallery_chunk: exact search: database rows per chunk.
+        max_index_memory: a budget in bytes for the index (``method`` auto): see
+            :func:`choose_method` and :mod:`ecomaug.matching.index`.
 
     Raises:
-        ValueError: bad k, method or shapes. ImportError: an index without faiss.
+        ValueError: bad k, method or shapes; a budget no index fits. ImportError: an index
+            without faiss.
     """
     if query.ndim != 2 or database.ndim != 2 or query.shape[1] != database.shape[1]:
         raise ValueError(f"query {tuple(query.shape)} and database {tuple(database.shape)} must be "
@@ -211,7 +253,8 @@ def search(query: torch.Tensor, database: torch.Tensor, *, k: int, method: str =
         raise ValueError(f"k must be >= 1; got {k}")
     if database.shape[0] == 0:
         raise ValueError("the database is empty")
-    chosen = choose_method(database.shape[0], method=method, exact_limit=exact_limit)
+    chosen = choose_method(database.shape[0], method=method, exact_limit=exact_limit,
+                           dim=database.shape[1], max_index_memory=max_index_memory)
     if chosen == "exact":
         started = time.perf_counter()
         scores, indices = exact_search(query, database, k=k, device=device,
@@ -224,21 +267,28 @@ def search(query: torch.Tensor, database: torch.Tensor, *, k: int, method: str =
     queries = np.ascontiguousarray(query.float().numpy())
     k_index = min(k, base.shape[0])
     saved = Path(index_path) if index_path is not None else None
-    index, info = _saved_index(saved, database_id, chosen)
+    plans = plan_index(*base.shape, max_index_memory) if chosen == "budget" else []
+    index, info = _saved_index(saved, database_id, chosen, max_index_memory, plans)
     if index is None:
         started = time.perf_counter()
-        index, info = _build(base, chosen, seed)
+        if chosen == "budget":
+            index, info = build_within_budget(base, plans, max_index_memory, seed=seed)
+            info["max_index_memory"] = max_index_memory
+        else:
+            index, info = _build(base, chosen, seed)
         info.update(method=chosen, database_id=database_id, build_seconds=time.perf_counter() - started,
                     reused=False)
         exact = partial(exact_search, database=database, k=k_index, device=device, query_chunk=query_chunk,
                         gallery_chunk=gallery_chunk)
-        _tune_probe(index, info, query, queries, exact, k_index=k_index, recall_target=recall_target, seed=seed)
+        find = _tune_probe(index, info, query, queries, exact, base, k_index, recall_target=recall_target,
+                           seed=seed)
         if saved is not None:
             _save_index(index, info, saved)
     else:
         _set_probe(index, info, info.get("nprobe", info.get("efSearch", 8)))
+        find = _searcher(index, info, base, k_index)
     started = time.perf_counter()
-    scores, indices = _index_search(index, queries, k_index)
+    scores, indices = find(queries)
     seconds = time.perf_counter() - started
     if k_index < k:
         scores = np.pad(scores, ((0, 0), (0, k - k_index)), constant_values=-np.inf)
