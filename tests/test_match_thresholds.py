@@ -205,6 +205,19 @@ def test_a_useful_stored_cosine_threshold_is_still_reused_on_the_cosine(on_disk,
     assert "threshold 0.9700 (stored, cosine score; calibrated earlier" in run.output and "Warning" not in run.output
 
 
+def test_a_threshold_stored_with_other_query_regions_is_not_reused(on_disk, tmp_path):
+    # calibrated on region-collapsed scores (a bundle scores by its best region): no fit for whole images
+    (on_disk["model"] / "match-threshold.json").write_text(json.dumps({
+        "threshold": 0.6, "precision_target": 0.95, "precision": 0.97, "recall": 0.9, "pairs": 80,
+        "unresolved": 0, "positives": 40, "rerank": 0, "labels": "labelled.csv", "model": "m",
+        "score": "normalised", "query_regions": "items"}))
+    run = _invoke("--a", str(on_disk["a"]), "--b", str(on_disk["b"]), "--out", str(tmp_path), "--no-report")
+    assert run.exit_code == 0, run.output
+    assert "calibrated with --query-regions items, this run uses none: not used" in run.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["threshold_source"] == "default" and summary["threshold"] == 0.5
+
+
 def test_a_good_calibration_is_stored_on_its_score_and_reused(lookalike, on_disk, tmp_path):
     # every true pair, and hard negatives: each A listing's three most similar other items in B
     a, b = _catalogue("a", lookalike["a"]), _catalogue("b", lookalike["b"])
@@ -219,6 +232,7 @@ def test_a_good_calibration_is_stored_on_its_score_and_reused(lookalike, on_disk
     assert run.exit_code == 0, run.output
     stored = json.loads((on_disk["model"] / "match-threshold.json").read_text())
     assert stored["score"] == "normalised" and stored["precision"] >= 0.95 and stored["recall"] >= MIN_RECALL
+    assert stored["query_regions"] == "none"
     summary = json.loads((tmp_path / "cal" / "summary.json").read_text())
     assert (summary["threshold_source"], summary["score"]) == ("calibrated", "normalised")
     assert summary["gap_listings"] == sum(lookalike["copies"].values())

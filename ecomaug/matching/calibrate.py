@@ -47,6 +47,8 @@ class Calibration:
         model: the model's source.
         score: which score ``threshold`` applies to, ``"cosine"`` or ``"normalised"`` (records
             written before scores were normalised are cosine).
+        query_regions: the ``--query-regions`` the scores were computed with: a B listing's score
+            is its best vector's, so a threshold fits one mode (older records: ``"none"``).
     """
 
     threshold: float
@@ -60,6 +62,7 @@ class Calibration:
     labels: str
     model: str
     score: str = "cosine"
+    query_regions: str = "none"
 
 
 def calibration_problem(calibration: Calibration, *, min_recall: float = MIN_RECALL) -> str | None:

@@ -233,7 +233,8 @@ def _calibrate(scored: Scores, a_vectors: torch.Tensor, b_vectors: torch.Tensor,
                               precision=float(precision), recall=float(recall),
                               pairs=int(len(same)), unresolved=unresolved,
                               positives=int(same.sum()), rerank=options.rerank,
-                              labels=str(options.calibrate), model=model_source or "", score=score)
+                              labels=str(options.calibrate), model=model_source or "", score=score,
+                              query_regions=options.query_regions)
     curve = precision_recall(scores, same)
     (out_dir / "precision_recall.json").write_text(
         json.dumps({"calibration": asdict(calibration), "curve": curve}, indent=1) + "\n",
@@ -262,6 +263,9 @@ def _resolve_threshold(scored: Scores, a_vectors: torch.Tensor, b_vectors: torch
         if options.score != "auto" and stored.score != options.score:
             notes.append(f"the threshold stored in {where} applies to the {stored.score} score, not "
                          f"--score {options.score}: not used")
+        elif stored.query_regions != options.query_regions:
+            notes.append(f"the threshold stored in {where} was calibrated with --query-regions "
+                         f"{stored.query_regions}, this run uses {options.query_regions}: not used")
         elif problem is not None:
             notes.append(f"the threshold stored in {where} is not used ({problem}): calibrate again")
         else:
