@@ -39,12 +39,16 @@ def good_export(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("images")
-    for path in sorted((SAMPLE_DIR / "images").glob("*.jpg"))[:2]:
+def sample_images(folder: Path, count: int) -> Path:
+    """The first ``count`` photos of the bundled sample, copied into ``folder``."""
+    for path in sorted((SAMPLE_DIR / "images").glob("*.jpg"))[:count]:
         shutil.copy(path, folder / path.name)
     return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return sample_images(tmp_path_factory.mktemp("images"), 2)
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +56,7 @@ def tiny_shard(tmp_path_factory) -> Path:
     """One shard of 16 sample images (enough for a batch of 8)."""
     from loaders.convert import convert_to_shards
 
-    folder = tmp_path_factory.mktemp("tiny_images")
-    for path in sorted((SAMPLE_DIR / "images").glob("*.jpg"))[:16]:
-        shutil.copy(path, folder / path.name)
+    folder = sample_images(tmp_path_factory.mktemp("tiny_images"), 16)
     out = tmp_path_factory.mktemp("tiny_shards")
     convert_to_shards(folder, out, shard_size=64, workers=1, progress=False)
     return out / "shard-000000.tar"

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from ecomaug.cli import main as cli
 from ecomaug.evaluation.embed import ReadReport, iter_data, load_embeddings
-from test_hostile_shards import WDS2IDX, jpeg, within
+from test_hostile_shards import WDS2IDX, jpeg, make_shards, within
 
 MODEL = ["--random-init", "test_resnet", "--input-size", "32", "--device", "cpu", "--no-progress"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,30 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def write_shards(out: Path, sizes: list[int], *, members=None) -> Path:
     """Shards of ``sizes`` samples (two per item_id), DALI indexes and a manifest of the counts.
 
-    ``members(number, index)`` may give a sample's members (default: ``jpg`` and ``json``).
+    ``members(number, index)`` may give a sample's members besides its ``json`` (default: a ``jpg``).
     """
-    import webdataset
-
-    from loaders.manifest import write_json_atomic
-
-    out.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for number, size in enumerate(sizes):
-        tar = out / f"shard-{number:06d}.tar"
-        with webdataset.TarWriter(str(tar)) as writer:
-            for index in range(size):
-                key = f"s{number}k{index:02d}"
-                meta = json.dumps({"key": key, "item_id": f"i{number}-{index // 2}"}).encode()
-                sample = (members(number, index) if members else None) or {"jpg": jpeg(number * 100 + index)}
-                writer.write({"__key__": key, "json": meta, **sample})
-        subprocess.run([str(WDS2IDX), str(tar), str(tar.with_suffix(".idx"))], check=True,
-                       capture_output=True)
-        entries.append({"tar": tar.name, "index": tar.with_suffix(".idx").name, "count": size,
-                        "bytes": tar.stat().st_size, "groups": {}})
-    write_json_atomic(out / "manifest.json", {
-        "format": "ecomaug-shards", "format_version": 1, "ecomaug_version": "test", "input": "synthetic",
-        "options": {}, "job": {"index": 0, "count": 1}, "shards": entries, "groups": {},
-        "totals": {"inputs": sum(sizes), "written": sum(sizes), "skipped": 0}})
+    make_shards(out, sizes, members=members, item_id=lambda number, index, key: f"i{number}-{index // 2}")
     return out
 
 

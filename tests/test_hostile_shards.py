@@ -44,8 +44,13 @@ def jpeg(seed: int) -> bytes:
     return stream.getvalue()
 
 
-def make_shards(out: Path, sizes: list[int], *, counts: list[int] | None = None) -> dict:
-    """Shards of ``sizes`` samples with DALI indexes and a manifest claiming ``counts``."""
+def make_shards(out: Path, sizes: list[int], *, counts: list[int] | None = None, members=None,
+                item_id=None) -> dict:
+    """Shards of ``sizes`` samples with DALI indexes and a manifest claiming ``counts``.
+
+    ``members(number, index)`` may give a sample's members besides its ``json`` (default: a
+    ``jpg``); ``item_id(number, index, key)`` its item (default: its key).
+    """
     import webdataset
 
     out.mkdir(parents=True, exist_ok=True)
@@ -55,8 +60,10 @@ def make_shards(out: Path, sizes: list[int], *, counts: list[int] | None = None)
         with webdataset.TarWriter(str(tar)) as writer:
             for index in range(size):
                 key = f"s{number}k{index:02d}"
-                writer.write({"__key__": key, "jpg": jpeg(number * 100 + index),
-                              "json": json.dumps({"key": key, "item_id": key}).encode()})
+                item = item_id(number, index, key) if item_id else key
+                sample = (members(number, index) if members else None) or {"jpg": jpeg(number * 100 + index)}
+                writer.write({"__key__": key, "json": json.dumps({"key": key, "item_id": item}).encode(),
+                              **sample})
         subprocess.run([str(WDS2IDX), str(tar), str(tar.with_suffix(".idx"))], check=True, capture_output=True)
         entries.append({"tar": tar.name, "index": tar.with_suffix(".idx").name,
                         "count": size if counts is None else counts[number], "bytes": tar.stat().st_size,

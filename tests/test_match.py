@@ -39,7 +39,7 @@ def _copy(source: Path, target: Path, quality: int, scale: float) -> None:
     image.save(target, format="JPEG", quality=quality)
 
 
-def _write_manifest(path: Path, rows: list[dict]) -> Path:
+def write_manifest(path: Path, rows: list[dict]) -> Path:
     with open(path, "w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -74,8 +74,8 @@ def case(tmp_path_factory, sample_dir) -> dict:
         name = f"gap_item{i:03d}_3.jpg"
         _copy(images / f"item{i:03d}_3.jpg", root / "b" / name, 85, 1)
         b_rows.append({"path": name, "item_id": f"item{i:03d}", "shop": "gapshop9", "price": 5 + i})
-    a_manifest = _write_manifest(root / "a" / "items.csv", a_rows)
-    b_manifest = _write_manifest(root / "b" / "items.csv", b_rows)
+    a_manifest = write_manifest(root / "a" / "items.csv", a_rows)
+    b_manifest = write_manifest(root / "b" / "items.csv", b_rows)
     model = random_init_model(MODEL, device=torch.device("cpu"), input_size=SIZE)
     embed_to_parts(model, a_manifest, root / "emb_a", part_size=32, progress=False)
     embed_to_parts(model, b_manifest, root / "emb_b", part_size=32, progress=False)

@@ -24,6 +24,7 @@ from ecomaug.evaluation.embeddings import Embeddings
 from ecomaug.matching.normalise import background_levels, score_searches
 from ecomaug.matching.regions import ListingRegions, collapse, labelled_best, search_rows
 from ecomaug.matching.search import SearchResult
+from test_match import write_manifest
 
 SIZE, TILE, GAP = 224, 200, 24
 # each bundle: its items, and (columns, rows) of its layout
@@ -36,14 +37,6 @@ def _tile_boxes(layout: tuple[int, int]) -> list[tuple[int, int, int, int]]:
     columns, rows = layout
     return [(GAP + c * (TILE + GAP), GAP + r * (TILE + GAP), GAP + c * (TILE + GAP) + TILE,
              GAP + r * (TILE + GAP) + TILE) for r in range(rows) for c in range(columns)]
-
-
-def _write_manifest(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +71,8 @@ def case(tmp_path_factory, sample_dir) -> dict:
         model = pretrained_model("tf_efficientnet_lite0", device=torch.device("cpu"), input_size=SIZE)
     export = export_backbone(model.backbone, root / "export", model_name=model.model_name, input_size=SIZE,
                              mean=model.mean, std=model.std)
-    return {"root": root, "a": _write_manifest(root / "a" / "items.csv", a_rows),
-            "b": _write_manifest(root / "b" / "items.csv", b_rows), "model": export}
+    return {"root": root, "a": write_manifest(root / "a" / "items.csv", a_rows),
+            "b": write_manifest(root / "b" / "items.csv", b_rows), "model": export}
 
 
 def _match(case: dict, out: Path, *extra: str):
