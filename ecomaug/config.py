@@ -21,6 +21,7 @@ from typing import Any, Sequence, get_args, get_origin, get_type_hints
 
 from ecomaug.limits import TRAIN_RANGES
 from ecomaug.presets import PRESETS  # ecomaug.config.PRESETS, as before they moved
+from ecomaug.recipe_config import parse_settings
 
 OBJECTIVES = ("moco", "siamese")
 OPTIMIZERS = ("sgd", "adamw", "lars")
@@ -115,9 +116,7 @@ class TrainConfig:
         if isinstance(self.recipe_set, str) or not all(isinstance(pair, str) for pair in self.recipe_set):
             raise ValueError(f"--recipe-set takes NAME=VALUE strings, got {self.recipe_set!r}")
         object.__setattr__(self, "recipe_set", tuple(self.recipe_set))  # a list from JSON/YAML: one type
-        for pair in self.recipe_set:  # the form only: names and values are checked with the recipe
-            if not pair.partition("=")[0].strip() or "=" not in pair:
-                raise ValueError(f"--recipe-set expects NAME=VALUE, got {pair!r}")
+        parse_settings(self.recipe_set, flag="--recipe-set")  # the form only: names are checked with the recipe
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
             if isinstance(value, float) and not math.isfinite(value):

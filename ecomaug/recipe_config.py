@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ecomaug.augmentation.sampling import check_probability
-
 # Keys of the recipe's fired statistics that are not stage names (a part of a stage that fires on
 # its own), so no custom stage may take them.
 FIRED_EXTRA_KEYS = ("recolour",)
@@ -152,6 +150,8 @@ def resolve_recipe(name: str | None = None, *, config_file: str | Path | None = 
                              f"allowed: {', '.join(sorted(options))}")
         for key, value in overrides.items():
             options[key] = str((root / value).resolve()) if key in _PATH_OPTIONS and value is not None else value
+    from ecomaug.augmentation.sampling import check_probability  # imports torch: only here
+
     for key, value in options.items():
         if key.endswith("_p"):
             check_probability(key, value)
