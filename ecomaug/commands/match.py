@@ -50,6 +50,10 @@ from ecomaug.limits import (EXACT_LIMIT, MAX_BATCH_SIZE, MAX_INPUT_SIZE, MAX_SEE
               help="Budget for each faiss index, e.g. 32M, 2G (powers of 1024): a catalogue whose vectors "
                    "exceed it (or --exact-limit) gets the most accurate index that fits (HNSW, IVF-Flat, IVF-PQ, "
                    "OPQ + IVF-PQ), tuned against exact search; summary.json records its type, bytes, recall@10.")
+@click.option("--index-on-disk", is_flag=True,
+              help="With --max-index-memory: an IVF index keeps its inverted lists in a file beside it "
+                   "(OUT/index/*.ivfdata), paged in by the OS, so the budget bounds only what stays in RAM "
+                   "(centroids, PQ tables); for a catalogue whose index outgrows RAM.")
 @click.option("--query-regions", type=click.Choice(["none", "items", "grid"]), default="none", show_default=True,
               help="items: also search B's listings by their item regions (the blobs standing out from a "
                    "bundle photo's backdrop), so a bundle pairs with each A item it shows and pairs.csv's "
@@ -70,7 +74,7 @@ def match(a_source: str, b_source: str, model_path: str | None, random_init: str
           top_k: int, threshold: float | None, score: str, calibrate: str | None, precision: float,
           mutual_only: bool, rerank: int, index: str, exact_limit: int, query_regions: str, shop_column: str | None,
           input_size: int | None, batch_size: int, device: str, seed: int, report: bool,
-          progress: bool, max_index_memory: str | None) -> None:
+          progress: bool, max_index_memory: str | None, index_on_disk: bool) -> None:
     """Find which listings of B are the same item as ours (A), and what B sells that A lacks.
 
     \b
@@ -80,6 +84,7 @@ def match(a_source: str, b_source: str, model_path: str | None, random_init: str
       ecomaug embed --model runs/r50/export --data ./theirs_shards --out emb/theirs
       ecomaug match --a emb/ours --b emb/theirs --out match/ --rerank 2
       ecomaug match --a emb/ours --b emb/theirs --out match/ --max-index-memory 2G
+      ecomaug match --a emb/ours --b emb/theirs --out match/ --max-index-memory 256M --index-on-disk
       ecomaug match --a emb/ours --b emb/theirs --out match/ --score normalised --threshold 0.5
       ecomaug match --a emb/ours --b ./theirs_bundles --model runs/r50/export --out match/ \\
           --query-regions items
@@ -94,7 +99,7 @@ def match(a_source: str, b_source: str, model_path: str | None, random_init: str
     options = MatchOptions(top_k=top_k, threshold=threshold, calibrate=calibrate,
                            precision=precision, mutual_only=mutual_only, rerank=rerank,
                            index=index, exact_limit=exact_limit, shop_column=shop_column, seed=seed,
-                           score=score, query_regions=query_regions,
+                           score=score, query_regions=query_regions, index_on_disk=index_on_disk,
                            max_index_memory=None if max_index_memory is None else parse_size(max_index_memory))
     options.validate()
     target = resolve_device(device)

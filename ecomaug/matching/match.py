@@ -59,6 +59,7 @@ class MatchOptions:
         max_index_memory: a budget in bytes for each index (``--max-index-memory``): a database
             whose vectors exceed it gets the most accurate index that fits
             (:mod:`ecomaug.matching.index`); None: no budget.
+        index_on_disk: with a budget, an IVF index keeps its lists in a file (``--index-on-disk``).
         shop_column: B's column counted per cluster (default ``shop`` when present).
         report_samples: pairs around the threshold and gaps shown in report.html (each).
         seed: seeds index training and the samples.
@@ -79,6 +80,7 @@ class MatchOptions:
     index: str = "auto"
     exact_limit: int = EXACT_LIMIT
     max_index_memory: int | None = None
+    index_on_disk: bool = False
     shop_column: str | None = None
     report_samples: int = 24
     seed: int = 0
@@ -106,6 +108,8 @@ class MatchOptions:
             if self.index != "auto":
                 raise ValueError(f"--max-index-memory chooses the index itself: give it with --index auto, "
                                  f"not --index {self.index}")
+        if self.index_on_disk and self.max_index_memory is None:
+            raise ValueError("--index-on-disk needs --max-index-memory (the RAM the index may keep beside its lists)")
         if self.query_regions not in QUERY_REGIONS:
             raise ValueError(f"--query-regions must be one of {', '.join(QUERY_REGIONS)}; got {self.query_regions!r}")
 
@@ -166,7 +170,7 @@ def _search_all(a: torch.Tensor, b: torch.Tensor, a_keys: list[str], b_keys: lis
     searched, b = b, b[:len(b_keys)]
     b_id, a_id = fingerprint(b_keys, b), fingerprint(a_keys, a)
     common = dict(method=options.index, exact_limit=options.exact_limit, seed=options.seed,
-                  device=device, max_index_memory=options.max_index_memory)
+                  device=device, max_index_memory=options.max_index_memory, index_on_disk=options.index_on_disk)
     index_dir = out_dir / "index"
     if rows is None:
         a_to_b = search(a, b, k=options.top_k, index_path=index_dir / f"b{tag}.faiss",

@@ -12,7 +12,11 @@ builds HNSW32 instead (no training, more memory). With a memory budget (``max_in
 gets the most accurate index that fits instead (:mod:`ecomaug.matching.index`: HNSW, IVF-Flat,
 IVF-PQ or OPQ + IVF-PQ), its nprobe tuned the same way, a PQ index's candidates re-scored exactly.
 The index is saved with the outputs and reused when the database is the same (same keys, same
-shape) and, for a budgeted one, the budget too.
+shape) and, for a budgeted one, the budget too. ``index_on_disk`` (``match --index-on-disk``, with a
+budget) keeps an IVF index's lists in a file beside it (:mod:`ecomaug.matching.ondisk`), the budget
+then bounding what stays in RAM. On a CUDA ``device`` with a faiss that has GPU support, the index
+trains its k-means and searches on that GPU (:mod:`ecomaug.matching.gpu`); the saved index is the
+CPU copy.
 """
 
 from __future__ import annotations
@@ -30,11 +34,16 @@ import numpy as np
 import torch
 
 from ecomaug.limits import EXACT_LIMIT, SEARCH_METHODS as METHODS  # torch-free, for `match --help`
+from ecomaug.matching.gpu import faiss_gpu, search_copy, train_on_gpu
 from ecomaug.matching.index import (IndexPlan, build_within_budget, faiss_module as _faiss, ivf_lists,
                                     plan_index, rescore)
+from ecomaug.matching.ondisk import lists_path, read_on_disk
 from loaders.atomic import write_json_atomic
 
 RECALL_SAMPLE = 500
+# exact_search normalises the database a block of at most this many bytes at a time (retrieve()
+# normalises what it is given: the whole database would be copied once more).
+EXACT_BLOCK_BYTES = 2**28
 # A PQ index's candidates re-scored exactly: max(RESCORE_FACTOR * k, RESCORE_MIN) a query to begin
 # with; tuning doubles them with nprobe (PQ's error, not the lists probed, is then what loses
 # neighbours) up to RESCORE_MAX.
@@ -76,7 +85,8 @@ def fingerprint(keys: Sequence[str], vectors: torch.Tensor) -> str:
 def exact_search(query: torch.Tensor, database: torch.Tensor, *, k: int,
                  device: torch.device | None = None, query_chunk: int = 1024,
                  gallery_chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine top-k in chunks (memory about ``query_chunk x gallery_chunk`` floats).
+    """Exact cosine top-k in chunks (memory about ``query_chunk x gallery_chunk`` floats, plus
+    one block of the database of at most ``EXACT_BLOCK_BYTES``, normalised, never all of it).
 
     Returns:
         ``(scores, indices)``, each :math:`(Q, k)`.
@@ -84,16 +94,28 @@ def exact_search(query: torch.Tensor, database: torch.Tensor, *, k: int,
     from ecomaug.evaluation.retrieval import retrieve
 
     device = device or torch.device("cpu")
-    # retrieve() ranks by item; one shared gallery label that no query carries makes it a plain
-    # top-k search with no relevance bookkeeping.
-    result = retrieve(query.to(device), [1] * query.shape[0], database, [0] * database.shape[0],
-                      depth=k, compute_map=False, query_chunk=query_chunk,
-                      gallery_chunk=gallery_chunk)
-    return result.topk_scores, result.topk_indices
+    query = query.to(device)
+    block = max(gallery_chunk, EXACT_BLOCK_BYTES // (4 * max(1, database.shape[1])))
+    scores = indices = None
+    for start in range(0, max(1, database.shape[0]), block):  # an empty one: retrieve() says so
+        part = database[start:start + block]
+        # retrieve() ranks by item; one shared gallery label that no query carries makes it a plain
+        # top-k search with no relevance bookkeeping.
+        result = retrieve(query, [1] * query.shape[0], part, [0] * part.shape[0], depth=k, compute_map=False,
+                          query_chunk=query_chunk, gallery_chunk=gallery_chunk)
+        found = np.where(result.topk_indices >= 0, result.topk_indices + start, -1)
+        if scores is None:
+            scores, indices = result.topk_scores, found
+            continue
+        both = np.concatenate([scores, result.topk_scores], axis=1)
+        order = np.argsort(-both, axis=1, kind="stable")[:, :k]  # earlier rows first on a tie
+        scores = np.take_along_axis(both, order, axis=1)
+        indices = np.take_along_axis(np.concatenate([indices, found], axis=1), order, axis=1)
+    return scores, indices
 
 
 def choose_method(num_vectors: int, *, method: str = "auto", exact_limit: int = EXACT_LIMIT,
-                  dim: int = 0, max_index_memory: int | None = None) -> str:
+                  dim: int = 0, max_index_memory: int | None = None, on_disk: bool = False) -> str:
     """Apply the rule: ``exact`` up to ``exact_limit`` vectors, else ``ivf``; with a budget,
     ``budget`` (an index chosen by it) unless the vectors fit it and ``exact_limit`` both.
 
@@ -103,12 +125,16 @@ def choose_method(num_vectors: int, *, method: str = "auto", exact_limit: int = 
         exact_limit: auto's largest database searched exactly.
         dim: their dimension (with a budget).
         max_index_memory: the budget in bytes, or None.
+        on_disk: the index keeps its lists on disk (needs a budget).
 
     Raises:
-        ValueError: an unknown method, or a budget with a method other than ``auto``.
+        ValueError: an unknown method, a budget with a method other than ``auto``, or on-disk
+            lists without a budget.
     """
     if method not in METHODS:
         raise ValueError(f"search method must be one of {METHODS}; got {method!r}")
+    if on_disk and max_index_memory is None:
+        raise ValueError("--index-on-disk needs --max-index-memory (the RAM the index may keep beside its lists)")
     if max_index_memory is not None:
         if method != "auto":
             raise ValueError(f"--max-index-memory chooses the index itself: give it with --index auto, "
@@ -120,7 +146,7 @@ def choose_method(num_vectors: int, *, method: str = "auto", exact_limit: int = 
     return "exact" if num_vectors <= exact_limit else "ivf"
 
 
-def _build(vectors: np.ndarray, method: str, seed: int) -> tuple[Any, dict[str, Any]]:
+def _build(vectors: np.ndarray, method: str, seed: int, gpu: int | None) -> tuple[Any, dict[str, Any]]:
     faiss = _faiss()
     count, dim = vectors.shape
     if method == "hnsw":
@@ -132,7 +158,10 @@ def _build(vectors: np.ndarray, method: str, seed: int) -> tuple[Any, dict[str, 
     index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
     sample = min(count, 64 * nlist)
     rows = np.random.default_rng(seed).choice(count, size=sample, replace=False)
+    on_gpu = train_on_gpu(faiss, index, gpu) if gpu is not None else None
     index.train(vectors[np.sort(rows)])
+    if on_gpu is not None:
+        faiss.extract_index_ivf(index).clustering_index = None
     index.add(vectors)
     return index, {"kind": f"IVF{nlist},Flat", "nlist": nlist, "train_sample": int(sample)}
 
@@ -160,9 +189,13 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def _saved_index(saved: Path | None, database_id: str | None, method: str, budget: int | None = None,
-                 plans: Sequence[IndexPlan] = ()) -> tuple[Any, dict[str, Any]]:
+                 plans: Sequence[IndexPlan] = (), on_disk: bool = False) -> tuple[Any, dict[str, Any]]:
     """The index saved at ``saved`` for this database and method (and budget, and one of the
-    plans that fit it), or ``(None, {})``."""
+    plans that fit it, its lists on disk or not as asked), or ``(None, {})``.
+
+    Raises:
+        ValueError: an on-disk index whose lists file is missing or another's (one line).
+    """
     if saved is None or database_id is None or not (saved.with_suffix(".json").is_file() and saved.is_file()):
         return None, {}
     recorded = json.loads(saved.with_suffix(".json").read_text(encoding="utf-8"))
@@ -171,7 +204,10 @@ def _saved_index(saved: Path | None, database_id: str | None, method: str, budge
     if budget is not None and (recorded.get("max_index_memory") != budget
                                or recorded.get("kind") not in {plan.factory for plan in plans}):
         return None, {}
-    return _faiss().read_index(str(saved)), {**recorded, "reused": True}
+    if bool(recorded.get("on_disk")) != on_disk:
+        return None, {}
+    index = read_on_disk(saved, recorded) if on_disk else _faiss().read_index(str(saved))
+    return index, {**recorded, "reused": True}
 
 
 def _searcher(index: Any, info: dict[str, Any], base: np.ndarray, k: int
@@ -215,14 +251,51 @@ def _save_index(index: Any, info: dict[str, Any], saved: Path) -> None:
     """The index at ``saved`` and what it was built for beside it (``.json``), for :func:`_saved_index`."""
     saved.parent.mkdir(parents=True, exist_ok=True)
     _faiss().write_index(index, str(saved))
+    if not info.get("on_disk"):
+        lists_path(saved).unlink(missing_ok=True)  # an earlier on-disk index's lists, replaced by this one
     write_json_atomic(saved.with_suffix(".json"), {key: info[key] for key in info if key != "reused"})
+
+
+def _index_searcher(query: torch.Tensor, queries: np.ndarray, base: np.ndarray, k: int, chosen: str,
+                    exact: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]], *,
+                    index_path: str | os.PathLike | None, database_id: str | None, recall_target: float,
+                    seed: int, device: torch.device | None, max_index_memory: int | None, on_disk: bool
+                    ) -> tuple[Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+    """The saved index reused, or one built, tuned and saved; its search (on the GPU where
+    :mod:`ecomaug.matching.gpu` allows) and its info."""
+    saved = Path(index_path) if index_path is not None else None
+    if on_disk and saved is None:
+        raise ValueError("an index with its lists on disk needs index_path (the folder its files go to)")
+    plans = plan_index(*base.shape, max_index_memory, on_disk=on_disk) if chosen == "budget" else []
+    index, info = _saved_index(saved, database_id, chosen, max_index_memory, plans, on_disk)
+    gpu = faiss_gpu(_faiss(), device)
+    if index is None:
+        started = time.perf_counter()
+        if chosen == "budget":
+            index, info = build_within_budget(base, plans, max_index_memory, seed=seed, gpu=gpu,
+                                              lists_file=lists_path(saved) if on_disk else None)
+            info["max_index_memory"] = max_index_memory
+        else:
+            index, info = _build(base, chosen, seed, gpu)
+        info.update(method=chosen, database_id=database_id, build_seconds=time.perf_counter() - started,
+                    reused=False)
+        _tune_probe(index, info, query, queries, exact, base, k, recall_target=recall_target, seed=seed)
+        if saved is not None:
+            _save_index(index, info, saved)
+    else:
+        _set_probe(index, info, info.get("nprobe", info.get("efSearch", 8)))
+    # nprobe is tuned on the CPU index; the GPU copy takes it with the lists
+    searched, info["faiss_device"] = search_copy(_faiss(), index, gpu, on_disk=on_disk,
+                                                 family=info.get("index_type", info["kind"]))
+    return _searcher(searched, info, base, k), info
 
 
 def search(query: torch.Tensor, database: torch.Tensor, *, k: int, method: str = "auto",
            exact_limit: int = EXACT_LIMIT, index_path: str | os.PathLike | None = None,
            database_id: str | None = None, recall_target: float = 0.95, seed: int = 0,
            device: torch.device | None = None, query_chunk: int = 1024,
-           gallery_chunk: int = 65536, max_index_memory: int | None = None) -> SearchResult:
+           gallery_chunk: int = 65536, max_index_memory: int | None = None,
+           index_on_disk: bool = False) -> SearchResult:
     """The ``k`` nearest database rows of every query by cosine (rows must be unit vectors).
 
     Args:
@@ -236,15 +309,18 @@ def search(query: torch.Tensor, database: torch.Tensor, *, k: int, method: str =
         recall_target: IVF's nprobe (HNSW's efSearch) grows until recall@k against exact search
             on a query sample reaches this.
         seed: seeds the training sample and the query sample.
-        device: where exact search runs.
+        device: where exact search runs (and faiss, on CUDA with faiss GPU support).
         query_chunk: exact search: queries per chunk.
         gallery_chunk: exact search: database rows per chunk.
         max_index_memory: a budget in bytes for the index (``method`` auto): see
             :func:`choose_method` and :mod:`ecomaug.matching.index`.
+        index_on_disk: with a budget: the index's inverted lists in a file beside ``index_path``
+            (``.ivfdata``), the budget bounding the index file (:mod:`ecomaug.matching.ondisk`).
 
     Raises:
-        ValueError: bad k, method or shapes; a budget no index fits. ImportError: an index
-            without faiss.
+        ValueError: bad k, method or shapes; a budget no index fits; on-disk lists without a
+            budget or ``index_path``, or a saved index's lists file missing or another's.
+            ImportError: an index without faiss.
     """
     if query.ndim != 2 or database.ndim != 2 or query.shape[1] != database.shape[1]:
         raise ValueError(f"query {tuple(query.shape)} and database {tuple(database.shape)} must be "
@@ -254,7 +330,7 @@ def search(query: torch.Tensor, database: torch.Tensor, *, k: int, method: str =
     if database.shape[0] == 0:
         raise ValueError("the database is empty")
     chosen = choose_method(database.shape[0], method=method, exact_limit=exact_limit,
-                           dim=database.shape[1], max_index_memory=max_index_memory)
+                           dim=database.shape[1], max_index_memory=max_index_memory, on_disk=index_on_disk)
     if chosen == "exact":
         started = time.perf_counter()
         scores, indices = exact_search(query, database, k=k, device=device,
@@ -266,27 +342,11 @@ def search(query: torch.Tensor, database: torch.Tensor, *, k: int, method: str =
     base = np.ascontiguousarray(database.float().numpy())
     queries = np.ascontiguousarray(query.float().numpy())
     k_index = min(k, base.shape[0])
-    saved = Path(index_path) if index_path is not None else None
-    plans = plan_index(*base.shape, max_index_memory) if chosen == "budget" else []
-    index, info = _saved_index(saved, database_id, chosen, max_index_memory, plans)
-    if index is None:
-        started = time.perf_counter()
-        if chosen == "budget":
-            index, info = build_within_budget(base, plans, max_index_memory, seed=seed)
-            info["max_index_memory"] = max_index_memory
-        else:
-            index, info = _build(base, chosen, seed)
-        info.update(method=chosen, database_id=database_id, build_seconds=time.perf_counter() - started,
-                    reused=False)
-        exact = partial(exact_search, database=database, k=k_index, device=device, query_chunk=query_chunk,
-                        gallery_chunk=gallery_chunk)
-        find = _tune_probe(index, info, query, queries, exact, base, k_index, recall_target=recall_target,
-                           seed=seed)
-        if saved is not None:
-            _save_index(index, info, saved)
-    else:
-        _set_probe(index, info, info.get("nprobe", info.get("efSearch", 8)))
-        find = _searcher(index, info, base, k_index)
+    exact = partial(exact_search, database=database, k=k_index, device=device, query_chunk=query_chunk,
+                    gallery_chunk=gallery_chunk)
+    find, info = _index_searcher(query, queries, base, k_index, chosen, exact, index_path=index_path,
+                                 database_id=database_id, recall_target=recall_target, seed=seed, device=device,
+                                 max_index_memory=max_index_memory, on_disk=index_on_disk)
     started = time.perf_counter()
     scores, indices = find(queries)
     seconds = time.perf_counter() - started
