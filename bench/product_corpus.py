@@ -6,7 +6,10 @@ gradient or photo background (crops of the wallpaper packages :data:`bench.corpu
 plain and gradient only when none is installed). The clip-art files are split by a hash of their
 path into training items and evaluation items, so no evaluation item is ever trained on:
 
-* ``train/``: ``train_images`` unlabeled images, one listing photo per training item;
+* ``train/``: ``train_images`` images, one listing photo per training item (unlabeled), or with
+  ``train_photos_per_item`` > 1 that many photos of each item, each shot anew (other size, position,
+  tilt and background, as ``"shops"`` below), with ``item_id``: a listing's several photos, for
+  ``train.py --listing-positives``;
 * ``eval/``: ``eval_items`` items with ``images_per_item`` listing photos each, with ``item_id``,
   for ``ecomaug eval``: the first (the gallery's) is the maker's studio shot on white, the others
   the same photo as other shops list it (``eval_variation="stock"``: slightly cropped and
@@ -72,6 +75,7 @@ class CorpusSettings:
     size: int = 160
     seed: int = 0
     eval_variation: str = "stock"
+    train_photos_per_item: int = 1
     version: int = CORPUS_VERSION
 
 
@@ -265,18 +269,27 @@ class Photographer:
         self.clipart_root = clipart_root
 
     def train_photos(self, files: Sequence[Path], bar: Any) -> list[dict[str, str]]:
-        """One listing photo per usable training item, up to ``train_images``; their csv rows."""
+        """``train_photos_per_item`` listing photos per usable training item (an item's rows adjacent),
+        up to ``train_images`` in all; their csv rows (with ``item_id`` when an item has several)."""
         rows: list[dict[str, str]] = []
+        per_item = self.settings.train_photos_per_item
+        weights, framing = EVAL_VARIATIONS["shops"]
+        items = 0
         for path in files:
             if len(rows) >= self.settings.train_images:
                 break
             item = load_item(path, self.settings.size)
             if item is None:
                 continue
-            name = f"train/{len(rows):05d}.jpg"
-            _write(compose(item, self.backgrounds.draw(self.rng), self.rng), self.out / name, self.rng)
-            rows.append({"path": name, "clipart": str(path.relative_to(self.clipart_root))})
-            bar.update(1)
+            for _ in range(min(per_item, self.settings.train_images - len(rows))):
+                name = f"train/{len(rows):05d}.jpg"
+                photo = (compose(item, self.backgrounds.draw(self.rng), self.rng) if per_item == 1
+                         else compose(item, self.backgrounds.draw(self.rng, weights), self.rng, **framing))
+                _write(photo, self.out / name, self.rng)
+                row = {"path": name, "clipart": str(path.relative_to(self.clipart_root))}
+                rows.append({**row, "item_id": f"train{items:05d}"} if per_item > 1 else row)
+                bar.update(1)
+            items += 1
         return rows
 
     def eval_photos(self, files: Sequence[Path], bar: Any) -> tuple[list[dict[str, str]], int]:

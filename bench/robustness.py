@@ -220,6 +220,9 @@ def run_benchmark(*, cache: Path, out: Path, recipes: Sequence[str], settings: C
               help="Side of the corpus' listing photos.")
 @click.option("--eval-variation", type=click.Choice(["stock", "shops"]), default="stock", show_default=True,
               help="How an item's other photos differ from its gallery photo (see bench.product_corpus).")
+@click.option("--train-photos-per-item", type=int, default=1, show_default=True,
+              help="Photos of each training item (>1: a listing's several photos, with item_id, for "
+                   "--set listing_positives=P).")
 @click.option("--preset", default="sample", show_default=True, help="The train.py preset every run starts from.")
 @click.option("--max-steps", type=int, default=None, help="Shorter runs (the schedule follows).")
 @click.option("--set", "overrides", multiple=True, metavar="NAME=VALUE",
@@ -234,11 +237,13 @@ def run_benchmark(*, cache: Path, out: Path, recipes: Sequence[str], settings: C
               "scores them (train recipes side by side in separate processes, then score once).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def main(cache: Path, out: Path, recipes: str, train_images: int, eval_items: int, images_per_item: int,
-         image_size: int, eval_variation: str, preset: str, max_steps: int | None, overrides: tuple[str, ...],
-         query_regions: str, device: str, seed: int, reuse: bool, train_only: bool, progress: bool) -> None:
+         image_size: int, eval_variation: str, train_photos_per_item: int, preset: str, max_steps: int | None,
+         overrides: tuple[str, ...], query_regions: str, device: str, seed: int, reuse: bool, train_only: bool,
+         progress: bool) -> None:
     """Train each recipe on the product corpus and report recall per disturbance."""
     settings = CorpusSettings(train_images=train_images, eval_items=eval_items, images_per_item=images_per_item,
-                              size=image_size, seed=seed, eval_variation=eval_variation)
+                              size=image_size, seed=seed, eval_variation=eval_variation,
+                              train_photos_per_item=train_photos_per_item)
     if max_steps is not None:
         overrides = (*overrides, f"max_steps={max_steps}")
     regions = [name.strip() for name in query_regions.split(",") if name.strip()]

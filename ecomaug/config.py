@@ -84,6 +84,14 @@ class TrainConfig:
     backbone_lr_scale: float = _option(1.0, "the backbone's learning rate as a fraction of the head's")
     koleo_weight: float = _option(0.0, "weight of the KoLeo entropy regulariser on the query embeddings "
                                        "(SSCD): spreads the keys apart; 0 off")
+    # listings: several photos of one item_id
+    listing_positives: float = _option(0.0, "probability that a sample's second view is cut from another photo of "
+                                            "its item_id seen in a recent batch (a listing's real other viewpoint); "
+                                            "needs item_id in the shards; 0 off")
+    listing_table: int = _option(4096, "items whose last view --listing-positives keeps for that (least recently "
+                                       "seen dropped first; 3 x crop^2 bytes each, on the training device)")
+    mask_same_item: bool = _option(False, "leave queued keys of a query's own item_id (its other photos: false "
+                                          "negatives) out of its negatives (MoCo; needs item_id in the shards)")
     # optimisation
     epochs: int = _option(200, "epochs over the training shards")
     max_steps: int | None = _option(None, "stop after this many optimizer steps in total; the warm-up "
@@ -136,6 +144,11 @@ class TrainConfig:
         if self.koleo_weight > 0 and (self.objective != "moco" or self.moco_version != "v2"):
             raise ValueError(f"--koleo-weight {self.koleo_weight} regularises MoCo v2's queries; this run is "
                              f"{self.objective} {self.moco_version if self.objective == 'moco' else ''}".rstrip())
+        if not 0.0 <= self.listing_positives <= 1.0:
+            raise ValueError(f"--listing-positives must be in [0, 1], got {self.listing_positives}")
+        if self.mask_same_item and self.objective != "moco":
+            raise ValueError(f"--mask-same-item keeps MoCo's negatives free of the query's item; this run is "
+                             f"{self.objective}, which pairs by item_id already")
         if not 0.0 <= self.backbone_lr_scale <= 1.0:
             raise ValueError(f"--backbone-lr-scale must be in [0, 1], got {self.backbone_lr_scale}")
         if self.bn_splits < 0:

@@ -18,6 +18,7 @@ from torch import nn
 
 from ecomaug.distributed import (batch_shuffle, batch_unshuffle, concat_all_gather,
                                  encode_in_splits, get_rank)
+from ecomaug.listing_views import NO_ITEM, item_codes
 from ecomaug.objective import ContrastiveOutput
 
 VERSIONS = ("v2", "v3")
@@ -71,7 +72,8 @@ def has_batch_norm(module: nn.Module) -> bool:
     return any(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in module.modules())
 
 
-def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float) -> tuple[torch.Tensor, torch.Tensor]:
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float,
+             same_item: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MoCo's InfoNCE: each query's positive is its key, the negatives are the queue.
 
     Computed in float32 whatever the autocast dtype, because ``exp(logit / T)`` with T=0.2
@@ -82,16 +84,21 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float) ->
         k: L2-normalised positive keys.
         queue: L2-normalised negatives, one per column.
         T: the temperature.
+        same_item: True where a queued key is of the query's own item (another photo of it: a
+            false negative), left out of the softmax; None keeps every negative.
 
     Returns:
         The mean cross-entropy with the positive at index 0, and the logits.
 
     Shape:
-        - q, k: :math:`(N, D)`; queue: :math:`(D, K)`; logits: :math:`(N, 1 + K)`.
+        - q, k: :math:`(N, D)`; queue: :math:`(D, K)`; same_item: :math:`(N, K)` bool;
+          logits: :math:`(N, 1 + K)`.
     """
     q, k, queue = q.float(), k.float(), queue.float()
     l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # N x 1
     l_neg = torch.einsum("nc,ck->nk", q, queue)  # N x K
+    if same_item is not None:
+        l_neg = l_neg.masked_fill(same_item, float("-inf"))
     logits = torch.cat([l_pos, l_neg], dim=1) / T  # N x (1+K)
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # N
     return F.cross_entropy(logits, labels), logits
@@ -178,6 +185,9 @@ class MoCo(nn.Module):
         seed: seeds the queue's initial content and the shuffle's generator.
         img_size: side of the training crops, for backbones built for one input size (ViTs).
         koleo_weight: weight of :func:`koleo` on the batch's queries, added to the loss (v2); 0 off.
+        mask_same_item: leave the keys of a query's own ``item_id`` (its item's other photos, from
+            the queue (v2) or the batch (v3)) out of its negatives; samples without an item_id
+            keep every negative.
 
     Shape:
         - view_q, view_k: :math:`(N, 3, H, W)` normalised float.
@@ -186,7 +196,8 @@ class MoCo(nn.Module):
     def __init__(self, model_name: str, *, dim: int = 128, hidden_dim: int = 2048, K: int = 65536,
                  m: float = 0.999, T: float = 0.2, version: str = "v2", shuffle_bn: bool = True,
                  bn_splits: int = 1, seed: int = 0, img_size: int | None = None,
-                 momentum_schedule: str = "constant", koleo_weight: float = 0.0) -> None:
+                 momentum_schedule: str = "constant", koleo_weight: float = 0.0,
+                 mask_same_item: bool = False) -> None:
         super().__init__()
         if version not in VERSIONS:
             raise ValueError(f"MoCo version must be one of {VERSIONS}, got {version!r}")
@@ -201,6 +212,7 @@ class MoCo(nn.Module):
         if koleo_weight < 0:
             raise ValueError(f"koleo_weight must be >= 0, got {koleo_weight}")
         self.model_name, self.version, self.koleo_weight = model_name, version, koleo_weight
+        self.mask_same_item = mask_same_item
         self.K, self.m, self.T = K, m, T
         self.momentum_schedule = momentum_schedule
         self.m_now = m  # the momentum of the next step (the schedule's value, see on_step_end)
@@ -221,6 +233,14 @@ class MoCo(nn.Module):
             queue_generator = torch.Generator().manual_seed(seed)
             self.register_buffer("queue", F.normalize(torch.randn(dim, K, generator=queue_generator), dim=0))  # D x K
             self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+            # The item code of each queued key (NO_ITEM: none), for mask_same_item.
+            self.register_buffer("queue_items", torch.full((K,), NO_ITEM, dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # A checkpoint from before queue_items: its queued keys have no known item.
+        if hasattr(self, "queue_items") and prefix + "queue_items" not in state_dict:
+            state_dict[prefix + "queue_items"] = torch.full_like(self.queue_items, NO_ITEM)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     backbone_prefix = "encoder_q.backbone."
 
@@ -275,11 +295,14 @@ class MoCo(nn.Module):
         torch._foreach_lerp_(key_params, query_params, 1.0 - m)
 
     @torch.no_grad()
-    def dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
+    def dequeue_and_enqueue(self, keys: torch.Tensor, items: torch.Tensor | None = None) -> None:
         """Replace the oldest ``len(keys)`` entries of the queue by ``keys`` (all ranks' keys).
 
+        Args:
+            items: the keys' item codes (:func:`ecomaug.listing_views.item_codes`); None: unknown.
+
         Shape:
-            - keys: :math:`(B, D)` with ``B <= K``.
+            - keys: :math:`(B, D)` with ``B <= K``; items: :math:`(B,)` int64.
         """
         batch_size = keys.shape[0]
         if batch_size > self.K:
@@ -287,6 +310,7 @@ class MoCo(nn.Module):
         ptr = int(self.queue_ptr)
         positions = (ptr + torch.arange(batch_size, device=self.queue.device)) % self.K  # B
         self.queue[:, positions] = keys.to(self.queue.dtype).T  # D x B
+        self.queue_items[positions] = NO_ITEM if items is None else items.to(self.queue_items.device)
         self.queue_ptr[0] = (ptr + batch_size) % self.K
 
     def forward(self, view_q: torch.Tensor, view_k: torch.Tensor, *, m: float | None = None,
@@ -297,10 +321,12 @@ class MoCo(nn.Module):
             view_q: the query view of the images.
             view_k: the key view of the same images.
             m: the momentum of this step; default: :attr:`m_now` (the schedule's).
-            meta: unused (MoCo needs no labels); accepted as every objective's ``forward`` does.
+            meta: each sample's metadata; only ``item_id`` is read, and only with ``mask_same_item``
+                (MoCo needs no labels).
         """
+        items = item_codes(meta, view_q.shape[0], view_q.device) if self.mask_same_item else None
         if self.version == "v3":
-            return self._forward_v3(view_q, view_k, m=m)
+            return self._forward_v3(view_q, view_k, m=m, items=items)
         q = F.normalize(encode_in_splits(self.encoder_q, view_q, self.bn_splits), dim=1)  # N x D
         with torch.no_grad():
             self.momentum_update(m)
@@ -309,30 +335,41 @@ class MoCo(nn.Module):
             k = F.normalize(encode_in_splits(self.encoder_k, view_k, self.bn_splits), dim=1)  # N x D
             if self.shuffle_bn:
                 k = batch_unshuffle(k, idx_unshuffle)
-        loss, logits = info_nce(q, k, self.queue.clone().detach(), self.T)
+        same_item = None
+        if items is not None:
+            same_item = (items[:, None] == self.queue_items[None, :]) & (items[:, None] != NO_ITEM)  # N x K
+        loss, logits = info_nce(q, k, self.queue.clone().detach(), self.T, same_item)
         if self.koleo_weight > 0 and q.shape[0] > 1:
             loss = loss + self.koleo_weight * koleo(q)
-        self.dequeue_and_enqueue(concat_all_gather(k))
+        self.dequeue_and_enqueue(concat_all_gather(k), None if items is None else concat_all_gather(items))
         with torch.no_grad():
             accuracy = (logits.argmax(dim=1) == 0).float().mean()
         return ContrastiveOutput(loss=loss, accuracy=accuracy)
 
-    def _contrast_v3(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """MoCo v3's loss: the other keys of the global batch are the negatives."""
+    def _contrast_v3(self, q: torch.Tensor, k: torch.Tensor,
+                     items: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """MoCo v3's loss: the other keys of the global batch are the negatives (less the query's
+        own item's other photos, given ``items``)."""
         q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
         k_all = concat_all_gather(k)  # W*N x D
         logits = q @ k_all.T / self.T  # N x W*N
         labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * get_rank()  # N
+        if items is not None:
+            items_all = concat_all_gather(items)  # W*N
+            same = (items[:, None] == items_all[None, :]) & (items[:, None] != NO_ITEM)  # N x W*N
+            same[torch.arange(q.shape[0], device=q.device), labels] = False  # the positive stays
+            logits = logits.masked_fill(same, float("-inf"))
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         return F.cross_entropy(logits, labels) * 2 * self.T, accuracy
 
-    def _forward_v3(self, view_1: torch.Tensor, view_2: torch.Tensor, *, m: float | None) -> ContrastiveOutput:
+    def _forward_v3(self, view_1: torch.Tensor, view_2: torch.Tensor, *, m: float | None,
+                    items: torch.Tensor | None = None) -> ContrastiveOutput:
         q1 = self.predictor(encode_in_splits(self.encoder_q, view_1, self.bn_splits))  # N x D
         q2 = self.predictor(encode_in_splits(self.encoder_q, view_2, self.bn_splits))  # N x D
         with torch.no_grad():
             self.momentum_update(m)
             k1 = encode_in_splits(self.encoder_k, view_1, self.bn_splits)  # N x D
             k2 = encode_in_splits(self.encoder_k, view_2, self.bn_splits)  # N x D
-        loss_12, accuracy_12 = self._contrast_v3(q1, k2)
-        loss_21, accuracy_21 = self._contrast_v3(q2, k1)
+        loss_12, accuracy_12 = self._contrast_v3(q1, k2, items)
+        loss_21, accuracy_21 = self._contrast_v3(q2, k1, items)
         return ContrastiveOutput(loss=loss_12 + loss_21, accuracy=(accuracy_12 + accuracy_21).detach() / 2)

@@ -29,12 +29,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # augmented batches, no head warm-up and one LR for all, a fine-tune lost colour recall against the
     # frozen weights (0.955 vs 0.977); freeze_bn + a 60-step head warm-up + the backbone at 0.1 of the
     # head's LR gained on every disturbance. T 0.1, K 1024, m 0.99 and the head size were set once,
-    # not ablated; crop 128 keeps a step near 1 s on 2 cores.
+    # not ablated; crop 128 keeps a step near 1 s on 2 cores. Listing positives (docs/finetune.md, 1,000
+    # items x 3 photos): P 1.0 with same-item keys masked lifted other-photo R@1 0.834 -> 0.859 and left
+    # the whole-image disturbances level (0.672 vs 0.674); without item_id in the shards they do nothing.
     "finetune": dict(model="tf_efficientnet_lite0", pretrained=True, crop_size=128, batch_size=32, epochs=6,
                      queue_size=1024, momentum=0.99, temperature=0.1, hidden_dim=1024, base_lr=0.3,
                      warmup_epochs=0.5, freeze_bn=True, head_warmup_steps=60, backbone_lr_scale=0.1,
                      log_every=10, checkpoint_every=200, knn_every=2, shuffle_buffer=512, channels_last=False,
-                     bn_splits=1),
+                     bn_splits=1, listing_positives=1.0, mask_same_item=True),
     # One or more H100s: bf16 (no scaler), compiled encoders, a larger per-device batch.
     "h100": dict(model="resnet50", crop_size=224, batch_size=512, epochs=200, queue_size=65536,
                  amp="bf16", channels_last=True, compile=True, opt="sgd", base_lr=0.03,

@@ -145,9 +145,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sample_shards, tmp_pa
     calls = {"count": 0}
     real_info_nce = ecomaug.moco.info_nce
 
-    def poisoned(q, k, queue, T):
+    def poisoned(q, k, queue, T, same_item=None):
         calls["count"] += 1
-        loss, logits = real_info_nce(q, k, queue, T)
+        loss, logits = real_info_nce(q, k, queue, T, same_item)
         return (loss * float("nan") if calls["count"] >= 4 else loss), logits
 
     monkeypatch.setattr(ecomaug.moco, "info_nce", poisoned)

@@ -178,7 +178,8 @@ def build_objective(config: TrainConfig, *, queue_size: int, bn_splits: int) -> 
     return MoCo(config.model, dim=config.dim, hidden_dim=config.hidden_dim, K=queue_size,
                 m=config.momentum, T=config.temperature, version=config.moco_version,
                 shuffle_bn=config.shuffle_bn, bn_splits=bn_splits, seed=config.seed, img_size=config.crop_size,
-                momentum_schedule=config.momentum_schedule, koleo_weight=config.koleo_weight)
+                momentum_schedule=config.momentum_schedule, koleo_weight=config.koleo_weight,
+                mask_same_item=config.mask_same_item)
 
 
 def resolve_views(config: TrainConfig) -> RecipeSpec:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ecomaug.config import TrainConfig
+from ecomaug.listing_views import ListingViews
 from ecomaug.normalise import Normalise
 from ecomaug.objective import ContrastiveOutput, Objective
 
@@ -80,6 +81,7 @@ class TrainStep:
         clip_grad: clip the gradient norm to this, or None.
         frozen_norms: batch-norm layers kept in eval mode at every step (``--freeze-bn``).
         head_warmup_steps: steps during which the optimizer groups marked ``backbone`` get no update.
+        listing: swaps second views for views of another photo of the item (``--listing-positives``).
 
     Shape:
         - views: two :math:`(N, 3, S, S)` tensors on ``device`` (uint8, or float in [0, 1]).
@@ -88,8 +90,9 @@ class TrainStep:
     def __init__(self, objective: Objective, *, optimizer: torch.optim.Optimizer, scheduler: Any,
                  recipe: nn.Module | None, normalise: Normalise, amp: str, device: torch.device,
                  total_steps: int, clip_grad: float | None = None,
-                 frozen_norms: Sequence[nn.Module] = (), head_warmup_steps: int = 0) -> None:
-        self.objective, self.model = objective, objective
+                 frozen_norms: Sequence[nn.Module] = (), head_warmup_steps: int = 0,
+                 listing: ListingViews | None = None) -> None:
+        self.objective, self.model, self.listing = objective, objective, listing
         self.frozen_norms, self.head_warmup_steps = list(frozen_norms), head_warmup_steps
         # The backbone's share of the learning rate once the head warm-up is over (timm's schedulers
         # multiply each group's lr by its lr_scale).
@@ -134,9 +137,14 @@ class TrainStep:
         frozen = [layer for encoder in objective.encoders()
                   for layer in getattr(encoder, "backbone", encoder).modules()
                   if isinstance(layer, nn.modules.batchnorm._BatchNorm)] if config.freeze_bn else []
+        from ecomaug.distributed import get_rank
+
+        listing = ListingViews(config.listing_positives, capacity=config.listing_table,
+                               seed=config.seed + get_rank()) if config.listing_positives > 0 else None
         return cls(objective, optimizer=optimizer, scheduler=scheduler, recipe=recipe, normalise=normalise,
                    amp=config.amp, device=device, total_steps=total_steps, clip_grad=config.clip_grad,
-                   frozen_norms=frozen, head_warmup_steps=head_warmup_steps(config, total_steps))
+                   frozen_norms=frozen, head_warmup_steps=head_warmup_steps(config, total_steps),
+                   listing=listing)
 
     def autocast(self) -> AbstractContextManager:
         """The autocast context of the run's ``--amp`` (nothing when it is ``none``)."""
@@ -163,6 +171,8 @@ class TrainStep:
     def __call__(self, views: Sequence[torch.Tensor],
                  meta: Sequence[dict[str, Any]] | None = None) -> ContrastiveOutput:
         """Take one step on two views of a batch; return the objective's loss and accuracy."""
+        if self.listing is not None:
+            views = self.listing(views, meta)
         view_q, view_k = self.views(views)  # N x 3 x S x S each
         for layer in self.frozen_norms:  # whoever called .train() since, these stay in eval mode
             layer.eval()
@@ -180,6 +190,8 @@ class TrainStep:
         if self.scheduler is not None:
             self.scheduler.step_update(num_updates=self.step)
         self.stats = self.objective.on_step_end(self.step, self.total_steps)
+        if self.listing is not None:
+            self.stats = {**self.stats, **self.listing.stats()}
         return output
 
     def _gate_backbone(self) -> None:
