@@ -24,6 +24,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "corpus": ("bench.corpus:main",
                "real photos to measure on: listing-size JPEGs from Debian's wallpapers, and shards"),
     "convert": ("bench.convert:main", "images -> shards: conversion images/s against this machine's limit"),
+    "fetch": ("bench.fetch:main", "URLs -> shards: URL-list conversion images/s vs the same photos as files"),
     "loaders": ("bench.loaders:main", "shards -> pixels: two-view loader images/s, ours vs the baseline"),
     "augment": ("bench.augment:main", "pixels -> views: the ecom recipe's images/s and share of a step"),
     "pipeline": ("bench.pipeline:pipeline", "tar -> MoCo step: every stage alone and cumulative, which limits"),

@@ -24,6 +24,14 @@ MAX_BATCH_SIZE = 4096
 MAX_SEED = 2**31 - 1
 # Worker processes of the shard conversion.
 MAX_WORKERS = 1024
+# Fetching a URL list (shard --url-column): fetches in flight, and to one host; beyond a few
+# thousand sockets a process runs out of file descriptors before the network is busy.
+MAX_FETCH_THREADS = 1024
+MAX_FETCHES_PER_HOST = 256
+# Seconds to connect / between reads, further tries, and the size cap of one response (1 GB).
+MAX_FETCH_TIMEOUT = 600.0
+MAX_FETCH_RETRIES = 20
+MAX_FETCH_BYTES = 10**9
 # Longest side a JPEG can have (its header holds 16 bits; Pillow refuses above 65500).
 MAX_IMAGE_SIDE = 65500
 # Rows of a preview grid.
@@ -52,6 +60,7 @@ TRAIN_RANGES: dict[str, tuple[float, float]] = {
     "crop_size": (MIN_INPUT_SIZE, MAX_INPUT_SIZE), "batch_size": (1, MAX_BATCH_SIZE),
     "queue_size": (1, MAX_QUEUE_SIZE), "dim": (1, MAX_HEAD_DIM), "hidden_dim": (1, MAX_HEAD_DIM),
     "seed": (0, MAX_SEED), "num_workers": (0, MAX_WORKERS), "sgd_momentum": (0.0, 1.0),
+    "listing_table": (1, 10**7),
 }
 
 

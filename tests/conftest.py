@@ -51,3 +51,32 @@ def sample_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sample_shards")
     convert_to_shards(SAMPLE_MANIFEST, out, shard_size=64, workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 (moto's server) for the whole session: its endpoint URL; skipped without moto/s3fs."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("boto3")
+    server_module = pytest.importorskip("moto.server")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_client(s3_server, monkeypatch):
+    """A boto3 client of the local S3, with the environment pointing every S3 client (s3fs too) at it."""
+    import boto3
+    import fsspec
+
+    for name, value in {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing",
+                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    fsspec.get_filesystem_class("s3").clear_instance_cache()  # s3fs keeps instances with their endpoint
+    yield boto3.client("s3", endpoint_url=s3_server)
+    fsspec.get_filesystem_class("s3").clear_instance_cache()

@@ -219,3 +219,25 @@ def test_gpu_section_smoke_run_on_the_cpu_has_every_row_and_no_verdict(sample_sh
     assert any(name.startswith("DALI") for name in names)
     assert all(row.verdict == "n/a" for row in rows)  # goals hold on CUDA only
     assert "pass/fail" in table(rows).splitlines()[0]
+
+
+def test_fetch_stage_converts_the_same_photos_from_urls_and_files_with_many_fetches_in_flight(tmp_path):
+    out = tmp_path / "fetch.json"
+    result = CliRunner().invoke(cli, ["fetch", "--count", "6", "--latency-ms", "100", "--workers", "1",
+                                      "--repeats", "1", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "URLs / local =" in result.output and "one fetch at a time" in result.output
+    report = json.loads(out.read_text())
+    assert set(report["rows"]) == {"local", "url", "serial"}
+    for name, row in report["rows"].items():
+        last = row["last_run"]
+        assert last["inputs"] == last["written"] + last["skipped"] == 6 and last["written"] == 6, (name, last)
+        assert len(row["seconds"]) == 1 and positive_finite(row["median_per_s"])
+        assert [run["requests"] for run in row["server"]] == [0 if name == "local" else 6]
+    # the fetch pool asks for all six at once; one fetch thread asks one at a time
+    assert report["rows"]["url"]["server"][0]["peak_in_flight"] > 1
+    assert report["rows"]["serial"]["server"][0]["peak_in_flight"] == 1
+    assert all(run["peak_connections"] >= run["peak_in_flight"] for row in report["rows"].values()
+               for run in row["server"])
+    assert all(positive_finite(report["ratios"][key]) for key in ("url_over_local", "serial_over_local"))
+    assert report["ratios"]["waiting_ceiling_per_s"] == pytest.approx(16 / 0.1)

@@ -446,42 +446,18 @@ def test_dali_cpu_on_a_cuda_device_and_dali_gpu(tmp_path):
         assert batches[0].views[0].device.type == "cuda"
 
 
-# ----------------------------------------------------------------------------- S3 (moto server)
-@pytest.fixture(scope="module")
-def s3_server():
-    pytest.importorskip("s3fs")
-    pytest.importorskip("boto3")
-    server_module = pytest.importorskip("moto.server")
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
+# ----------------------------------------------------------------------------- S3 (moto server, tests/conftest.py)
 @pytest.fixture
-def s3_shards(s3_server, tmp_path, monkeypatch):
+def s3_shards(s3_client, tmp_path):
     """Two shards (5 and 7 samples) at s3://<bucket>/shards/ on the local server; the local copy."""
-    import boto3
-
-    for name, value in {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing",
-                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
+    client = s3_client
     bucket = f"ecomaug-{tmp_path.name.lower().replace('_', '-')}"[:60]
     local = tmp_path / "local"
     make_shards(local, [5, 7])
-    client = boto3.client("s3", endpoint_url=s3_server)
     client.create_bucket(Bucket=bucket)
     for path in local.iterdir():
         client.upload_file(str(path), bucket, f"shards/{path.name}")
-    import fsspec
-
-    s3_class = fsspec.get_filesystem_class("s3")
-    s3_class.clear_instance_cache()  # s3fs keeps instances, with the endpoint they were made with
-    yield f"s3://{bucket}/shards", local, client
-    s3_class.clear_instance_cache()
+    return f"s3://{bucket}/shards", local, client
 
 
 def test_an_s3_folder_reads_its_manifest_and_streams_every_sample(s3_shards):

@@ -1,4 +1,5 @@
-"""``ecomaug shard``: a folder or manifest of listing images -> WebDataset shards with DALI indexes."""
+"""``ecomaug shard``: a folder or manifest of listing images (or of their URLs) -> WebDataset shards with
+DALI indexes."""
 
 from __future__ import annotations
 
@@ -7,20 +8,30 @@ import re
 import click
 
 from ecomaug.commands import FloatRange
-from ecomaug.limits import MAX_IMAGE_SIDE, MAX_SEED, MAX_WORKERS
+from ecomaug.limits import (MAX_FETCH_BYTES, MAX_FETCH_RETRIES, MAX_FETCH_THREADS, MAX_FETCH_TIMEOUT,
+                            MAX_FETCHES_PER_HOST, MAX_IMAGE_SIDE, MAX_SEED, MAX_WORKERS)
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
-def parse_size(text: str | None) -> int | None:
-    """``"500MB"`` -> 500000000; ``"1GiB"`` -> 1073741824; a bare number is bytes."""
+def parse_size(text: str | None, name: str = "--shard-bytes") -> int | None:
+    """``"500MB"`` -> 500000000; ``"1GiB"`` -> 1073741824; a bare number is bytes (``name``: the option, for
+    the message)."""
     if text is None:
         return None
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"--shard-bytes {text!r} is not a size; use e.g. 500MB, 1GB, 1GiB or a byte count")
+        raise ValueError(f"{name} {text!r} is not a size; use e.g. 500MB, 1GB, 1GiB or a byte count")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_max_bytes(text: str) -> int:
+    """``--max-bytes`` in bytes, in 1 .. :data:`~ecomaug.limits.MAX_FETCH_BYTES`."""
+    size = parse_size(text, "--max-bytes")
+    if not 1 <= size <= MAX_FETCH_BYTES:
+        raise ValueError(f"--max-bytes must be between 1 byte and {MAX_FETCH_BYTES // 10**6}MB (got {text!r})")
+    return size
 
 
 @click.command("shard")
@@ -44,6 +55,20 @@ def parse_size(text: str | None) -> int | None:
 @click.option("--prefix", type=str, default="shard", show_default=True, help="Shard file name prefix.")
 @click.option("--path-column", type=str, default="path", show_default=True,
               help="Manifest column holding the image path (relative to the manifest).")
+@click.option("--url-column", type=str, default=None,
+              help="Instead of --path-column: the manifest column holding each image's http(s)://, s3:// or "
+                   "gs:// URL. Other schemes (file://, bare paths, pipe:...) are skipped, never opened.")
+@click.option("--fetch-threads", type=click.IntRange(1, MAX_FETCH_THREADS), default=64, show_default=True,
+              help="URL lists: fetches in flight at once.")
+@click.option("--per-host", type=click.IntRange(1, MAX_FETCHES_PER_HOST), default=16, show_default=True,
+              help="URL lists: most fetches in flight to one host (or bucket).")
+@click.option("--timeout", type=click.FloatRange(0, MAX_FETCH_TIMEOUT, min_open=True), default=10.0,
+              show_default=True, help="URL lists: seconds to connect, and that a read may wait for data.")
+@click.option("--retries", type=click.IntRange(0, MAX_FETCH_RETRIES), default=3, show_default=True,
+              help="URL lists: further tries, with exponential backoff, after a timeout, a connection error, "
+                   "HTTP 408, 429 or 5xx.")
+@click.option("--max-bytes", type=str, default="20MB", show_default=True,
+              help="URL lists: skip a response larger than this (reason 'too large').")
 @click.option("--item-id-from", type=click.Choice(["column", "parent"]), default="column", show_default=True,
               help="Where each image's item_id comes from: the manifest's item_id column, or the name of "
                    "the folder holding the image (a folder tree of one sub-folder per item, no manifest).")
@@ -65,15 +90,26 @@ def parse_size(text: str | None) -> int | None:
 @click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=None,
               help="Worker processes. Default: one per CPU core.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@click.option("--staging", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="When OUT_DIR is object storage (s3://bucket/prefix, gs://..., needs ecomaug[s3] or [gcs]): "
+                   "the local folder where each shard is written, then uploaded and removed, and the journal "
+                   "that resumes a crashed run is kept. Default: ~/.cache/ecomaug/staging/<hash of OUT_DIR>.")
 def shard(input_path: str, out_dir: str, max_size: int, resize_side: str, quality: int, min_size: int,
           max_pixels: int, shard_size: int, shard_bytes: str | None, prefix: str, path_column: str,
+          url_column: str | None, fetch_threads: int, per_host: int, timeout: float, retries: int, max_bytes: str,
           item_id_from: str, val_split: float | None, balance_by: str | None, per_group: int | None, seed: int,
-          shuffle: bool, num_jobs: int, job_index: int, workers: int | None, progress: bool) -> None:
-    """Convert INPUT (a folder of images, or a .csv/.jsonl manifest) into shards in OUT_DIR.
+          shuffle: bool, num_jobs: int, job_index: int, workers: int | None, progress: bool,
+          staging: str | None) -> None:
+    """Convert INPUT (a folder of images, or a .csv/.jsonl/.parquet manifest) into shards in OUT_DIR.
 
     Writes shard-NNNNNN.tar (<key>.jpg + <key>.json), a DALI index .idx per shard, manifest.json
     and skipped.jsonl (every input not written, with the reason). Running the same command
     again after a crash resumes; after completion it does nothing.
+
+    With --url-column, INPUT lists image URLs (http, https, s3, gs), fetched many at once with
+    timeouts, retries and a size cap; each failed one is skipped with its reason (HTTP 404,
+    timeout, connection refused, too large, not an image...). A re-run fetches only what the
+    last closed shard does not already hold.
 
     \b
     Examples:
@@ -82,10 +118,24 @@ def shard(input_path: str, out_dir: str, max_size: int, resize_side: str, qualit
       ecomaug shard ./my_photos ./shards --item-id-from parent --val-split 0.1
       ecomaug shard items.csv ./shards --balance-by region --per-group 1000000 --seed 0
       ecomaug shard items.csv ./shards --num-jobs 16 --job-index $SLURM_ARRAY_TASK_ID
+      ecomaug shard urls.csv ./shards --url-column url --timeout 10 --retries 3 --max-bytes 20MB
+      ecomaug shard ./images s3://my-bucket/shards --staging /scratch/ecomaug-staging
     """
     from ecomaug.cli import CommandError
     from loaders.convert import DiskFullError, convert_to_shards
+    from loaders.convert.fetch import FetchOptions
+    from loaders.convert.remote_out import default_staging, is_remote
 
+    fetch = None
+    given = [f"--{name.replace('_', '-')}" for name in ("fetch_threads", "per_host", "timeout", "retries", "max_bytes")
+             if click.get_current_context().get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+    if url_column is None and given:
+        raise ValueError(f"{', '.join(given)} apply to a URL list: give --url-column too")
+    if url_column is not None:
+        fetch = FetchOptions(threads=fetch_threads, per_host=per_host, timeout=timeout, retries=retries,
+                             max_bytes=parse_max_bytes(max_bytes), seed=seed)
+    if is_remote(out_dir):
+        click.echo(f"staging in {staging or default_staging(out_dir)}; each closed shard goes up to {out_dir}")
     try:
         report = convert_to_shards(
             input_path, out_dir, prefix=prefix, shard_size=shard_size, shard_bytes=parse_size(shard_bytes),
@@ -93,7 +143,7 @@ def shard(input_path: str, out_dir: str, max_size: int, resize_side: str, qualit
             max_pixels=max_pixels, path_column=path_column, item_id_from=item_id_from,
             val_split=val_split, balance_by=balance_by, per_group=per_group,
             seed=seed, shuffle=shuffle, num_jobs=num_jobs, job_index=job_index, workers=workers,
-            progress=progress)
+            progress=progress, url_column=url_column, fetch=fetch, staging=staging)
     except DiskFullError as error:  # an OSError, which the CLI otherwise leaves as a traceback
         raise CommandError(str(error)) from error
     _echo_report(report)

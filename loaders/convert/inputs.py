@@ -1,7 +1,7 @@
-"""What a conversion reads: a folder tree of images, or a CSV / JSONL manifest of paths.
+"""What a conversion reads: a folder tree of images, or a CSV / JSONL / Parquet manifest of paths or URLs.
 
 Each input has an *identity* (its path relative to the folder, or the manifest's path value as
-written) from which its shard key is derived, so keys are stable across runs, jobs and resumes.
+written, or the URL as written) from which its shard key is derived, so keys are stable across runs, jobs and resumes.
 The folder walk is the one listing of image files: :func:`list_image_files` (``preview --images``,
 ``embed`` on a folder) keeps the entries of the same walk that Pillow recognises.
 """
@@ -23,7 +23,7 @@ from PIL import Image
 
 from loaders.remote import NOT_REGULAR, file_kind
 
-MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 KEY_LENGTH = 20
 ITEM_ID_SOURCES = ("column", "parent")  # a manifest's item_id column, or each image's folder name
 
@@ -52,9 +52,10 @@ class InputListing:
     """All inputs in a stable order, and the metadata columns a manifest offers."""
 
     source: Path
-    kind: str  # "folder", "csv" or "jsonl"
+    kind: str  # "folder", "csv", "jsonl" or "parquet"
     items: list[InputItem]
     columns: tuple[str, ...]
+    urls: bool = False  # each item's path is a URL to fetch (--url-column), never a file to open
 
 
 def input_key(identity: str) -> str:
@@ -107,30 +108,68 @@ def _normalise_meta(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _item_from_row(row: dict[str, Any], path_column: str, base: Path, where: str) -> InputItem:
-    value = row.pop(path_column, None)
+@dataclass(frozen=True)
+class _Column:
+    """The manifest column that says where each input is: a path (relative to the manifest) or a URL."""
+
+    name: str
+    urls: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--url-column" if self.urls else "--path-column"
+
+    def missing(self, where: str, found: Any) -> ValueError:
+        kind = "URL" if self.urls else "path"
+        return ValueError(f"{where}: no {kind} column '{self.name}' ({found}); pick one with {self.flag}")
+
+
+def _item_from_row(row: dict[str, Any], column: _Column, base: Path, where: str) -> InputItem:
+    value = row.pop(column.name, None)
+    if column.urls:  # never joined to a folder: a URL is fetched as written, or skipped
+        identity = "" if value is None else str(value)
+        return InputItem(identity=identity, path=identity, meta=_normalise_meta(row))
     if value is None or str(value).strip() == "":
-        raise ValueError(f"{where}: empty '{path_column}' value")
+        raise ValueError(f"{where}: empty '{column.name}' value")
     identity = str(value)
     path = Path(identity) if os.path.isabs(identity) else base / identity
     return InputItem(identity=identity, path=str(path), meta=_normalise_meta(row))
 
 
-def _read_csv(path: Path, path_column: str) -> tuple[list[InputItem], tuple[str, ...]]:
+def _read_csv(path: Path, column: _Column) -> tuple[list[InputItem], tuple[str, ...]]:
     with open(path, newline="", encoding="utf-8-sig") as stream:
         reader = csv.DictReader(stream)
         columns = tuple(reader.fieldnames or ())
-        if path_column not in columns:
-            raise ValueError(f"{path}: no path column '{path_column}' (columns: {', '.join(columns) or 'none'}); "
-                             f"pick one with --path-column")
+        if column.name not in columns:
+            raise column.missing(str(path), f"columns: {', '.join(columns) or 'none'}")
         items = []
         for line, row in enumerate(reader, start=2):
             row.pop(None, None)  # cells beyond the header: not a column
-            items.append(_item_from_row(dict(row), path_column, path.parent, f"{path}:{line}"))
-    return items, tuple(c for c in columns if c != path_column)
+            items.append(_item_from_row(dict(row), column, path.parent, f"{path}:{line}"))
+    return items, tuple(c for c in columns if c != column.name)
 
 
-def _read_jsonl(path: Path, path_column: str) -> tuple[list[InputItem], tuple[str, ...]]:
+def _read_parquet(path: Path, column: _Column) -> tuple[list[InputItem], tuple[str, ...]]:
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise ValueError(f"{path}: reading a Parquet manifest needs pyarrow: pip install \"ecomaug[parquet]\"") \
+            from None
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except (OSError, pyarrow.ArrowException) as error:
+        raise ValueError(f"{path}: not a readable Parquet file ({str(error).splitlines()[0]})") from None
+    if column.name not in table.column_names:
+        raise column.missing(str(path), f"columns: {', '.join(table.column_names) or 'none'}")
+    # A date, a decimal or raw bytes has no JSON form: such a cell goes into <key>.json as its text.
+    plain = (str, int, float, bool, list, dict, type(None))
+    items = [_item_from_row({k: v if isinstance(v, plain) else str(v) for k, v in row.items()}, column, path.parent,
+                            f"{path}: row {number}")
+             for number, row in enumerate(table.to_pylist(), start=1)]
+    return items, tuple(c for c in table.column_names if c != column.name)
+
+
+def _read_jsonl(path: Path, column: _Column) -> tuple[list[InputItem], tuple[str, ...]]:
     items: list[InputItem] = []
     columns: dict[str, None] = {}
     with open(path, encoding="utf-8") as stream:
@@ -143,11 +182,10 @@ def _read_jsonl(path: Path, path_column: str) -> tuple[list[InputItem], tuple[st
                 raise ValueError(f"{path}:{line}: not valid JSON ({error.msg})") from error
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
-            if path_column not in row:
-                raise ValueError(f"{path}:{line}: no path column '{path_column}' "
-                                 f"(keys: {', '.join(row) or 'none'}); pick one with --path-column")
-            columns.update(dict.fromkeys(k for k in row if k != path_column))
-            items.append(_item_from_row(row, path_column, path.parent, f"{path}:{line}"))
+            if column.name not in row:
+                raise column.missing(f"{path}:{line}", f"keys: {', '.join(row) or 'none'}")
+            columns.update(dict.fromkeys(k for k in row if k != column.name))
+            items.append(_item_from_row(row, column, path.parent, f"{path}:{line}"))
     return items, tuple(columns)
 
 
@@ -160,18 +198,21 @@ def _item_id_from_parent(listing: InputListing) -> InputListing:
         meta = {**item.meta, "item_id": parent} if parent else {k: v for k, v in item.meta.items() if k != "item_id"}
         items.append(InputItem(identity=item.identity, path=item.path, meta=meta, problem=item.problem))
     columns = listing.columns if "item_id" in listing.columns else (*listing.columns, "item_id")
-    return InputListing(source=listing.source, kind=listing.kind, items=items, columns=columns)
+    return InputListing(source=listing.source, kind=listing.kind, items=items, columns=columns, urls=listing.urls)
 
 
 def read_inputs(source: str | os.PathLike, *, path_column: str = "path",
-                item_id_from: str = "column") -> InputListing:
+                item_id_from: str = "column", url_column: str | None = None) -> InputListing:
     """List the inputs of a conversion.
 
     Args:
         source: a folder (walked recursively, hidden entries ignored; every file is a candidate
-            and its type is decided later by content) or a ``.csv`` / ``.jsonl`` manifest with a
-            path column (relative paths are relative to the manifest) and metadata columns.
+            and its type is decided later by content) or a ``.csv`` / ``.jsonl`` / ``.parquet``
+            manifest with a path column (relative paths are relative to the manifest) and metadata
+            columns.
         path_column: the manifest column holding the image path.
+        url_column: instead of ``path_column``: the manifest column holding each image's URL
+            (kept as written, never joined to a folder; see :mod:`loaders.convert.fetch`).
         item_id_from: ``"column"`` (a manifest's ``item_id`` column, if any) or ``"parent"``
             (each image's folder name, for a folder of one sub-folder per item).
 
@@ -181,18 +222,24 @@ def read_inputs(source: str | os.PathLike, *, path_column: str = "path",
     Raises:
         FileNotFoundError: ``source`` does not exist.
         ValueError: an empty folder or manifest, an unknown file type, a missing path column,
-            an unknown ``item_id_from``.
+            an unknown ``item_id_from``, ``url_column`` with a folder or a non-default ``path_column``.
     """
     if item_id_from not in ITEM_ID_SOURCES:
         raise ValueError(f"item_id_from must be one of {ITEM_ID_SOURCES} (got {item_id_from!r})")
-    listing = _read_listing(Path(source), path_column)
+    if url_column is not None and path_column != "path":
+        raise ValueError("give --url-column or --path-column, not both")
+    column = _Column(url_column, urls=True) if url_column is not None else _Column(path_column)
+    listing = _read_listing(Path(source), column)
     return _item_id_from_parent(listing) if item_id_from == "parent" else listing
 
 
-def _read_listing(path: Path, path_column: str) -> InputListing:
+def _read_listing(path: Path, column: _Column) -> InputListing:
     if not path.exists():
         raise FileNotFoundError(2, "No such file or directory", str(path))
     if path.is_dir():
+        if column.urls:
+            raise ValueError(f"{path}: --url-column needs a manifest of URLs (.csv, .jsonl or .parquet), "
+                             f"not a folder")
         items = _walk_folder(path)
         if not items:
             raise ValueError(f"{path}: the input folder holds no files")
@@ -203,10 +250,11 @@ def _read_listing(path: Path, path_column: str) -> InputListing:
     if kind is None:
         raise ValueError(f"{path}: INPUT must be a folder or a manifest ending in "
                          f"{', '.join(MANIFEST_SUFFIXES)} (got '{path.suffix or 'no suffix'}')")
-    items, columns = (_read_csv if kind == "csv" else _read_jsonl)(path, path_column)
+    reader = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}[kind]
+    items, columns = reader(path, column)
     if not items:
         raise ValueError(f"{path}: the manifest lists no inputs")
-    return InputListing(source=path, kind=kind, items=items, columns=columns)
+    return InputListing(source=path, kind=kind, items=items, columns=columns, urls=column.urls)
 
 
 def list_image_files(folder: str | os.PathLike) -> list[Path]:

@@ -13,7 +13,7 @@ import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from loaders import atomic
 from loaders.manifest import read_manifest
@@ -68,10 +68,12 @@ def check_out_dir(out_dir: Path, input_path: Path) -> None:
                          f"its shards would become inputs of the next run")
 
 
-def check_siblings(out_dir: Path, names: JobNames, fingerprint: dict[str, Any]) -> None:
-    """Refuse an output folder that holds another conversion (other input, options or split)."""
+def check_siblings(out_dir: Path, names: JobNames, fingerprint: dict[str, Any],
+                   manifests: Sequence[str] | None = None) -> None:
+    """Refuse an output folder that holds another conversion (other input, options or split);
+    ``manifests``: the other jobs' manifests where they are not in ``out_dir`` (URLs on a store)."""
     mine = {key: value for key, value in fingerprint.items() if key != "job_index"}
-    for path in sorted(out_dir.glob("manifest*.json")):
+    for path in sorted(out_dir.glob("manifest*.json")) if manifests is None else manifests:
         if path == names.manifest:
             continue
         try:
@@ -84,7 +86,7 @@ def check_siblings(out_dir: Path, names: JobNames, fingerprint: dict[str, Any]) 
         raise_if_different(mine, {key: theirs.get(key) for key in mine}, path)
 
 
-def raise_if_different(expected: dict[str, Any], found: dict[str, Any], where: Path) -> None:
+def raise_if_different(expected: dict[str, Any], found: dict[str, Any], where: Path | str) -> None:
     differences = [f"{key} {found.get(key)!r} != {value!r}" for key, value in expected.items()
                    if found.get(key) != value]
     if differences:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Sequence
 
 from loaders.atomic import DISK_FULL_ERRNOS
+from loaders.convert.fetch import FetchOptions
 from loaders.convert.hygiene import DEFAULT_MAX_PIXELS, ImageHook, Prepared, Rejected
 from loaders.convert.inputs import InputListing
 from loaders.convert.journal import JOURNAL_NAME, NAME_ERRORS, JournalState, append_journal, read_journal
@@ -26,6 +27,7 @@ from loaders.convert.out_dir import (DiskFullError, JobNames, check_siblings, di
                                      raise_if_different)
 from loaders.convert.outputs import ConvertReport, finished_report, report, write_outputs
 from loaders.convert.plan import Task, inputs_digest, plan_tasks, split_listing, validation_items
+from loaders.convert.remote_out import local_out
 from loaders.convert.settings import (DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, DEFAULT_QUALITY, DEFAULT_SHARD_SIZE,
                                      JobSettings, job_settings)
 from loaders.convert.shard_writer import TAR_BLOCK, ShardWriter, final_tar_size, fsync_directory, padded
@@ -36,21 +38,22 @@ VAL_DIR = "val"  # where val_split writes the validation set: OUT_DIR/val
 
 
 def convert_to_shards(input_path: str | os.PathLike, out_dir: str | os.PathLike, *,
-                      prefix: str = "shard", shard_size: int = DEFAULT_SHARD_SIZE,
-                      shard_bytes: int | None = None, max_size: int = DEFAULT_MAX_SIZE,
-                      resize_side: str = "longer", quality: int = DEFAULT_QUALITY,
-                      min_size: int = DEFAULT_MIN_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS,
-                      path_column: str = "path", item_id_from: str = "column",
-                      balance_by: str | None = None, per_group: int | None = None, seed: int = 0,
-                      shuffle: bool = False, val_split: float | None = None, num_jobs: int = 1,
+                      prefix: str = "shard", shard_size: int = DEFAULT_SHARD_SIZE, shard_bytes: int | None = None,
+                      max_size: int = DEFAULT_MAX_SIZE, resize_side: str = "longer", quality: int = DEFAULT_QUALITY,
+                      min_size: int = DEFAULT_MIN_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS, path_column: str = "path",
+                      item_id_from: str = "column", balance_by: str | None = None, per_group: int | None = None,
+                      seed: int = 0, shuffle: bool = False, val_split: float | None = None, num_jobs: int = 1,
                       job_index: int = 0, workers: int | None = None, progress: bool = True,
-                      image_hook: ImageHook | None = None, start_method: str | None = None) -> ConvertReport:
-    """Convert a folder or manifest of images into WebDataset shards.
+                      image_hook: ImageHook | None = None, start_method: str | None = None,
+                      url_column: str | None = None, fetch: FetchOptions | None = None,
+                      staging: str | os.PathLike | None = None) -> ConvertReport:
+    """Convert a folder or manifest of images (or of image URLs) into WebDataset shards.
 
     Args:
-        input_path: a folder (recursive; types decided by content) or a ``.csv`` / ``.jsonl``
-            manifest with a path column; other manifest columns go into each ``<key>.json``.
-        out_dir: where shards, indexes, ``manifest.json`` and ``skipped.jsonl`` go (created).
+        input_path: a folder (recursive; types decided by content) or a ``.csv``/``.jsonl``/``.parquet``
+            manifest with a path (or URL) column; other manifest columns go into each ``<key>.json``.
+        out_dir: where shards, indexes, ``manifest.json`` and ``skipped.jsonl`` go (created): a folder,
+            or an fsspec URL (``s3://bucket/prefix``, ``gs://...``), written through ``staging``.
         prefix: shard file prefix; with ``num_jobs > 1`` it becomes ``{prefix}-j{job_index:03d}``.
         shard_size: most samples per shard.
         shard_bytes: most bytes per shard (optional): a shard closes before it would exceed it;
@@ -85,6 +88,8 @@ def convert_to_shards(input_path: str | os.PathLike, out_dir: str | os.PathLike,
         start_method: how worker processes start (``"fork"``, ``"spawn"``, ``"forkserver"``);
             default ``"fork"`` where available (fast start). Use ``"spawn"`` when the hook needs
             CUDA or this process has already initialised it.
+        url_column: instead of ``path_column``, a column of http(s)/s3/gs URLs fetched as ``fetch`` says.
+        staging: for a URL ``out_dir``, the local folder shards are written in before their upload (remote_out).
 
     Returns:
         A :class:`ConvertReport` (with ``val``, the validation set's, when ``val_split`` is
@@ -101,23 +106,25 @@ def convert_to_shards(input_path: str | os.PathLike, out_dir: str | os.PathLike,
             same command resumes).
     """
     started = time.perf_counter()
+    out, remote = local_out(out_dir, staging)  # remote: None for a local OUT_DIR
     listing, settings = job_settings(
-        Path(input_path), Path(out_dir), prefix=prefix, shard_size=shard_size,
-        shard_bytes=shard_bytes, max_size=max_size, resize_side=resize_side, quality=quality,
-        min_size=min_size, max_pixels=max_pixels, path_column=path_column,
-        item_id_from=item_id_from, balance_by=balance_by, per_group=per_group, seed=seed,
-        shuffle=shuffle, val_split=val_split, num_jobs=num_jobs, job_index=job_index,
-        workers=workers, progress=progress, image_hook=image_hook, start_method=start_method)
+        Path(input_path), out, prefix=prefix, shard_size=shard_size, shard_bytes=shard_bytes, max_size=max_size,
+        resize_side=resize_side, quality=quality, min_size=min_size, max_pixels=max_pixels, path_column=path_column,
+        item_id_from=item_id_from, balance_by=balance_by, per_group=per_group, seed=seed, shuffle=shuffle,
+        val_split=val_split, num_jobs=num_jobs, job_index=job_index, workers=workers, progress=progress,
+        image_hook=image_hook, start_method=start_method, url_column=url_column, fetch=fetch)
     plan = dict(balance_by=balance_by, per_group=per_group, seed=seed, shuffle=shuffle)
-    if val_split is None:
-        return _convert_listing(listing, Path(out_dir), prefix, settings, plan, started)
-    return _convert_split(listing, Path(out_dir), prefix, settings, plan, started, val_split)
+    result = _convert_split(listing, out, prefix, replace(settings, sink=remote), plan, started, val_split)
+    return remote.published(result) if remote is not None else result
 
 
 def _convert_split(listing: InputListing, out_dir: Path, prefix: str, settings: JobSettings,
-                   plan: dict[str, Any], started: float, val_split: float) -> ConvertReport:
+                   plan: dict[str, Any], started: float, val_split: float | None) -> ConvertReport:
     """Hold out ``val_split`` of the items (seeded), convert the rest into ``out_dir`` and the
-    held-out items into ``out_dir/val``; the train report carries the val one as ``val``."""
+    held-out items into ``out_dir/val``; the train report carries the val one as ``val``. Without
+    ``val_split``, convert them all into ``out_dir``."""
+    if val_split is None:
+        return _convert_listing(listing, out_dir, prefix, settings, plan, started)
     seed = plan["seed"]
     held_out = validation_items(listing, val_split, seed=seed)
     train, val = split_listing(listing, held_out)
@@ -137,15 +144,15 @@ def _convert_listing(listing: InputListing, out_dir: Path, prefix: str, settings
     """Plan this job's share of ``listing`` and convert it into ``out_dir`` under the lock."""
     tasks = plan_tasks(listing, num_jobs=settings.num_jobs, job_index=settings.job_index, **plan)
     names = job_names(out_dir, prefix, settings.num_jobs, settings.job_index)
-    if names.manifest.exists():
-        return finished_report(names, settings.fingerprint, len(tasks), started)
+    if (finished := _finished(names, settings, len(tasks), started)) is not None:
+        return finished
     out_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise PermissionError(13, "Permission denied (OUT_DIR is not writable)", str(out_dir))
     try:
         with out_dir_lock(names.lock):
-            if names.manifest.exists():  # another run finished while this one was starting
-                return finished_report(names, settings.fingerprint, len(tasks), started)
+            if (finished := _finished(names, settings, len(tasks), started)) is not None:
+                return finished  # another run finished while this one was starting
             try:
                 return _convert_job(tasks, names, out_dir, settings, started)
             except OSError as error:
@@ -158,12 +165,19 @@ def _convert_listing(listing: InputListing, out_dir: Path, prefix: str, settings
         raise disk_full(error, out_dir, names) from error
 
 
+def _finished(names: JobNames, settings: JobSettings, inputs: int, started: float) -> ConvertReport | None:
+    """The report of a job whose manifest is already written (on the store, for a URL OUT), else None."""
+    if settings.sink is not None:
+        return settings.sink.finished_report(names, settings.fingerprint, inputs, started)
+    return finished_report(names, settings.fingerprint, inputs, started) if names.manifest.exists() else None
+
+
 def _convert_job(tasks: list[Task], names: JobNames, out_dir: Path, settings: JobSettings,
                  started: float) -> ConvertReport:
     """The conversion proper, run while this job holds OUT_DIR's lock: resume or start the
     journal, write the shards, then skipped.jsonl and manifest.json."""
     fingerprint = settings.fingerprint
-    check_siblings(out_dir, names, fingerprint)
+    check_siblings(out_dir, names, fingerprint, settings.sink.sibling_manifests(names) if settings.sink else None)
     header = {"journal": JOURNAL_NAME, "version": 1, "fingerprint": fingerprint,
               "inputs": len(tasks), "inputs_digest": inputs_digest(tasks)}
     found_header, entries, good_length = read_journal(names.journal)
@@ -180,6 +194,8 @@ def _convert_job(tasks: list[Task], names: JobNames, out_dir: Path, settings: Jo
                          f"another run; use an empty directory or another --prefix")
     for path in strays:  # shards of a crashed run that the journal never recorded, temporaries
         path.unlink()
+    if settings.sink is not None:  # check the store; upload again what a crash left unsent
+        settings.sink.start(names, entries)
 
     with open(names.journal, "r+b" if found_header is not None else "wb") as journal:
         if found_header is None:
@@ -192,6 +208,8 @@ def _convert_job(tasks: list[Task], names: JobNames, out_dir: Path, settings: Jo
 
     manifest = write_outputs(names, settings.recorded_options, fingerprint, settings.num_jobs,
                              settings.job_index, len(tasks), settings.group_columns, settings.split)
+    if settings.sink is not None:  # before the journal goes: a crash until the manifest is up resumes
+        settings.sink.outputs_written(names)
     names.journal.unlink()
     fsync_directory(out_dir)
     return report(names, manifest, resumed=found_header is not None, processed=processed,
@@ -224,7 +242,7 @@ class _JobWriter:
         bar = tqdm(total=len(tasks), initial=start, unit="img", disable=not settings.progress,
                    desc=self.names.prefix, dynamic_ncols=True, smoothing=0.1)
         outcomes = results_in_order(tasks, start, settings.options, settings.image_hook, settings.workers,
-                                    settings.start_method)
+                                    settings.start_method, settings.fetch)
         try:
             for task, outcome in outcomes:
                 self.settle(task, outcome)
@@ -304,3 +322,5 @@ class _JobWriter:
         self.pending_skips = []
         self.pending_samples = []
         self.pending_counts = {"changed": 0, "passed_through": 0}
+        if shard_entry is not None and self.settings.sink is not None:  # journaled first: a crash re-sends it
+            self.settings.sink.shard_closed(self.out_dir, shard_entry)

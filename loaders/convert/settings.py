@@ -13,11 +13,15 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from loaders.convert.fetch import FetchOptions, check_backends
 from loaders.convert.hygiene import HygieneOptions, ImageHook
 from loaders.convert.inputs import ITEM_ID_SOURCES, InputListing, read_inputs
 from loaders.convert.out_dir import check_out_dir
+
+if TYPE_CHECKING:
+    from loaders.convert.remote_out import RemoteOut
 
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_MAX_SIZE = 384
@@ -42,6 +46,8 @@ class JobSettings:
     recorded_options: dict[str, Any]
     fingerprint: dict[str, Any]
     split: dict[str, Any] | None = None
+    fetch: FetchOptions | None = None  # a URL list: how its images are fetched
+    sink: RemoteOut | None = None  # an object-storage OUT: uploads each closed shard
 
 
 def validate(shard_size: int, shard_bytes: int | None, per_group: int | None, balance_by: str | None,
@@ -83,8 +89,9 @@ def job_settings(input_path: Path, out_dir: Path, *, prefix: str, shard_size: in
                  min_size: int, max_pixels: int, path_column: str, item_id_from: str,
                  balance_by: str | None, per_group: int | None, seed: int, shuffle: bool,
                  val_split: float | None, num_jobs: int, job_index: int, workers: int | None,
-                 progress: bool, image_hook: ImageHook | None,
-                 start_method: str | None) -> tuple[InputListing, JobSettings]:
+                 progress: bool, image_hook: ImageHook | None, start_method: str | None,
+                 url_column: str | None = None,
+                 fetch: FetchOptions | None = None) -> tuple[InputListing, JobSettings]:
     """Check every option, list the inputs and check OUT_DIR: the listing and the job's settings.
 
     The options are :func:`~loaders.convert.run.convert_to_shards`'s; so are the errors raised.
@@ -99,7 +106,12 @@ def job_settings(input_path: Path, out_dir: Path, *, prefix: str, shard_size: in
         raise ValueError(f"item_id_from must be one of {ITEM_ID_SOURCES} (got {item_id_from!r})")
     options = HygieneOptions(max_size=max_size, resize_side=resize_side, quality=quality,
                              min_size=min_size, max_pixels=max_pixels)
-    listing = read_inputs(input_path, path_column=path_column, item_id_from=item_id_from)
+    listing = read_inputs(input_path, path_column=path_column, item_id_from=item_id_from, url_column=url_column)
+    if url_column is not None:
+        fetch = fetch or FetchOptions(seed=seed)
+        check_backends(item.path for item in listing.items)
+    elif fetch is not None:
+        raise ValueError("fetch options apply to a URL list: give url_column (--url-column) too")
     if balance_by is not None and balance_by not in listing.columns:
         where = "a folder input has no columns" if listing.kind == "folder" else \
             f"columns: {', '.join(listing.columns) or 'none'}"
@@ -112,12 +124,14 @@ def job_settings(input_path: Path, out_dir: Path, *, prefix: str, shard_size: in
         "per_group": per_group, "seed": seed, "shuffle": shuffle, "image_hook": hook_name(image_hook),
         **({"item_id_from": item_id_from} if item_id_from != "column" else {}),
         **({"val_split": val_split} if val_split is not None else {}),
+        # the size cap decides what is written; the other fetch options only how fast (not in the fingerprint)
+        **({"url_column": url_column, "max_bytes": fetch.max_bytes, "fetch": fetch.recorded()} if fetch else {}),
     }
     settings = JobSettings(
         options=options, image_hook=image_hook, shard_size=shard_size, shard_bytes=shard_bytes,
         group_columns=[balance_by] if balance_by else [c for c in ("region",) if c in listing.columns],
         workers=workers, progress=progress, start_method=start_method, num_jobs=num_jobs,
-        job_index=job_index, recorded_options=recorded_options,
-        fingerprint={**recorded_options, "input": str(input_path.resolve()), "num_jobs": num_jobs,
-                     "job_index": job_index})
+        job_index=job_index, recorded_options=recorded_options, fetch=fetch,
+        fingerprint={**{k: v for k, v in recorded_options.items() if k != "fetch"},
+                     "input": str(input_path.resolve()), "num_jobs": num_jobs, "job_index": job_index})
     return listing, settings

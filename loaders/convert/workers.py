@@ -1,5 +1,6 @@
-"""The conversion's worker processes: read each input file and clean it (:mod:`loaders.convert.hygiene`),
-results handed back in input order with a bounded number in flight."""
+"""The conversion's worker processes: read each input file (or take a URL's bytes fetched by
+:mod:`loaders.convert.fetch` in this process) and clean it (:mod:`loaders.convert.hygiene`), results
+handed back in input order with a bounded number in flight."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ import collections
 import multiprocessing
 import multiprocessing.pool
 import signal
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, Union
 
 from loaders.convert.hygiene import HygieneOptions, ImageHook, Prepared, Rejected, prepare_image, use_one_torch_thread
+from loaders.convert.fetch import FetchOptions, fetch_in_order
 from loaders.convert.inputs import NOT_REGULAR
 from loaders.convert.plan import Task
 from loaders.remote import NotRegularFileError, open_regular_file
 
 _WORKER_STATE: dict[str, Any] = {}
+# What a worker is handed per input: a file's path, a fetched URL's bytes, or why it was not fetched.
+Payload = Union[str, bytes, Rejected]
 
 
 def init_worker(options: HygieneOptions, image_hook: ImageHook | None, pooled: bool = False) -> None:
@@ -31,7 +35,12 @@ def init_worker(options: HygieneOptions, image_hook: ImageHook | None, pooled: b
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def process_one(path: str) -> Prepared | Rejected:
+def process_one(payload: Payload) -> Prepared | Rejected:
+    if isinstance(payload, Rejected):
+        return payload
+    if isinstance(payload, bytes):
+        return prepare_image(payload, _WORKER_STATE["options"], _WORKER_STATE["hook"])
+    path = payload
     try:
         with open_regular_file(path) as stream:  # a FIFO named in a manifest would block open()
             data = stream.read()
@@ -44,8 +53,15 @@ def process_one(path: str) -> Prepared | Rejected:
     return prepare_image(data, _WORKER_STATE["options"], _WORKER_STATE["hook"])
 
 
-def process_chunk(paths: list[str]) -> list[Prepared | Rejected]:
-    return [process_one(path) for path in paths]
+def process_chunk(payloads: list[Payload]) -> list[Prepared | Rejected]:
+    return [process_one(payload) for payload in payloads]
+
+
+def _payloads(tasks: Sequence[Task], start: int, fetch: FetchOptions | None) -> Iterator[Payload]:
+    """Each task's payload (up-front skips left out), in order: its path, or with ``fetch`` its URL's
+    bytes fetched here on threads, many in flight, so that decoding and not waiting bounds the pace."""
+    todo = (task.item.path for task in tasks[start:] if task.skip is None)
+    return todo if fetch is None else fetch_in_order(todo, fetch)
 
 
 def _worker_quietly(target: Any, *args: Any) -> None:
@@ -70,17 +86,23 @@ class _QuietPool(multiprocessing.pool.Pool):
 
 
 def results_in_order(tasks: Sequence[Task], start: int, options: HygieneOptions, image_hook: ImageHook | None,
-             workers: int, start_method: str) -> Iterator[tuple[Task, Prepared | Rejected | None]]:
+             workers: int, start_method: str,
+             fetch: FetchOptions | None = None) -> Iterator[tuple[Task, Prepared | Rejected | None]]:
     """Yield (task, outcome) in task order; outcome None for up-front skips.
 
     Work goes out in chunks with a bounded number in flight, so memory stays flat however
-    many inputs there are.
+    many inputs there are. With ``fetch``, each task's path is a URL, fetched in this process
+    (never opened as a file) once the worker processes are started.
     """
     remaining = len(tasks) - start
     if workers == 0:
         init_worker(options, image_hook)
-        for task in tasks[start:]:
-            yield task, None if task.skip is not None else process_one(task.item.path)
+        payloads = _payloads(tasks, start, fetch)
+        try:
+            for task in tasks[start:]:
+                yield task, None if task.skip is not None else process_one(next(payloads))
+        finally:
+            getattr(payloads, "close", lambda: None)()  # the fetch threads end with it
         return
     # Small chunks: an image costs milliseconds and a task well under one, and small chunks keep
     # the workers evenly busy to the very end.
@@ -91,6 +113,7 @@ def results_in_order(tasks: Sequence[Task], start: int, options: HygieneOptions,
         import loaders.crops  # noqa: F401
     pool = _QuietPool(workers, initializer=init_worker, initargs=(options, image_hook, True),
                       context=multiprocessing.get_context(start_method))
+    payloads = _payloads(tasks, start, fetch)  # fetch threads start after the fork, never before
     try:
         in_flight: collections.deque = collections.deque()
         position = start
@@ -99,8 +122,8 @@ def results_in_order(tasks: Sequence[Task], start: int, options: HygieneOptions,
             nonlocal position
             chunk = tasks[position:position + chunk_size]
             position += len(chunk)
-            paths = [task.item.path for task in chunk if task.skip is None]
-            in_flight.append((chunk, pool.apply_async(process_chunk, (paths,)) if paths else None))
+            work = [next(payloads) for task in chunk if task.skip is None]
+            in_flight.append((chunk, pool.apply_async(process_chunk, (work,)) if work else None))
 
         while position < len(tasks) and len(in_flight) < workers * 8:
             submit()
@@ -113,5 +136,6 @@ def results_in_order(tasks: Sequence[Task], start: int, options: HygieneOptions,
                 yield task, None if task.skip is not None else next(outcomes)
         pool.close()
     finally:
+        getattr(payloads, "close", lambda: None)()
         pool.terminate()
         pool.join()
