@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from ecomaug.matching.gpu import faiss_gpu, search_copy
 from ecomaug.matching.index import IndexPlan, build_within_budget, plan_index, plans_for, serialized_bytes
 from ecomaug.matching.ondisk import lists_path
+from test_match_index import _clustered
 
 faiss = pytest.importorskip("faiss")
 # the package exports a function named search: the modules themselves, to patch them
@@ -25,13 +26,6 @@ index_module = importlib.import_module("ecomaug.matching.index")
 search_module = importlib.import_module("ecomaug.matching.search")
 BUDGET = 512 * 1024
 
-
-def _clustered(count: int, dim: int, seed: int) -> torch.Tensor:
-    """Unit vectors in tight clusters of 4, like several listings of one item."""
-    generator = torch.Generator().manual_seed(seed)
-    centres = torch.randn(count // 4, dim, generator=generator)
-    points = centres.repeat_interleave(4, dim=0) + 0.3 * torch.randn(count, dim, generator=generator)
-    return torch.nn.functional.normalize(points, dim=1)
 
 
 @pytest.fixture(scope="module")
