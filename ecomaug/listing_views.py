@@ -27,14 +27,10 @@ _LOG = logging.getLogger(__name__)
 
 
 def item_id_of(meta: dict[str, Any] | None) -> str | None:
-    """A sample's ``item_id`` as a non-empty string, or None."""
-    if not isinstance(meta, dict):
-        return None
-    value = meta.get("item_id")
-    if value is None or isinstance(value, (dict, list)):
-        return None
-    text = str(value).strip()
-    return text or None
+    """A sample's ``item_id`` as a string, or None where it has none (absent, None or ``""``): the one
+    rule the listing views, MoCo's masking, the Siamese labels and the kNN monitor share."""
+    value = meta.get("item_id") if isinstance(meta, dict) else None
+    return None if value in (None, "") else str(value)
 
 
 def item_codes(meta: Sequence[dict[str, Any]] | None, count: int, device: torch.device) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ecomaug.distributed import encode_in_splits
+from ecomaug.listing_views import item_id_of
 from ecomaug.moco import Encoder
 from ecomaug.objective import ContrastiveOutput
 
@@ -32,12 +33,12 @@ def item_labels(meta: Sequence[dict[str, Any]], *, device: torch.device | str | 
     ids: dict[str, int] = {}
     labels = []
     for index, sample in enumerate(meta):
-        item_id = sample.get("item_id")
-        if item_id in (None, ""):
+        item_id = item_id_of(sample)
+        if item_id is None:
             raise ValueError(f"the siamese objective needs an item_id for every sample; sample "
                              f"{sample.get('key', index)!r} has none (shard the data from a manifest "
                              f"with an item_id column)")
-        labels.append(ids.setdefault(str(item_id), len(ids)))
+        labels.append(ids.setdefault(item_id, len(ids)))
     return torch.tensor(labels, dtype=torch.long, device=device)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ecomaug.config import TrainConfig
+from ecomaug.listing_views import item_id_of
 from ecomaug.normalise import Normalise
 
 
@@ -40,9 +41,9 @@ def knn_recall_at_1(backbone: torch.nn.Module, shards: str | os.PathLike, *, con
             with autocast:
                 features = backbone(normalise(batch.views[0].float() / 255.0))  # N x F
             for index, sample in enumerate(batch.meta):
-                if sample.get("item_id") not in (None, ""):
+                if (item := item_id_of(sample)) is not None:
                     embeddings.append(features[index].float())
-                    items.append(str(sample["item_id"]))
+                    items.append(item)
                     keys.append(batch.keys[index])
     finally:
         backbone.train(was_training)
