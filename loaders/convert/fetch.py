@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import http
 import random
-import re
 import threading
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from loaders.convert.hygiene import Rejected
+from loaders.remote import FSSPEC_PACKAGES, url_scheme as remote_scheme
 
 ALLOWED_SCHEMES = ("http", "https", "s3", "gs")
 SCHEME_NOT_ALLOWED = "scheme not allowed"
@@ -32,8 +32,9 @@ TOO_LARGE = "too large"
 # Worth another try: the server or the way to it may be fine a moment later.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-# Which package each scheme needs, and the extra that installs it.
-BACKENDS = {"http": ("urllib3", "urls"), "https": ("urllib3", "urls"), "s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs")}
+# Which package each scheme needs, and the extra that installs it (s3, gs: as the shard readers' table).
+BACKENDS = {"http": ("urllib3", "urls"), "https": ("urllib3", "urls"),
+            **{scheme: FSSPEC_PACKAGES[scheme] for scheme in ("s3", "gs")}}
 CHUNK_BYTES = 1 << 16
 
 
@@ -88,10 +89,8 @@ class _Transient(Exception):
 
 
 def url_scheme(url: str) -> str:
-    """The scheme of ``url`` in lower case ("" for a bare path)."""
-    found = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", url.strip())  # RFC 3986's scheme; never raises
-    # "C:\\images\\a.jpg" has the "scheme" c: a drive letter, not a scheme
-    return found.group(1).lower() if found and len(found.group(1)) > 1 else ""
+    """The scheme of ``url`` (:func:`loaders.remote.url_scheme`, surrounding blanks ignored), "" for a bare path."""
+    return remote_scheme(url.strip()) or ""
 
 
 def check_backends(urls: Iterable[str]) -> None:

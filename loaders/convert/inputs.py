@@ -9,6 +9,7 @@ The folder walk is the one listing of image files: :func:`list_image_files` (``p
 from __future__ import annotations
 
 import csv
+import dataclasses
 import errno
 import hashlib
 import json
@@ -55,7 +56,6 @@ class InputListing:
     kind: str  # "folder", "csv", "jsonl" or "parquet"
     items: list[InputItem]
     columns: tuple[str, ...]
-    urls: bool = False  # each item's path is a URL to fetch (--url-column), never a file to open
 
 
 def input_key(identity: str) -> str:
@@ -198,7 +198,7 @@ def _item_id_from_parent(listing: InputListing) -> InputListing:
         meta = {**item.meta, "item_id": parent} if parent else {k: v for k, v in item.meta.items() if k != "item_id"}
         items.append(InputItem(identity=item.identity, path=item.path, meta=meta, problem=item.problem))
     columns = listing.columns if "item_id" in listing.columns else (*listing.columns, "item_id")
-    return InputListing(source=listing.source, kind=listing.kind, items=items, columns=columns, urls=listing.urls)
+    return dataclasses.replace(listing, items=items, columns=columns)
 
 
 def read_inputs(source: str | os.PathLike, *, path_column: str = "path",
@@ -254,7 +254,7 @@ def _read_listing(path: Path, column: _Column) -> InputListing:
     items, columns = reader(path, column)
     if not items:
         raise ValueError(f"{path}: the manifest lists no inputs")
-    return InputListing(source=path, kind=kind, items=items, columns=columns, urls=column.urls)
+    return InputListing(source=path, kind=kind, items=items, columns=columns)
 
 
 def list_image_files(folder: str | os.PathLike) -> list[Path]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from loaders.convert.inputs import NOT_REGULAR, InputItem, InputListing
@@ -103,7 +103,4 @@ def split_listing(listing: InputListing, held_out: set[str]) -> tuple[InputListi
     ``item_id`` is held out; inputs without one stay in training."""
     val = [item for item in listing.items if str(item.meta.get("item_id", "")) in held_out]
     train = [item for item in listing.items if str(item.meta.get("item_id", "")) not in held_out]
-    return (InputListing(source=listing.source, kind=listing.kind, items=train, columns=listing.columns,
-                         urls=listing.urls),
-            InputListing(source=listing.source, kind=listing.kind, items=val, columns=listing.columns,
-                         urls=listing.urls))
+    return replace(listing, items=train), replace(listing, items=val)

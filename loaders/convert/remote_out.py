@@ -108,12 +108,15 @@ class RemoteOut:
 
     def url_of(self, local: Path) -> str:
         """The URL where the staging file or folder ``local`` goes."""
-        relative = Path(local).relative_to(self.staging).as_posix()
-        return self.url if relative == "." else f"{self.url}/{relative}"
+        return self._beneath(self.url, local)
 
     def _path_of(self, local: Path) -> str:
+        """The same place as a path inside :attr:`fs`."""
+        return self._beneath(self.root, local)
+
+    def _beneath(self, top: str, local: Path) -> str:
         relative = Path(local).relative_to(self.staging).as_posix()
-        return self.root if relative == "." else f"{self.root}/{relative}"
+        return top if relative == "." else f"{top}/{relative}"
 
     def _error(self, error: BaseException, doing: str, hint: str = "") -> ValueError:
         """A store's own exception (credentials, permission, a missing bucket) as one line."""
