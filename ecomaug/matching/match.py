@@ -35,7 +35,7 @@ from ecomaug.matching.normalise import BACKGROUND_RANKS, DEFAULT_MARGIN, SCORES,
 from ecomaug.matching.outputs import write_gaps, write_pairs, write_parquet
 from ecomaug.matching.regions import SearchRows, collapse, labelled_best, search_rows
 from ecomaug.matching.rerank import expand
-from ecomaug.matching.search import EXACT_LIMIT, SearchResult, fingerprint, search
+from ecomaug.matching.search import EXACT_LIMIT, SearchResult, check_index_options, fingerprint, search
 
 # The cosine threshold used only with --score cosine when nothing better is known, always
 # reported as uncalibrated (the normalised score's default is normalise.DEFAULT_MARGIN).
@@ -105,11 +105,7 @@ class MatchOptions:
             raise ValueError(f"--precision must be in (0, 1]; got {self.precision}")
         if self.max_index_memory is not None:
             parse_size(self.max_index_memory)  # its range, in its words
-            if self.index != "auto":
-                raise ValueError(f"--max-index-memory chooses the index itself: give it with --index auto, "
-                                 f"not --index {self.index}")
-        if self.index_on_disk and self.max_index_memory is None:
-            raise ValueError("--index-on-disk needs --max-index-memory (the RAM the index may keep beside its lists)")
+        check_index_options(self.index, self.max_index_memory, self.index_on_disk)
         if self.query_regions not in QUERY_REGIONS:
             raise ValueError(f"--query-regions must be one of {', '.join(QUERY_REGIONS)}; got {self.query_regions!r}")
 

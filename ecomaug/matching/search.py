@@ -114,6 +114,18 @@ def exact_search(query: torch.Tensor, database: torch.Tensor, *, k: int,
     return scores, indices
 
 
+def check_index_options(method: str, max_index_memory: int | None, on_disk: bool) -> None:
+    """Refuse a search method that is not one of ``METHODS``, a budget with a method other than
+    ``auto`` (the budget chooses the index) and on-disk lists without a budget (ValueError, one line)."""
+    if method not in METHODS:
+        raise ValueError(f"search method must be one of {METHODS}; got {method!r}")
+    if on_disk and max_index_memory is None:
+        raise ValueError("--index-on-disk needs --max-index-memory (the RAM the index may keep beside its lists)")
+    if max_index_memory is not None and method != "auto":
+        raise ValueError(f"--max-index-memory chooses the index itself: give it with --index auto, "
+                         f"not --index {method}")
+
+
 def choose_method(num_vectors: int, *, method: str = "auto", exact_limit: int = EXACT_LIMIT,
                   dim: int = 0, max_index_memory: int | None = None, on_disk: bool = False) -> str:
     """Apply the rule: ``exact`` up to ``exact_limit`` vectors, else ``ivf``; with a budget,
@@ -131,14 +143,8 @@ def choose_method(num_vectors: int, *, method: str = "auto", exact_limit: int = 
         ValueError: an unknown method, a budget with a method other than ``auto``, or on-disk
             lists without a budget.
     """
-    if method not in METHODS:
-        raise ValueError(f"search method must be one of {METHODS}; got {method!r}")
-    if on_disk and max_index_memory is None:
-        raise ValueError("--index-on-disk needs --max-index-memory (the RAM the index may keep beside its lists)")
+    check_index_options(method, max_index_memory, on_disk)
     if max_index_memory is not None:
-        if method != "auto":
-            raise ValueError(f"--max-index-memory chooses the index itself: give it with --index auto, "
-                             f"not --index {method}")
         fits = num_vectors * dim * 4 <= max_index_memory
         return "exact" if fits and num_vectors <= exact_limit else "budget"
     if method != "auto":
