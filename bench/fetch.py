@@ -25,7 +25,6 @@ images/s than the local run makes (``min(fetch threads, per host) / latency``: w
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 import tempfile
@@ -38,7 +37,7 @@ from typing import Any
 import click
 
 from bench.convert import synthetic_photos
-from bench.harness import BenchCommand
+from bench.harness import BenchCommand, write_results
 from bench.timing import Measurement, conditions
 from ecomaug.limits import MAX_FETCH_THREADS, MAX_FETCHES_PER_HOST, MAX_WORKERS
 
@@ -270,7 +269,7 @@ def _report(results: dict[str, Any], ratios: dict[str, Any], settings: dict[str,
                 for key, result in results.items()}
         payload = {"ratios": ratios, "settings": {**settings, "input": f"synthetic {settings['count']} x 1024x768"},
                    "rows": rows, "load_average": os.getloadavg(), "conditions": facts}
-        out_path.write_text(json.dumps(payload, indent=2) + "\n")
+        write_results(out_path, payload)
 
 
 if __name__ == "__main__":

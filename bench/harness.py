@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from typing import TYPE_CHECKING, Iterator
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
 
 import click
 
@@ -38,6 +40,14 @@ STAGES: dict[str, tuple[str, str]] = {
     "dewatermark-pr": ("bench.dewatermark_pr:main", "watermark detection precision/recall over thresholds"),
 }
 CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def write_results(path: Path, record: Any) -> None:
+    """A stage's ``--out``: ``record`` as indented JSON at ``path`` (its folder made; what JSON cannot
+    hold, such as a device or a path, written as text), and a line saying where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    click.echo(f"wrote {path}")
 
 
 @contextlib.contextmanager

@@ -20,7 +20,6 @@ example: python -m bench.index_budget --n 300000 --dim 128 --budget 32M --out be
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import tempfile
@@ -32,7 +31,7 @@ import click
 import numpy as np
 import torch
 
-from bench.harness import BenchCommand
+from bench.harness import BenchCommand, write_results
 from bench.match import synthetic
 from bench.timing import conditions, measure
 from ecomaug.limits import parse_size
@@ -127,9 +126,7 @@ def main(count: int, dim: int, budget: str, queries: int, noise: float, repeats:
     record["conditions"] = {**c, "load_average": os.getloadavg()[0]}
     click.echo(_line(record))
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2, default=str))
-        click.echo(f"wrote {out}")
+        write_results(out, record)
 
 
 if __name__ == "__main__":

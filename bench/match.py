@@ -11,7 +11,6 @@ example: python -m bench match --sizes 10000,100000,1000000 --dim 512 --out benc
 from __future__ import annotations
 
 import csv
-import json
 import multiprocessing
 import resource
 import tempfile
@@ -23,7 +22,7 @@ import click
 import numpy as np
 import torch
 
-from bench.harness import BenchCommand, parse_device
+from bench.harness import BenchCommand, parse_device, write_results
 from bench.timing import conditions, measure
 
 
@@ -248,9 +247,7 @@ def main(sizes: str, dim: int, methods: str, queries: int, repeats: int, device:
                f"{c['torch_threads']}  dim {dim}  {queries} queries x {repeats} repeats")
     result = run(database_sizes, dim, chosen, queries, repeats, seed, where, copies, embed_size, embed_model, depths)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=str))
-        click.echo(f"wrote {out}")
+        write_results(out, result)
 
 
 if __name__ == "__main__":
