@@ -57,6 +57,9 @@ class TrainConfig:
     allow_recipe_change: bool = _option(False, "let --resume continue a run with a recipe other than the one "
                                                "recorded in OUT/config.json")
     crop_size: int = _option(224, "side of the square training crops, pixels")
+    export_size: int | None = _option(None, "side of the square input the export records, which embed, eval and "
+                                            "match feed it (default: --crop-size); a CNN trained on small crops "
+                                            "often matches better on larger inputs (FixRes)")
     # model and objective
     objective: str = _option("moco", "self-supervised MoCo, or the supervised siamese baseline on item_id",
                              choices=OBJECTIVES)

@@ -307,8 +307,12 @@ def backbone_state_from_checkpoint(state: dict[str, Any]) -> tuple[str, dict[str
     return config["model"], weights, config
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
+                      input_size: int | None = None) -> Path:
     """Export the backbone of a training checkpoint written by ``train.py``.
+
+    The export records ``input_size`` as the side to feed the backbone; default: the run's
+    ``export_size``, else its ``crop_size``.
 
     Raises:
         FileNotFoundError: if ``checkpoint`` does not exist.
@@ -322,8 +326,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(20, "--out is a file, not a directory", str(out_dir))
     normalisation = checkpoint_normalisation(state, where=str(checkpoint))
-    return export_backbone(weights, out_dir, model_name=model_name, input_size=int(config.get("crop_size", 224)),
-                           **normalisation)
+    size = input_size or config.get("export_size") or config.get("crop_size", 224)
+    return export_backbone(weights, out_dir, model_name=model_name, input_size=int(size), **normalisation)
 
 
 def checkpoint_normalisation(state: dict[str, Any], *, where: str) -> dict[str, tuple[float, float, float]]:

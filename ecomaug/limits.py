@@ -57,7 +57,8 @@ MAX_HEAD_DIM = 16384
 
 # TrainConfig fields bounded beyond "at least 1": train.py refuses a value outside in one line.
 TRAIN_RANGES: dict[str, tuple[float, float]] = {
-    "crop_size": (MIN_INPUT_SIZE, MAX_INPUT_SIZE), "batch_size": (1, MAX_BATCH_SIZE),
+    "crop_size": (MIN_INPUT_SIZE, MAX_INPUT_SIZE), "export_size": (MIN_INPUT_SIZE, MAX_INPUT_SIZE),
+    "batch_size": (1, MAX_BATCH_SIZE),
     "queue_size": (1, MAX_QUEUE_SIZE), "dim": (1, MAX_HEAD_DIM), "hidden_dim": (1, MAX_HEAD_DIM),
     "seed": (0, MAX_SEED), "num_workers": (0, MAX_WORKERS), "sgd_momentum": (0.0, 1.0),
     "listing_table": (1, 10**7),

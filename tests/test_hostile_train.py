@@ -311,3 +311,16 @@ def test_checkpoints_and_exports_honour_the_umask(tmp_path, umask, mode):
         os.umask(previous)
     for path in (checkpoint, export / "backbone.safetensors", export / "config.json", export / "model.safetensors"):
         assert oct(path.stat().st_mode & 0o777) == oct(mode), path
+
+
+def test_export_size_is_bounded_and_refused_for_a_model_with_position_embeddings(tmp_path):
+    from ecomaug.engine.setup import build_objective
+
+    with pytest.raises(ValueError, match="--export-size must be in"):
+        parse_config(["--data", "x", "--out", str(tmp_path), *TINY, "--export-size", "100000"])
+    vit = parse_config(["--data", "x", "--out", str(tmp_path), *TINY, "--model", "vit_small_patch16_224",
+                        "--crop-size", "64", "--export-size", "96"])
+    with pytest.raises(ValueError, match="position embeddings"):
+        build_objective(vit, queue_size=32, bn_splits=1)
+    cnn = parse_config(["--data", "x", "--out", str(tmp_path), *TINY, "--export-size", "48"])
+    assert build_objective(cnn, queue_size=32, bn_splits=1).backbone is not None

@@ -14,8 +14,8 @@ from PIL import Image, ImageDraw
 from ecomaug.augmentation.mocov2 import SeededGaussianBlur
 from ecomaug.augmentation.sampling import RandomSource
 from ecomaug.evaluation.baselines import tiny_image_model
-from ecomaug.evaluation.regions import (GRIDS, MAX_ITEMS, embed_regions, item_boxes, region_boxes, region_crops,
-                                        retrieve_regions)
+from ecomaug.evaluation.regions import (GRIDS, MAX_ITEMS, embed_regions, grow_items, item_boxes, region_boxes,
+                                        region_crops, retrieve_regions)
 from ecomaug.evaluation.retrieval import retrieve
 
 
@@ -241,3 +241,49 @@ def test_product_corpus_is_rebuilt_when_its_background_photos_change(tmp_path, c
     assert json.loads(stamp.read_text())["made_from"]["photos"] == []
     build_corpus(tmp_path / "corpus", settings, clipart_root=clipart, photos=[photo], progress=False)
     assert json.loads(stamp.read_text())["made_from"]["photos"] == [str(photo)]
+
+
+def test_a_pale_tile_among_bold_ones_is_found_and_a_shaded_single_item_stays_whole():
+    pale = Image.new("RGB", (56, 56), (222, 222, 226))  # a photo on its own pale backdrop
+    ImageDraw.Draw(pale).ellipse((12, 12, 44, 44), outline=(185, 185, 190), width=2)
+    bundle = Image.new("RGB", (192, 96), (205, 205, 210))
+    bundle.paste(_item((200, 30, 30), "box", 56), (4, 20))
+    bundle.paste(_item((30, 60, 200), "ellipse", 56), (68, 20))
+    bundle.paste(pale, (132, 20))
+    boxes = item_boxes(bundle)
+    assert any(box[0] >= 128 for box in boxes), boxes  # the pale tile only stands out at the fine tolerance
+    assert not any(box[0] >= 128 for box in item_boxes(bundle, tolerances=(30,)))
+    single = Image.new("RGB", (96, 96), (205, 205, 210))
+    ImageDraw.Draw(single).rectangle((20, 20, 76, 76), fill=(190, 60, 60))
+    ImageDraw.Draw(single).rectangle((0, 80, 96, 96), fill=(195, 195, 200))  # a faint shadow band
+    assert len(item_boxes(single)) == 1  # one item at the coarse tolerance: its shading is not split off
+
+
+def test_bare_items_grow_up_to_their_neighbours_and_pasted_photos_keep_their_own_margin():
+    canvas = Image.new("RGB", (200, 100), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    draw.ellipse((10, 30, 50, 70), fill=(30, 60, 200))  # a bare item on the shared white backdrop
+    draw.ellipse((60, 30, 100, 70), fill=(200, 30, 30))  # another, 10 px to its right
+    canvas.paste(_item((30, 160, 40), "box", 60), (130, 20))  # a photo pasted whole, its own grey backdrop
+    boxes = sorted(item_boxes(canvas))
+    assert len(boxes) == 3
+    first, second, photo = grow_items(canvas, boxes)
+    assert first[0] < boxes[0][0] and first[1] < boxes[0][1]  # grown where there is only backdrop
+    assert first[2] <= boxes[1][0]  # but not into the item beside it
+    assert photo == boxes[2]  # the photo carries its margin already
+    assert grow_items(canvas, boxes, margin=0.0)[:2] == boxes[:2]
+
+
+def test_region_scores_are_normalised_so_a_companion_close_to_everything_does_not_win():
+    generator = torch.Generator().manual_seed(0)
+    gallery = torch.nn.functional.normalize(torch.randn(40, 16, generator=generator), dim=1)
+    hub = torch.nn.functional.normalize(gallery.mean(dim=0), dim=0)  # a companion near every gallery item
+    gallery[1:] = torch.nn.functional.normalize(gallery[1:] + 1.5 * hub, dim=1)
+    target = torch.nn.functional.normalize(gallery[0] + 0.5 * torch.randn(16, generator=generator), dim=0)
+    regions = torch.stack([hub, hub, target])[None]  # whole image (mostly the companion), companion, the item
+    items = [f"item{index}" for index in range(40)]
+    raw = retrieve_regions(regions, ["item0"], gallery, items, depth=3, normalised=False)
+    normalised = retrieve_regions(regions, ["item0"], gallery, items, depth=3)
+    assert raw.first_hit_rank[0] != 1 and normalised.first_hit_rank[0] == 1
+    single = gallery[5][None, None].expand(1, 3, -1)  # one region, padded: the ranking is the whole image's
+    assert retrieve_regions(single, ["item5"], gallery, items, depth=3).topk_indices[0, 0] == 5

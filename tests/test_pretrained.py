@@ -158,7 +158,8 @@ def test_a_tiny_finetune_from_packaged_weights_runs_and_exports_the_model_own_pr
     command = [sys.executable, str(REPO / "train.py"), "--preset", "finetune", "--model", "tf_efficientnet_lite0",
                "--pretrained", "--data", str(sample_shards), "--val-data", str(sample_shards / "shard-000000.tar"),
                "--out", str(out), "--max-steps", "3", "--crop-size", "64", "--batch-size", "16",
-               "--queue-size", "64", "--head-warmup-steps", "1", "--no-progress", "--backend", "torch"]
+               "--queue-size", "64", "--head-warmup-steps", "1", "--no-progress", "--backend", "torch",
+               "--export-size", "96"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                             env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
@@ -167,12 +168,13 @@ def test_a_tiny_finetune_from_packaged_weights_runs_and_exports_the_model_own_pr
     assert closing, result.stdout
     exported = json.loads((out / "export" / "config.json").read_text())
     assert exported["mean"] == [0.5, 0.5, 0.5] and exported["std"] == [0.5, 0.5, 0.5]
-    assert exported["pretrained_cfg"]["mean"] == [0.5, 0.5, 0.5] and exported["input_size"] == [3, 64, 64]
+    assert exported["pretrained_cfg"]["mean"] == [0.5, 0.5, 0.5]
+    assert exported["input_size"] == [3, 96, 96]  # trained on 64 px crops, fed 96 px images (--export-size)
 
     from ecomaug.evaluation.models import load_model
 
     model = load_model(out, device=torch.device("cpu"))  # what embed, eval and match load
-    assert model.mean == (0.5, 0.5, 0.5) and model.std == (0.5, 0.5, 0.5)
+    assert model.mean == (0.5, 0.5, 0.5) and model.std == (0.5, 0.5, 0.5) and model.input_size == 96
     checkpoint = load_model(sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1], device=torch.device("cpu"))
     assert checkpoint.mean == (0.5, 0.5, 0.5)
 

@@ -115,6 +115,11 @@ def test_exported_weights_load_into_timm(trained_run, tmp_path):
     assert all(torch.equal(again[name], weights[name]) for name in weights)
     missing = CliRunner().invoke(cli, ["export", str(tmp_path / "nope.pt"), "--out", str(tmp_path)])
     assert missing.exit_code == 2 and "nope.pt" in missing.output
+    larger = CliRunner().invoke(cli, ["export", str(checkpoint), "--out", str(tmp_path / "at48"),
+                                      "--input-size", "48"])
+    assert larger.exit_code == 0, larger.output  # fed larger than it trained on: recorded, weights the same
+    assert json.loads((tmp_path / "at48" / "config.json").read_text())["input_size"] == [3, 48, 48]
+    assert load_file(str(tmp_path / "at48" / "backbone.safetensors")).keys() == weights.keys()
 
 
 def test_the_export_loads_the_timm_way_with_its_real_input_size(trained_run):

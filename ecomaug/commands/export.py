@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import click
 
+from ecomaug.limits import MAX_INPUT_SIZE, MIN_INPUT_SIZE
+
 
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=str))
 @click.option("--out", "out_dir", type=click.Path(path_type=str), required=True,
               help="Directory for backbone.safetensors (and model.safetensors, timm's name) and config.json.")
-def export(checkpoint: str, out_dir: str) -> None:
+@click.option("--input-size", type=click.IntRange(MIN_INPUT_SIZE, MAX_INPUT_SIZE), default=None,
+              help="Side of the square input the export records (what embed, eval and match feed it) "
+                   "[default: the run's --export-size, else its --crop-size].")
+def export(checkpoint: str, out_dir: str, input_size: int | None) -> None:
     """Export the query backbone of CHECKPOINT so timm can load it.
 
     \b
@@ -22,6 +27,6 @@ def export(checkpoint: str, out_dir: str) -> None:
     """
     from ecomaug.export import export_checkpoint
 
-    written = export_checkpoint(checkpoint, out_dir)
+    written = export_checkpoint(checkpoint, out_dir, input_size=input_size)
     click.echo(f"exported {checkpoint} -> {written}/backbone.safetensors, {written}/config.json "
                f"(timm: local-dir:{written})")

@@ -15,9 +15,10 @@ from ecomaug.normalise import Normalise
 
 @torch.no_grad()
 def knn_recall_at_1(backbone: torch.nn.Module, shards: str | os.PathLike, *, config: TrainConfig,
-                    device: torch.device, normalise: Normalise,
-                    autocast: AbstractContextManager) -> dict[str, Any]:
-    """Leave-one-out item-matching recall@1 of the backbone's pooled features on ``shards``.
+                    device: torch.device, normalise: Normalise, autocast: AbstractContextManager,
+                    crop_size: int | None = None) -> dict[str, Any]:
+    """Leave-one-out item-matching recall@1 of the backbone's pooled features on ``shards``, fed
+    ``crop_size`` squares (default: the run's ``crop_size``).
 
     Returns:
         ``recall@1``, its ``standard_error`` (:func:`ecomaug.evaluation.uncertainty.standard_error`),
@@ -31,7 +32,7 @@ def knn_recall_at_1(backbone: torch.nn.Module, shards: str | os.PathLike, *, con
     from loaders.build import build_loader
 
     loader = build_loader(shards, backend=config.backend, device=device, batch_size=config.batch_size,
-                          crop_size=config.crop_size, mode="eval", drop_last=False,
+                          crop_size=crop_size or config.crop_size, mode="eval", drop_last=False,
                           num_workers=config.num_workers)
     was_training = backbone.training
     backbone.eval()
@@ -60,8 +61,8 @@ def knn_recall_at_1(backbone: torch.nn.Module, shards: str | os.PathLike, *, con
 def closing_recall(backbone: torch.nn.Module, shards: str | os.PathLike, *, config: TrainConfig,
                    device: torch.device, normalise: Normalise, autocast: AbstractContextManager,
                    start_weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """The run's closing evidence: held-out kNN recall@1 of the trained backbone, of the weights it
-    started from (``start_weights``, frozen: what fine-tuning must beat) and of a random-init one of
+    """The run's closing evidence, at the export's input size: held-out kNN recall@1 of the trained backbone, of
+    the weights it started from (``start_weights``, frozen: what fine-tuning must beat) and of a random-init one of
     the same architecture and input size (seeded with ``config.seed``), the trained recall's standard
     error, and a ``warning`` line when the set is too small to separate them (else None)."""
     from ecomaug.evaluation.uncertainty import held_out_warning
@@ -77,10 +78,11 @@ def closing_recall(backbone: torch.nn.Module, shards: str | os.PathLike, *, conf
         if config.channels_last:
             baseline = baseline.to(memory_format=torch.channels_last)
         return knn_recall_at_1(baseline, shards, config=config, device=device, normalise=normalise,
-                               autocast=autocast)["recall@1"]
+                               autocast=autocast, crop_size=size)["recall@1"]
 
+    size = config.export_size or config.crop_size  # as the export will be fed
     trained = knn_recall_at_1(backbone, shards, config=config, device=device, normalise=normalise,
-                              autocast=autocast)
+                              autocast=autocast, crop_size=size)
     result = {"trained_recall@1": trained["recall@1"], "standard_error": trained["standard_error"],
               "random_init_recall@1": recall_of(None), "num_queries": trained["num_queries"],
               "num_items": trained["num_items"], "data": str(shards)}

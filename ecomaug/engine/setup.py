@@ -172,6 +172,14 @@ def build_objective(config: TrainConfig, *, queue_size: int, bn_splits: int) -> 
     every rank (DDP would broadcast rank 0's weights anyway; this makes runs repeatable).
     """
     torch.manual_seed(config.seed)
+    objective = _build(config, queue_size=queue_size, bn_splits=bn_splits)
+    if config.export_size not in (None, config.crop_size) and hasattr(objective.backbone, "pos_embed"):
+        raise ValueError(f"--export-size {config.export_size}: {config.model} has position embeddings for its "
+                         f"{config.crop_size} px crops; export it at --crop-size")
+    return objective
+
+
+def _build(config: TrainConfig, *, queue_size: int, bn_splits: int) -> MoCo | Siamese:
     if config.objective == "siamese":
         return Siamese(config.model, dim=config.dim, hidden_dim=config.hidden_dim, T=config.temperature,
                        bn_splits=bn_splits, img_size=config.crop_size)

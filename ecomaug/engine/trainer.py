@@ -348,7 +348,8 @@ class Trainer:
         export_dir = held_out = None
         if self.is_main and config.export:
             export_dir = export_backbone(backbone, self.run_dir / "export", model_name=config.model,
-                                         input_size=config.crop_size, **self.normalisation)
+                                         input_size=config.export_size or config.crop_size,
+                                         **self.normalisation)
         if self._stop_requested(anywhere=True):  # during the export: it is written, the recall can wait
             raise self._interrupted()
         if self.is_main and self.plan.val_data is not None:
