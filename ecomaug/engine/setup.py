@@ -173,7 +173,7 @@ def build_objective(config: TrainConfig, *, queue_size: int, bn_splits: int) -> 
     """
     torch.manual_seed(config.seed)
     objective = _build(config, queue_size=queue_size, bn_splits=bn_splits)
-    if config.export_size not in (None, config.crop_size) and hasattr(objective.backbone, "pos_embed"):
+    if config.export_size not in (None, config.crop_size) and getattr(objective.backbone, "pos_embed", None) is not None:
         raise ValueError(f"--export-size {config.export_size}: {config.model} has position embeddings for its "
                          f"{config.crop_size} px crops; export it at --crop-size")
     return objective

@@ -19,7 +19,7 @@ import numpy as np
 # 1-based ranks, among a row's neighbours in the background (itself left out), averaged as its level.
 BACKGROUND_RANKS = (3, 5)
 # 1 - level below this is treated as this: a row whose background is identical to it.
-_FLOOR = 1e-6
+FLOOR = 1e-6
 
 
 def background_levels(scores: np.ndarray, *, ranks: tuple[int, int] = BACKGROUND_RANKS) -> np.ndarray:
@@ -66,5 +66,5 @@ def normalise(cosines: np.ndarray, level_x: np.ndarray, level_y: np.ndarray) -> 
     """
     level = (np.asarray(level_x, dtype=np.float64) + np.asarray(level_y, dtype=np.float64)) / 2
     with np.errstate(invalid="ignore"):
-        scores = (cosines - level) / np.maximum(1.0 - level, _FLOOR)
+        scores = (cosines - level) / np.maximum(1.0 - level, FLOOR)
     return np.where(np.isfinite(cosines), scores, -np.inf).astype(np.float32)

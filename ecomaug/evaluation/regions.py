@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ecomaug.evaluation.background import BACKGROUND_RANKS, background_levels, normalise
+from ecomaug.evaluation.background import BACKGROUND_RANKS, FLOOR, background_levels
 from ecomaug.evaluation.retrieval import RetrievalResult, encode_labels, first_hit_ranks, ranking_average_precision
 
 if TYPE_CHECKING:
@@ -123,6 +123,9 @@ def grow_items(image: Image.Image, boxes: Sequence[tuple[int, int, int, int]], m
     grown = []
     for box in boxes:
         left, top, right, bottom = box
+        if not (0 <= left < right <= image.width and 0 <= top < bottom <= image.height):
+            grown.append(box)  # empty or outside the image: nothing to grow (item_boxes makes none)
+            continue
         outline = np.concatenate([stands_out[top, left:right], stands_out[bottom - 1, left:right],
                                   stands_out[top:bottom, left], stands_out[top:bottom, right - 1]])
         if outline.size and outline.mean() >= FRAMED_SHARE:
@@ -286,10 +289,10 @@ def retrieve_regions(region_embeddings: torch.Tensor, query_items: Sequence[obje
     gallery_codes_t, query_codes_t = torch.from_numpy(gallery_codes), torch.from_numpy(query_codes)
     indices, scores, average_precision = [], [], []
     for start in range(0, regions.shape[0], query_chunk):
-        block = torch.einsum("qrd,gd->qrg", regions[start:start + query_chunk], gallery).cpu()  # Qc x R x G
-        if normalised:
+        block = torch.einsum("qrd,gd->qrg", regions[start:start + query_chunk], gallery)  # Qc x R x G
+        if normalised and gallery.shape[0]:
             block = _normalise_block(block)
-        block = block.amax(dim=1)  # Qc x G
+        block = block.amax(dim=1).cpu()  # Qc x G
         top_scores, top_indices = torch.topk(block, k=found, dim=1)
         padding = depth - found
         indices.append(torch.nn.functional.pad(top_indices, (0, padding), value=-1))
@@ -305,8 +308,10 @@ def retrieve_regions(region_embeddings: torch.Tensor, query_items: Sequence[obje
 
 
 def _normalise_block(block: torch.Tensor) -> torch.Tensor:
-    """Region cosines (Qc x R x G) normalised by each region's own background level in the gallery."""
+    """Region cosines (Qc x R x G) normalised by each region's own background level in the gallery
+    (:func:`ecomaug.evaluation.background.normalise` with both levels the region's), on their device."""
     queries, regions, entries = block.shape
-    neighbours = torch.topk(block, k=min(BACKGROUND_RANKS[1], entries), dim=2).values
+    neighbours = torch.topk(block, k=min(BACKGROUND_RANKS[1], entries), dim=2).values.cpu()
     level = background_levels(neighbours.reshape(queries * regions, -1).numpy()).reshape(queries, regions, 1)
-    return torch.from_numpy(normalise(block.numpy(), level, level))
+    level = torch.from_numpy(level).to(block.device)
+    return (block - level) / (1.0 - level).clamp_min(FLOOR)
