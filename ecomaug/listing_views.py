@@ -49,6 +49,15 @@ def item_codes(meta: Sequence[dict[str, Any]] | None, count: int, device: torch.
     return torch.tensor(codes, dtype=torch.long, device=device)
 
 
+def item_matches(items: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """True where ``others[j]`` is of the item of ``items[i]`` (samples without one match nothing).
+
+    Shape:
+        - items: :math:`(N,)`; others: :math:`(M,)`; output: :math:`(N, M)` bool.
+    """
+    return (items[:, None] == others[None, :]) & (items[:, None] != NO_ITEM)
+
+
 class ListingViews:
     """Replaces a sample's second view by a view of another photo of its item, with probability ``p``.
 

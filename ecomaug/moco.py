@@ -18,7 +18,7 @@ from torch import nn
 
 from ecomaug.distributed import (batch_shuffle, batch_unshuffle, concat_all_gather,
                                  encode_in_splits, get_rank)
-from ecomaug.listing_views import NO_ITEM, item_codes
+from ecomaug.listing_views import NO_ITEM, item_codes, item_matches
 from ecomaug.objective import ContrastiveOutput
 
 VERSIONS = ("v2", "v3")
@@ -337,7 +337,7 @@ class MoCo(nn.Module):
                 k = batch_unshuffle(k, idx_unshuffle)
         same_item = None
         if items is not None:
-            same_item = (items[:, None] == self.queue_items[None, :]) & (items[:, None] != NO_ITEM)  # N x K
+            same_item = item_matches(items, self.queue_items)  # N x K
         loss, logits = info_nce(q, k, self.queue.clone().detach(), self.T, same_item)
         if self.koleo_weight > 0 and q.shape[0] > 1:
             loss = loss + self.koleo_weight * koleo(q)
@@ -356,7 +356,7 @@ class MoCo(nn.Module):
         labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * get_rank()  # N
         if items is not None:
             items_all = concat_all_gather(items)  # W*N
-            same = (items[:, None] == items_all[None, :]) & (items[:, None] != NO_ITEM)  # N x W*N
+            same = item_matches(items, items_all)  # N x W*N
             same[torch.arange(q.shape[0], device=q.device), labels] = False  # the positive stays
             logits = logits.masked_fill(same, float("-inf"))
         accuracy = (logits.argmax(dim=1) == labels).float().mean()

@@ -76,8 +76,7 @@ def item_boxes(image: Image.Image, *, tolerances: Sequence[int] = ITEM_TOLERANCE
     Returns:
         ``(left, top, right, bottom)`` boxes, the largest first; fewer than two means "one item".
     """
-    pixels = np.asarray(image.convert("RGB")).astype(np.int16)
-    distance = np.abs(pixels - np.array(_border_colour(pixels))).max(axis=-1)
+    distance = _backdrop_distance(image)
     height, width = distance.shape
     found: list[tuple[int, int, int, int]] = []
     for tolerance in sorted(tolerances, reverse=True):
@@ -93,6 +92,12 @@ def item_boxes(image: Image.Image, *, tolerances: Sequence[int] = ITEM_TOLERANCE
         if all(_iou(box, kept) < SAME_BOX_IOU for kept in boxes):
             boxes.append(box)
     return boxes[:max_items]
+
+
+def _backdrop_distance(image: Image.Image) -> np.ndarray:
+    """Each pixel's largest channel difference from the border's median colour (H x W)."""
+    pixels = np.asarray(image.convert("RGB")).astype(np.int16)
+    return np.abs(pixels - np.array(_border_colour(pixels))).max(axis=-1)
 
 
 def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
@@ -118,8 +123,7 @@ def grow_items(image: Image.Image, boxes: Sequence[tuple[int, int, int, int]], m
     Any other box is grown (:func:`grow`), but on each side only up to the near edge of a box
     beside it, so a bundle's tightly packed items do not take in part of the next one.
     """
-    pixels = np.asarray(image.convert("RGB")).astype(np.int16)
-    stands_out = np.abs(pixels - np.array(_border_colour(pixels))).max(axis=-1) > min(ITEM_TOLERANCES)
+    stands_out = _backdrop_distance(image) > min(ITEM_TOLERANCES)
     grown = []
     for box in boxes:
         left, top, right, bottom = box
@@ -190,6 +194,13 @@ def image_regions(image: Image.Image, grids: Sequence[tuple[int, int]] = GRIDS, 
     raise ValueError(f"query regions must be 'items' or 'grid'; got {mode!r}")
 
 
+def crop_boxes(image: Image.Image, boxes: Sequence[tuple[int, int, int, int]], mode: str
+               ) -> list[tuple[int, int, int, int]]:
+    """What to crop for the regions ``boxes`` found with ``mode``: item boxes through
+    :func:`grow_items`, layout cells as they are (a cell grown would show its neighbours)."""
+    return grow_items(image, boxes) if mode == "items" else list(boxes)
+
+
 def crop_regions(image: Image.Image, boxes: Sequence[tuple[int, int, int, int]], size: int) -> torch.Tensor:
     """Each box of ``image`` as a ``size`` square: padded with the border colour, then resized.
 
@@ -223,9 +234,7 @@ def region_crops(image: Image.Image | bytes, size: int, grids: Sequence[tuple[in
         image = Image.open(io.BytesIO(image))
     image = image.convert("RGB")
     boxes = image_regions(image, grids, mode=mode)
-    if mode == "items":  # the whole image stays as it is; a grid cell grown would show its neighbours
-        boxes = boxes[:1] + grow_items(image, boxes[1:])
-    return crop_regions(image, boxes, size)
+    return crop_regions(image, boxes[:1] + crop_boxes(image, boxes[1:], mode), size)  # the whole image as it is
 
 
 def embed_regions(model: "EmbeddingModel", samples: Sequence[tuple[str, dict, bytes]], *,

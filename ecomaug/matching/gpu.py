@@ -53,6 +53,15 @@ def train_on_gpu(faiss: Any, index: Any, gpu: int) -> tuple[Any, Any]:
     return resources, clustering
 
 
+def train_ivf(faiss: Any, index: Any, sample: Any, gpu: int | None) -> None:
+    """Train ``index`` (an IVF index) on ``sample``, its coarse k-means on GPU ``gpu`` where given
+    (:func:`train_on_gpu`); the GPU's flat index is let go once trained."""
+    on_gpu = train_on_gpu(faiss, index, gpu) if gpu is not None else None
+    index.train(sample)
+    if on_gpu is not None:
+        faiss.extract_index_ivf(index).clustering_index = None
+
+
 def search_copy(faiss: Any, index: Any, gpu: int | None, *, on_disk: bool = False,
                 family: str = "") -> tuple[Any, str]:
     """The index to search with: a GPU copy of the (tuned) CPU ``index`` where possible.

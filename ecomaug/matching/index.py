@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ecomaug.matching.gpu import train_on_gpu
+from ecomaug.matching.gpu import train_ivf
 from ecomaug.matching.ondisk import add_on_disk, lists_record
 
 # Up to this many vectors HNSW32 comes first (autofaiss's quantization threshold): no training,
@@ -174,10 +174,7 @@ def _build_one(vectors: np.ndarray, plan: IndexPlan, seed: int, lists_file: Path
         # k-means wants >= 39 points a centroid: the lists, and PQ's 256 a sub-quantizer
         sample = min(count, max(64 * plan.nlist, 256 * 40 if plan.pq_m else 0))
         rows = np.sort(np.random.default_rng(seed).choice(count, size=sample, replace=False))
-        on_gpu = train_on_gpu(faiss, index, gpu) if gpu is not None else None
-        index.train(vectors[rows])
-        if on_gpu is not None:
-            faiss.extract_index_ivf(index).clustering_index = None  # the GPU's flat index is freed with it
+        train_ivf(faiss, index, vectors[rows], gpu)
     if plan.on_disk:
         if lists_file is None:
             raise ValueError(f"an on-disk {plan.factory} needs a file for its lists (index_path)")

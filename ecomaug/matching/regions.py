@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ecomaug.evaluation.regions import ITEM_MARGIN, crop_regions, grow_items, image_regions
+from ecomaug.evaluation.regions import (FRAMED_SHARE, ITEM_MARGIN, ITEM_TOLERANCES, MAX_ITEMS, crop_boxes,
+                                       crop_regions, image_regions)
 from ecomaug.matching.search import SearchResult, fingerprint
 
 if TYPE_CHECKING:
@@ -121,8 +122,7 @@ def embed_listing_regions(model: "EmbeddingModel", data: str | None, keys: list[
         raise ValueError(f"listing regions are 'items' or 'grid'; got {mode!r}")
     if data is None:
         raise ValueError(f"--query-regions {mode}: where --{name}'s images are is not known")
-    margin = ITEM_MARGIN if mode == "items" else 0.0  # a grid cell grown would show its neighbours
-    info = {**model.info(), "data": data, "mode": mode, "margin": margin, "listings": fingerprint(keys, vectors)}
+    info = _cache_info(model, data, mode, keys, vectors)
     cached = Path(work_dir) / "embeddings" / f"{name}-regions-{mode}.npz"
     try:
         kept = load_embeddings(cached) if cached.is_file() else None
@@ -150,7 +150,7 @@ def embed_listing_regions(model: "EmbeddingModel", data: str | None, keys: list[
         found = image_regions(image, mode=mode)[1:]  # the whole image is the listing's own row
         if not found:
             continue
-        crops.append(crop_regions(image, grow_items(image, found, margin), model.input_size))
+        crops.append(crop_regions(image, crop_boxes(image, found, mode), model.input_size))
         rows += [row] * len(found)
         boxes += found
         if sum(len(c) for c in crops) >= batch_size:
@@ -166,6 +166,16 @@ def embed_listing_regions(model: "EmbeddingModel", data: str | None, keys: list[
                meta=[{"row": int(r), "box": [int(v) for v in box]} for r, box in zip(regions.rows, regions.boxes)],
                info=info).save(cached)
     return regions
+
+
+def _cache_info(model: "EmbeddingModel", data: str, mode: str, keys: list[str], vectors: torch.Tensor
+                ) -> dict[str, object]:
+    """What identifies a catalogue's regions for reuse: the model, the listings and how regions were found."""
+    info = {**model.info(), "data": data, "mode": mode, "margin": ITEM_MARGIN if mode == "items" else 0.0,
+            "listings": fingerprint(keys, vectors)}
+    if mode == "items":  # a cache from other proposals is embedded again
+        info["proposals"] = {"tolerances": list(ITEM_TOLERANCES), "max_items": MAX_ITEMS, "framed": FRAMED_SHARE}
+    return info
 
 
 def _from_embeddings(kept: "Embeddings", mode: str, *, dim: int) -> ListingRegions:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ecomaug.limits import EXACT_LIMIT, SEARCH_METHODS as METHODS  # torch-free, for `match --help`
-from ecomaug.matching.gpu import faiss_gpu, search_copy, train_on_gpu
+from ecomaug.matching.gpu import faiss_gpu, search_copy, train_ivf
 from ecomaug.matching.index import (IndexPlan, build_within_budget, faiss_module as _faiss, ivf_lists,
                                     plan_index, rescore)
 from ecomaug.matching.ondisk import lists_path, read_on_disk
@@ -164,10 +164,7 @@ def _build(vectors: np.ndarray, method: str, seed: int, gpu: int | None) -> tupl
     index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
     sample = min(count, 64 * nlist)
     rows = np.random.default_rng(seed).choice(count, size=sample, replace=False)
-    on_gpu = train_on_gpu(faiss, index, gpu) if gpu is not None else None
-    index.train(vectors[np.sort(rows)])
-    if on_gpu is not None:
-        faiss.extract_index_ivf(index).clustering_index = None
+    train_ivf(faiss, index, vectors[np.sort(rows)], gpu)
     index.add(vectors)
     return index, {"kind": f"IVF{nlist},Flat", "nlist": nlist, "train_sample": int(sample)}
 

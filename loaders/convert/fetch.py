@@ -21,7 +21,7 @@ import threading
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Generator, Iterable
 
 from loaders.convert.hygiene import Rejected
 from loaders.remote import FSSPEC_PACKAGES, url_scheme as remote_scheme
@@ -299,7 +299,7 @@ def http_failure(error: BaseException) -> Rejected:
     return Rejected("connection failed", one_line(error))
 
 
-def fetch_in_order(urls: Iterable[str], options: FetchOptions) -> Iterator[bytes | Rejected]:
+def fetch_in_order(urls: Iterable[str], options: FetchOptions) -> Generator[bytes | Rejected, None, None]:
     """Fetch ``urls`` on ``options.threads`` threads; yield each one's bytes or skip, in input order.
 
     At most ``2 * threads`` results are held at once (fetched ahead of the consumer or in flight).

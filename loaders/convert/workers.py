@@ -8,7 +8,7 @@ import collections
 import multiprocessing
 import multiprocessing.pool
 import signal
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Generator, Iterator, Sequence, Union
 
 from loaders.convert.hygiene import HygieneOptions, ImageHook, Prepared, Rejected, prepare_image, use_one_torch_thread
 from loaders.convert.fetch import FetchOptions, fetch_in_order
@@ -57,7 +57,7 @@ def process_chunk(payloads: list[Payload]) -> list[Prepared | Rejected]:
     return [process_one(payload) for payload in payloads]
 
 
-def _payloads(tasks: Sequence[Task], start: int, fetch: FetchOptions | None) -> Iterator[Payload]:
+def _payloads(tasks: Sequence[Task], start: int, fetch: FetchOptions | None) -> Generator[Payload, None, None]:
     """Each task's payload (up-front skips left out), in order: its path, or with ``fetch`` its URL's
     bytes fetched here on threads, many in flight, so that decoding and not waiting bounds the pace."""
     todo = (task.item.path for task in tasks[start:] if task.skip is None)
@@ -102,7 +102,7 @@ def results_in_order(tasks: Sequence[Task], start: int, options: HygieneOptions,
             for task in tasks[start:]:
                 yield task, None if task.skip is not None else process_one(next(payloads))
         finally:
-            getattr(payloads, "close", lambda: None)()  # the fetch threads end with it
+            payloads.close()  # the fetch threads end with it
         return
     # Small chunks: an image costs milliseconds and a task well under one, and small chunks keep
     # the workers evenly busy to the very end.
@@ -136,6 +136,6 @@ def results_in_order(tasks: Sequence[Task], start: int, options: HygieneOptions,
                 yield task, None if task.skip is not None else next(outcomes)
         pool.close()
     finally:
-        getattr(payloads, "close", lambda: None)()
+        payloads.close()
         pool.terminate()
         pool.join()
