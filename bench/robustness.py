@@ -156,6 +156,7 @@ def run_benchmark(*, cache: Path, out: Path, recipes: Sequence[str], settings: C
     from ecomaug.evaluation.models import pretrained_model
     from ecomaug.evaluation.queries import build_eval_set
     from ecomaug.evaluation.report import ModelSpec, evaluate_models
+    from ecomaug.export import export_sides
 
     if not recipes:
         raise ValueError("--recipes names no recipe; give at least one, e.g. mocov2,ecom")
@@ -167,16 +168,19 @@ def run_benchmark(*, cache: Path, out: Path, recipes: Sequence[str], settings: C
     exports = {recipe: train_run(config, reuse=reuse) for recipe, config in configs.items()}
     if train_only:
         return {"table": "", "exports": {recipe: str(path) for recipe, path in exports.items()}}
-    # The recipe changes no model or crop size: every run's config names the same ones.
-    size, model_name = configs[recipes[0]].crop_size, configs[recipes[0]].model
+    # The recipe changes no model or size: every run's config names the same ones. The baselines embed as the
+    # exports do (the export's side and its extra sides: like with like).
+    first = configs[recipes[0]]
+    (size, extra), model_name = export_sides(first.crop_size, first.export_size, first.export_multiscale), first.model
     specs = [ModelSpec(f"trained, {recipe}", (lambda path=path: load_model(path, device=target)), kind=f"moco/{recipe}")
              for recipe, path in exports.items()]
     if configs[recipes[0]].pretrained:  # what fine-tuning starts from, and must beat, frozen
         specs.append(ModelSpec(f"frozen pretrained {model_name}",
-                               lambda: pretrained_model(model_name, device=target, input_size=size),
+                               lambda: pretrained_model(model_name, device=target, input_size=size, extra_sizes=extra),
                                kind="pretrained"))
     specs.append(ModelSpec(f"random-init {model_name}",
-                           lambda: random_init_model(model_name, device=target, input_size=size, seed=seed),
+                           lambda: random_init_model(model_name, device=target, input_size=size, seed=seed,
+                                                     extra_sizes=extra),
                            kind="random-init"))
     specs.append(ModelSpec("16x16 pixels", lambda: tiny_image_model(device=target, input_size=size),
                            kind="pixels"))
@@ -196,7 +200,8 @@ def run_benchmark(*, cache: Path, out: Path, recipes: Sequence[str], settings: C
     times = {recipe: json.loads((out / "runs" / recipe / "bench-time.json").read_text())
              for recipe in recipes if (out / "runs" / recipe / "bench-time.json").is_file()}
     report = {"rows": rows, "corpus": settings.__dict__, "preset": preset, "overrides": list(overrides),
-              "model": model_name, "crop_size": size, "device": str(target), "train_seconds": times,
+              "model": model_name, "crop_size": first.crop_size, "input_size": size, "extra_sizes": list(extra),
+              "device": str(target), "train_seconds": times,
               "queries_per_disturbance": eval_set.protocol["queries_per_disturbance"],
               "gallery_items": eval_set.num_items, "torch_threads": torch.get_num_threads()}
     (out / "robustness.txt").write_text(table + "\n")

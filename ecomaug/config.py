@@ -60,6 +60,9 @@ class TrainConfig:
     export_size: int | None = _option(None, "side of the square input the export records, which embed, eval and "
                                             "match feed it (default: --crop-size); a CNN trained on small crops "
                                             "often matches better on larger inputs (FixRes)")
+    export_multiscale: bool = _option(False, "the export also embeds at --crop-size where --export-size differs, "
+                                             "averaging the two L2-normalised descriptors (multi-scale: details "
+                                             "from the larger input, whole layouts from the training size)")
     # model and objective
     objective: str = _option("moco", "self-supervised MoCo, or the supervised siamese baseline on item_id",
                              choices=OBJECTIVES)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -157,15 +157,16 @@ def read_export_config(path: str | os.PathLike) -> dict[str, Any]:
     """An export's ``config.json``, every field the loaders use checked (it may come from anywhere).
 
     Returns:
-        ``model`` (a timm name), ``input_size`` (the side), ``mean``, ``std`` and, where the file
-        has it, ``num_features``.
+        ``model`` (a timm name), ``input_size`` (the side), ``extra_sizes`` (more sides to embed at:
+        a multi-scale descriptor; empty where the file has none), ``mean``, ``std`` and, where the
+        file has it, ``num_features``.
 
     Raises:
         ValueError: not a JSON object, an unknown model, an ``input_size`` that is not ``S`` or
             ``[3, S, S]`` with ``S`` in ``MIN_INPUT_SIZE..MAX_INPUT_SIZE``, a bad mean/std,
             interpolation or num_features; one line naming the file and the field.
     """
-    from ecomaug.limits import check_input_size
+    from ecomaug.limits import check_extra_sizes, check_input_size
 
     path = Path(path)
     try:
@@ -187,6 +188,8 @@ def read_export_config(path: str | os.PathLike) -> dict[str, Any]:
     elif isinstance(size, list):
         raise ValueError(f"{path}: input_size must be S or [3, S, S] (square RGB), got {size!r}")
     result: dict[str, Any] = {"model": model, "input_size": check_input_size(size, name=f"{path}: input_size"),
+                              "extra_sizes": check_extra_sizes(config.get("extra_sizes", []),
+                                                               name=f"{path}: extra_sizes"),
                               **read_normalisation(config, where=str(path))}
     if config.get("interpolation", EVAL_INTERPOLATION) not in INTERPOLATIONS:
         raise ValueError(f"{path}: interpolation must be one of {list(INTERPOLATIONS)}, "
@@ -199,10 +202,22 @@ def read_export_config(path: str | os.PathLike) -> dict[str, Any]:
     return result
 
 
+def export_sides(crop_size: int, export_size: int | None = None, multiscale: bool = False,
+                 input_size: int | None = None) -> tuple[int, tuple[int, ...]]:
+    """The side an export of a run records, and its extra sides.
+
+    The side is ``input_size``, else the run's ``export_size``, else its ``crop_size``; with
+    ``multiscale`` the training crop side is an extra side where it differs (a multi-scale
+    descriptor, :func:`ecomaug.evaluation.models.pooled_descriptor`).
+    """
+    size = int(input_size or export_size or crop_size)
+    return size, ((int(crop_size),) if multiscale and int(crop_size) != size else ())
+
+
 def export_backbone(backbone: nn.Module | dict[str, torch.Tensor], out_dir: str | os.PathLike, *,
                     model_name: str, input_size: int, interpolation: str = EVAL_INTERPOLATION,
                     verify: bool = True, mean: tuple[float, float, float] = IMAGENET_MEAN,
-                    std: tuple[float, float, float] = IMAGENET_STD) -> Path:
+                    std: tuple[float, float, float] = IMAGENET_STD, extra_sizes: Sequence[int] = ()) -> Path:
     """Write a backbone's weights and preprocessing config to ``out_dir``.
 
     Args:
@@ -214,6 +229,8 @@ def export_backbone(backbone: nn.Module | dict[str, torch.Tensor], out_dir: str 
         mean: the normalisation the backbone was trained with (the model's own, e.g. 0.5 for
             ``tf_efficientnet_lite0``); ``embed``, ``eval`` and ``match`` read it back.
         std: its standard deviation.
+        extra_sizes: more sides ``embed``, ``eval`` and ``match`` embed at, averaging the
+            L2-normalised features (a multi-scale descriptor; timm itself reads ``input_size`` only).
         verify: create the timm model and load the weights strictly before writing.
 
     Returns:
@@ -230,17 +247,25 @@ def export_backbone(backbone: nn.Module | dict[str, torch.Tensor], out_dir: str 
 
     state = backbone.state_dict() if isinstance(backbone, nn.Module) else backbone
     state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
-    from ecomaug.limits import check_input_size
+    from ecomaug.limits import check_extra_sizes, check_input_size
 
     reference = create_backbone(model_name, img_size=check_input_size(input_size, name="input_size"))
+    extra_sizes = check_extra_sizes(list(extra_sizes), name="extra_sizes")
+    positions = getattr(reference, "pos_embed", None)
+    if positions is not None and "pos_embed" in state and tuple(state["pos_embed"].shape) != tuple(positions.shape):
+        raise ValueError(f"{model_name} has position embeddings for the input size it was trained at, not "
+                         f"{input_size} px: export it at its training size")
+    if positions is not None and extra_sizes:
+        raise ValueError(f"{model_name} has position embeddings for one input size: no extra sizes "
+                         f"(multi-scale) for it")
     if verify:  # what embed will check when it loads the export (NaN weights included), checked now
         check_weights(state, reference, where=f"timm model {model_name!r}",
                       hint="the model name and the weights disagree")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = serialise(state, metadata={"model": model_name, "format": "pt"})
-    text = (json.dumps(export_config(reference, model_name, input_size, interpolation, mean=mean, std=std), indent=2)
-            + "\n").encode("utf-8")
+    config = export_config(reference, model_name, input_size, interpolation, mean=mean, std=std)
+    text = (json.dumps({**config, "extra_sizes": list(extra_sizes)}, indent=2) + "\n").encode("utf-8")
     staged: dict[Path, Path] = {}
     try:  # stage both files, then rename both: the old export stays whole if anything fails
         staged[out_dir / WEIGHTS_NAME] = stage_file(out_dir / WEIGHTS_NAME, lambda stream: stream.write(weights))
@@ -308,11 +333,12 @@ def backbone_state_from_checkpoint(state: dict[str, Any]) -> tuple[str, dict[str
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
-                      input_size: int | None = None) -> Path:
+                      input_size: int | None = None, multiscale: bool | None = None) -> Path:
     """Export the backbone of a training checkpoint written by ``train.py``.
 
     The export records ``input_size`` as the side to feed the backbone; default: the run's
-    ``export_size``, else its ``crop_size``.
+    ``export_size``, else its ``crop_size``. With ``multiscale`` (default: the run's
+    ``export_multiscale``) it also embeds at the run's ``crop_size`` (:func:`export_sides`).
 
     Raises:
         FileNotFoundError: if ``checkpoint`` does not exist.
@@ -326,8 +352,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(20, "--out is a file, not a directory", str(out_dir))
     normalisation = checkpoint_normalisation(state, where=str(checkpoint))
-    size = input_size or config.get("export_size") or config.get("crop_size", 224)
-    return export_backbone(weights, out_dir, model_name=model_name, input_size=int(size), **normalisation)
+    if multiscale is None:
+        multiscale = bool(config.get("export_multiscale", False))
+    size, extra = export_sides(config.get("crop_size", 224), config.get("export_size"), multiscale, input_size)
+    return export_backbone(weights, out_dir, model_name=model_name, input_size=size, extra_sizes=extra,
+                           **normalisation)
 
 
 def checkpoint_normalisation(state: dict[str, Any], *, where: str) -> dict[str, tuple[float, float, float]]:

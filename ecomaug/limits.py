@@ -16,6 +16,7 @@ import re
 # 800 MB of input alone, and its activations tens of GB.
 MIN_INPUT_SIZE = 16
 MAX_INPUT_SIZE = 1024
+MAX_EXTRA_SIZES = 3  # more sides an export embeds at (a multi-scale descriptor: one more forward pass each)
 # Neighbours per query in match: results are (queries x k), padded where the gallery is smaller.
 MAX_TOP_K = 1000
 # Images per forward pass of embed/eval/match.
@@ -78,6 +79,20 @@ def check_input_size(value: object, *, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not MIN_INPUT_SIZE <= value <= MAX_INPUT_SIZE:
         raise ValueError(f"{name} must be an integer in {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE} (pixels), got {value!r}")
     return value
+
+
+def check_extra_sizes(value: object, *, name: str) -> tuple[int, ...]:
+    """``value`` as an export's extra sides (a multi-scale descriptor), or ValueError naming ``name``.
+
+    Returns:
+        At most ``MAX_EXTRA_SIZES`` distinct sides, each checked by :func:`check_input_size`.
+    """
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_EXTRA_SIZES:
+        raise ValueError(f"{name} must be a list of at most {MAX_EXTRA_SIZES} sides, got {value!r}")
+    sides = tuple(check_input_size(side, name=name) for side in value)
+    if len(set(sides)) != len(sides):
+        raise ValueError(f"{name} repeats a side: {list(sides)}")
+    return sides
 
 
 def parse_size(text: object, *, name: str = "--max-index-memory") -> int:

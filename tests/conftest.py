@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,7 +14,9 @@ import torch
 from ecomaug.paths import SAMPLE_DIR, SAMPLE_MANIFEST
 
 # shard checks are remembered on disk (loaders.shard_check): keep the tests' out of ~/.cache
+# (one folder per pytest process, removed when it exits: runs must not fill the disk of a shared machine)
 os.environ["ECOMAUG_CACHE_DIR"] = tempfile.mkdtemp(prefix="ecomaug-test-cache-")
+atexit.register(shutil.rmtree, os.environ["ECOMAUG_CACHE_DIR"], ignore_errors=True)
 
 # Under pytest-xdist every worker would otherwise run torch's default thread pool (one thread per
 # core), so 2 workers on 2 cores run 4 OpenMP threads, whose spinning barriers slow a busy machine

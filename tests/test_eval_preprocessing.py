@@ -59,3 +59,36 @@ def test_export_config_normalisation_and_training_agree(tmp_path):
     with torch.no_grad():
         as_trained = model.backbone(Normalise()(images.float() / 255))
     torch.testing.assert_close(model.embed(images), as_trained)
+
+
+def test_a_multiscale_export_embeds_the_mean_of_its_sides_normalised_descriptors(tmp_path):
+    """``extra_sizes`` travel in config.json; embed then averages the L2-normalised features of the crop
+    and of the crop resized to each extra side, and a single-scale export keeps its raw features."""
+    from ecomaug.evaluation.embed import load_export
+    from ecomaug.export import create_backbone, export_backbone, export_sides
+    from ecomaug.normalise import Normalise
+
+    torch.manual_seed(0)
+    backbone = create_backbone("test_resnet")
+    export = export_backbone(backbone, tmp_path / "export", model_name="test_resnet", input_size=48,
+                             extra_sizes=(32,))
+    assert json.loads((export / "config.json").read_text())["extra_sizes"] == [32]
+    model = load_export(export, device=torch.device("cpu"))
+    assert model.extra_sizes == (32,) and model.info()["extra_sizes"] == [32]
+    images = torch.randint(0, 256, (3, 3, 48, 48), dtype=torch.uint8)
+    x = Normalise()(images.float() / 255)
+    smaller = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        expected = (torch.nn.functional.normalize(model.backbone(x), dim=-1)
+                    + torch.nn.functional.normalize(model.backbone(smaller), dim=-1)) / 2
+        single = load_export(export_backbone(backbone, tmp_path / "single", model_name="test_resnet", input_size=48),
+                             device=torch.device("cpu"))
+        raw = single.backbone(x)
+    torch.testing.assert_close(model.embed(images), expected)
+    torch.testing.assert_close(single.embed(images), raw)  # no extra sides: the backbone's features as they are
+    assert single.extra_sizes == () and "extra_sizes" not in single.info()
+    # the run's rule: the training crop side is the extra side only where the export's side differs
+    assert export_sides(128, 224, True) == (224, (128,))
+    assert export_sides(128, 224, False) == (224, ())
+    assert export_sides(128, None, True) == (128, ())
+    assert export_sides(128, 224, True, input_size=160) == (160, (128,))

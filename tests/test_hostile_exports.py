@@ -114,6 +114,9 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
     "zero-input-size": (_config(input_size=0), "input_size must be an integer in 16..1024 (pixels), got 0"),
     "oblong-input-size": (_config(input_size=[3, 32, 64]), "input_size must be S or [3, S, S]"),
     "bad-interpolation": (_config(interpolation="sinc"), "interpolation must be one of"),
+    "huge-extra-size": (_config(extra_sizes=[5000]), "config.json: extra_sizes must be an integer in 16..1024"),
+    "extra-sizes-a-number": (_config(extra_sizes=64), "config.json: extra_sizes must be a list of at most 3 sides"),
+    "repeated-extra-size": (_config(extra_sizes=[64, 64]), "config.json: extra_sizes repeats a side"),
     "config-not-json": (_write("config.json", b"{not json"), "config.json: not a JSON export config"),
     "config-a-list": (_write("config.json", b"[1, 2]"), "expected a JSON object"),
 }

@@ -324,3 +324,16 @@ def test_export_size_is_bounded_and_refused_for_a_model_with_position_embeddings
         build_objective(vit, queue_size=32, bn_splits=1)
     cnn = parse_config(["--data", "x", "--out", str(tmp_path), *TINY, "--export-size", "48"])
     assert build_objective(cnn, queue_size=32, bn_splits=1).backbone is not None
+
+
+def test_an_export_of_a_model_with_position_embeddings_is_refused_at_another_size_in_one_line(tmp_path):
+    """A ViT's position embeddings fit the size it trained at: another export size, or extra sizes
+    (multi-scale), is one clear line, not a shape mismatch deep in the weight check."""
+    from ecomaug.export import create_backbone, export_backbone
+
+    state = create_backbone("test_vit", img_size=32).state_dict()
+    with pytest.raises(ValueError, match="test_vit has position embeddings .* not 48 px: export it at its training"):
+        export_backbone(state, tmp_path / "at48", model_name="test_vit", input_size=48)
+    with pytest.raises(ValueError, match="no extra sizes"):
+        export_backbone(state, tmp_path / "multi", model_name="test_vit", input_size=32, extra_sizes=(16,))
+    assert (export_backbone(state, tmp_path / "same", model_name="test_vit", input_size=32) / "config.json").is_file()

@@ -170,11 +170,13 @@ def test_a_tiny_finetune_from_packaged_weights_runs_and_exports_the_model_own_pr
     assert exported["mean"] == [0.5, 0.5, 0.5] and exported["std"] == [0.5, 0.5, 0.5]
     assert exported["pretrained_cfg"]["mean"] == [0.5, 0.5, 0.5]
     assert exported["input_size"] == [3, 96, 96]  # trained on 64 px crops, fed 96 px images (--export-size)
+    assert exported["extra_sizes"] == [64]  # the preset's multi-scale export: its training side too
 
     from ecomaug.evaluation.models import load_model
 
     model = load_model(out, device=torch.device("cpu"))  # what embed, eval and match load
     assert model.mean == (0.5, 0.5, 0.5) and model.std == (0.5, 0.5, 0.5) and model.input_size == 96
+    assert model.extra_sizes == (64,)
     checkpoint = load_model(sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1], device=torch.device("cpu"))
     assert checkpoint.mean == (0.5, 0.5, 0.5)
 

@@ -120,6 +120,11 @@ def test_exported_weights_load_into_timm(trained_run, tmp_path):
     assert larger.exit_code == 0, larger.output  # fed larger than it trained on: recorded, weights the same
     assert json.loads((tmp_path / "at48" / "config.json").read_text())["input_size"] == [3, 48, 48]
     assert load_file(str(tmp_path / "at48" / "backbone.safetensors")).keys() == weights.keys()
+    assert json.loads((tmp_path / "at48" / "config.json").read_text())["extra_sizes"] == []
+    both = CliRunner().invoke(cli, ["export", str(checkpoint), "--out", str(tmp_path / "both"), "--input-size", "48",
+                                    "--multiscale"])
+    assert both.exit_code == 0, both.output  # also embedded at the 32 px it trained on
+    assert json.loads((tmp_path / "both" / "config.json").read_text())["extra_sizes"] == [32]
 
 
 def test_the_export_loads_the_timm_way_with_its_real_input_size(trained_run):

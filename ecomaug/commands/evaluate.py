@@ -20,23 +20,25 @@ def _check_model_specs(context: click.Context, parameter: click.Parameter,
 
 
 def _baseline_plan(specs: list, *, input_size: int | None, named_pretrained: tuple[str, ...],
-                   named_random_init: tuple[str, ...], defaults: bool) -> tuple[int, list[str], list[str]]:
-    """The baselines' crop side (``--input-size``, else the first model's: like with like, else 224)
-    and the default baselines of the models' architectures (none unless ``defaults``)."""
+                   named_random_init: tuple[str, ...], defaults: bool
+                   ) -> tuple[tuple[int, tuple[int, ...]], list[str], list[str]]:
+    """The baselines' crop side and extra sides (``--input-size`` alone, else the first model's: like
+    with like, a multi-scale export's baselines multi-scale too; else 224) and the default baselines
+    of the models' architectures (none unless ``defaults``)."""
     from ecomaug.evaluation.baselines import default_baselines
 
     if not defaults:  # only the first model's crop side may be needed
         specs = specs[:1] if input_size is None and (named_pretrained or named_random_init) else []
-    size, architectures = input_size or 224, []
+    sides, architectures = (input_size or 224, ()), []
     for position, spec in enumerate(specs):
         loaded = spec.load()
-        size = loaded.input_size if position == 0 and input_size is None else size
+        sides = (loaded.input_size, loaded.extra_sizes) if position == 0 and input_size is None else sides
         architectures.append(loaded.model_name)
         del loaded
     if not defaults:
-        return size, [], []
-    return (size, *default_baselines(architectures, named_pretrained=named_pretrained,
-                                     named_random_init=named_random_init))
+        return sides, [], []
+    return (sides, *default_baselines(architectures, named_pretrained=named_pretrained,
+                                      named_random_init=named_random_init))
 
 
 @click.command("eval")
@@ -56,8 +58,8 @@ def _baseline_plan(specs: list, *, input_size: int | None, named_pretrained: tup
 @click.option("--disturbance", "disturbances", type=click.Choice(DISTURBANCES), multiple=True,
               help="Only these disturbances (repeatable). Default: all.")
 @click.option("--input-size", type=click.IntRange(MIN_INPUT_SIZE, MAX_INPUT_SIZE), default=None,
-              help="Crop side for checkpoints and random-init baselines (default: the run's "
-                   "crop size; random-init: the first model's, else 224).")
+              help="Crop side for checkpoints and the baselines (default: the run's crop size; "
+                   "baselines: the first model's side and extra sides, else 224).")
 @click.option("--max-items", type=click.IntRange(min=1), default=None, help="Evaluate a seeded subset of items.")
 @click.option("--max-queries-per-item", type=click.IntRange(min=1), default=None, help="Cap on an item's queries.")
 @click.option("--group-by", type=str, default=None,
@@ -123,12 +125,12 @@ def evaluate(gallery: str, models: tuple[str, ...], random_inits: tuple[str, ...
     target = resolve_device(device)
     check_writable(out)  # a read-only --out: one line now, not after every model's embeddings
     specs = [model_spec(text, device=target, input_size=input_size) for text in models]
-    baseline_size, added_pretrained, added_random = _baseline_plan(
+    (baseline_size, extra_sizes), added_pretrained, added_random = _baseline_plan(
         specs, input_size=input_size, named_pretrained=pretrained_names, named_random_init=random_inits,
         defaults=baselines)
-    specs += [pretrained_spec(name, device=target, input_size=baseline_size)
+    specs += [pretrained_spec(name, device=target, input_size=baseline_size, extra_sizes=extra_sizes)
               for name in (*pretrained_names, *added_pretrained)]
-    specs += [random_init_spec(name, device=target, input_size=baseline_size, seed=seed)
+    specs += [random_init_spec(name, device=target, input_size=baseline_size, seed=seed, extra_sizes=extra_sizes)
               for name in (*random_inits, *added_random)]
     if added_pretrained or added_random:
         click.echo("baselines added (--no-baselines leaves them out): " + ", ".join(

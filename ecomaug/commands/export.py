@@ -14,7 +14,10 @@ from ecomaug.limits import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 @click.option("--input-size", type=click.IntRange(MIN_INPUT_SIZE, MAX_INPUT_SIZE), default=None,
               help="Side of the square input the export records (what embed, eval and match feed it) "
                    "[default: the run's --export-size, else its --crop-size].")
-def export(checkpoint: str, out_dir: str, input_size: int | None) -> None:
+@click.option("--multiscale/--single-scale", default=None,
+              help="Also embed at the run's --crop-size where the input size differs, averaging the two "
+                   "L2-normalised descriptors [default: the run's --export-multiscale].")
+def export(checkpoint: str, out_dir: str, input_size: int | None, multiscale: bool | None) -> None:
     """Export the query backbone of CHECKPOINT so timm can load it.
 
     \b
@@ -27,6 +30,6 @@ def export(checkpoint: str, out_dir: str, input_size: int | None) -> None:
     """
     from ecomaug.export import export_checkpoint
 
-    written = export_checkpoint(checkpoint, out_dir, input_size=input_size)
+    written = export_checkpoint(checkpoint, out_dir, input_size=input_size, multiscale=multiscale)
     click.echo(f"exported {checkpoint} -> {written}/backbone.safetensors, {written}/config.json "
                f"(timm: local-dir:{written})")

