@@ -147,3 +147,24 @@ def test_bad_command_input_is_one_line_and_exit_2(arguments, message, tmp_path, 
     result = CliRunner().invoke(main, arguments + ["--device", "cpu"])
     assert result.exit_code == 2, result.output
     assert message in result.output and result.output.count("\n") <= 2
+
+
+def test_the_baselines_embed_as_a_multiscale_export_does(tmp_path):
+    """Like with like: a multi-scale export's frozen and random-init baselines get its sides too;
+    --input-size alone makes every baseline single-scale at that side."""
+    from ecomaug.commands.evaluate import _baseline_plan
+    from ecomaug.evaluation.models import load_export
+    from ecomaug.evaluation.report import ModelSpec, random_init_spec
+    from ecomaug.export import create_backbone, export_backbone
+
+    export = export_backbone(create_backbone("test_resnet"), tmp_path / "export", model_name="test_resnet",
+                             input_size=48, extra_sizes=(32,))
+    spec = ModelSpec("mine", lambda: load_export(export, device=torch.device("cpu")), kind="trained")
+    sides, pretrained, random = _baseline_plan([spec], input_size=None, named_pretrained=(),
+                                               named_random_init=("test_resnet",), defaults=False)
+    assert sides == (48, (32,)) and pretrained == random == []
+    baseline = random_init_spec("test_resnet", device=torch.device("cpu"), input_size=sides[0],
+                                extra_sizes=sides[1]).load()
+    assert baseline.input_size == 48 and baseline.extra_sizes == (32,)
+    assert _baseline_plan([spec], input_size=64, named_pretrained=(), named_random_init=("test_resnet",),
+                          defaults=False)[0] == (64, ())
