@@ -68,7 +68,9 @@ def closing_recall(backbone: torch.nn.Module, shards: str | os.PathLike, *, conf
     the same architecture and input size (seeded with ``config.seed``), the trained recall's standard
     error, and a ``warning`` line when the set is too small to separate them (else None)."""
     from ecomaug.evaluation.uncertainty import held_out_warning
-    from ecomaug.export import create_backbone
+    from ecomaug.export import create_backbone, export_sides
+
+    size, extra = export_sides(config.crop_size, config.export_size, config.export_multiscale)  # as the export
 
     def recall_of(weights: dict[str, torch.Tensor] | None) -> float:
         with torch.random.fork_rng(devices=[]):  # the caller's generator stream stays untouched
@@ -82,9 +84,6 @@ def closing_recall(backbone: torch.nn.Module, shards: str | os.PathLike, *, conf
         return knn_recall_at_1(baseline, shards, config=config, device=device, normalise=normalise,
                                autocast=autocast, crop_size=size, extra_sizes=extra)["recall@1"]
 
-    from ecomaug.export import export_sides
-
-    size, extra = export_sides(config.crop_size, config.export_size, config.export_multiscale)  # as the export
     trained = knn_recall_at_1(backbone, shards, config=config, device=device, normalise=normalise,
                               autocast=autocast, crop_size=size, extra_sizes=extra)
     result = {"trained_recall@1": trained["recall@1"], "standard_error": trained["standard_error"],

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ecomaug.limits import check_extra_sizes
 from ecomaug.normalise import IMAGENET_MEAN, IMAGENET_STD  # timm's: the one normalisation
 
 
@@ -92,12 +93,6 @@ def pooled_descriptor(backbone: torch.nn.Module, x: torch.Tensor, extra_sizes: S
                                                   align_corners=False)
         total = total + torch.nn.functional.normalize(backbone(resized).float(), dim=-1)
     return total / (1 + len(extra_sizes))
-
-
-def _extra_sides(value: Sequence[int]) -> tuple[int, ...]:
-    from ecomaug.limits import check_extra_sizes
-
-    return check_extra_sizes(tuple(value), name="extra sizes")
 
 
 def _input_side(value: Any, name: str = "--input-size") -> int:
@@ -187,7 +182,7 @@ def random_init_model(model_name: str, *, device: torch.device, input_size: int 
         backbone = _create(model_name, _input_side(input_size))
     return EmbeddingModel(backbone=backbone.to(device).eval(), model_name=model_name,
                           input_size=_input_side(input_size), source=f"random-init:{model_name}",
-                          extra_sizes=_extra_sides(extra_sizes))
+                          extra_sizes=check_extra_sizes(tuple(extra_sizes), name="extra sizes"))
 
 
 def pretrained_model(model_name: str, *, device: torch.device, input_size: int = 224,
@@ -207,7 +202,8 @@ def pretrained_model(model_name: str, *, device: torch.device, input_size: int =
     backbone.load_state_dict(weights)
     return EmbeddingModel(backbone=backbone.to(device).eval(), model_name=model_name,
                           input_size=_input_side(input_size), **model_preprocessing(model_name),
-                          source=f"pretrained:{model_name} ({where})", extra_sizes=_extra_sides(extra_sizes))
+                          source=f"pretrained:{model_name} ({where})",
+                          extra_sizes=check_extra_sizes(tuple(extra_sizes), name="extra sizes"))
 
 
 def load_model(source: str | os.PathLike, *, device: torch.device,
