@@ -14,8 +14,8 @@ from PIL import Image, ImageDraw
 from ecomaug.augmentation.mocov2 import SeededGaussianBlur
 from ecomaug.augmentation.sampling import RandomSource
 from ecomaug.evaluation.baselines import tiny_image_model
-from ecomaug.evaluation.regions import (GRIDS, MAX_ITEMS, embed_regions, grow_items, item_boxes, region_boxes,
-                                        region_crops, retrieve_regions)
+from ecomaug.evaluation.regions import (GRIDS, MAX_ITEMS, embed_regions, grow_items, image_regions, item_boxes,
+                                        lone_item_box, region_boxes, region_crops, retrieve_regions)
 from ecomaug.evaluation.retrieval import retrieve
 
 
@@ -114,8 +114,28 @@ def test_item_proposals_box_each_item_of_a_bundle_and_leave_a_single_item_whole(
     single = Image.new("RGB", (96, 96), (200, 200, 205))
     single.paste(tiles[0], (16, 16))
     assert len(item_boxes(single)) == 1
-    assert region_crops(_jpeg(single), 32, mode="items").shape == (1, 3, 32, 32)  # whole image only
+    assert region_crops(_jpeg(single), 32, mode="items").shape == (2, 3, 32, 32)  # whole image + the small item
+    filling = Image.new("RGB", (96, 96), (245, 245, 245))
+    ImageDraw.Draw(filling).rectangle((6, 6, 90, 90), fill=(200, 30, 30))
+    assert region_crops(_jpeg(filling), 32, mode="items").shape == (1, 3, 32, 32)  # whole image only
     assert region_crops(_jpeg(_bundle(tiles)), 32, mode="items").shape == (4, 3, 32, 32)
+
+
+def test_a_lone_small_item_is_boxed_inside_its_listing_photographed_at_an_angle():
+    scene = Image.new("RGB", (160, 160), (150, 170, 200))  # the backdrop round the tilted listing
+    draw = ImageDraw.Draw(scene)
+    draw.polygon([(20, 40), (150, 10), (140, 150), (30, 120)], fill=(245, 245, 245))  # the listing's own backdrop
+    draw.ellipse((70, 60, 100, 90), fill=(200, 30, 30))
+    draw.rectangle((84, 90, 88, 105), fill=(40, 40, 40))  # a second part (a stem) stays in the same box
+    box = lone_item_box(scene)
+    assert box is not None
+    assert abs(box[0] - 70) <= 2 and abs(box[1] - 60) <= 2 and abs(box[2] - 101) <= 2 and abs(box[3] - 106) <= 2, box
+    assert image_regions(scene, mode="items") == [(0, 0, 160, 160), box]
+    filling = Image.new("RGB", (160, 160), (245, 245, 245))
+    ImageDraw.Draw(filling).rectangle((8, 8, 150, 150), fill=(30, 60, 200))
+    assert lone_item_box(filling) is None  # it fills the frame: the whole image is the item
+    assert lone_item_box(Image.new("RGB", (64, 64), (245, 245, 245))) is None  # nothing on the backdrop
+    assert lone_item_box(scene, max_area=0.01) is None
 
 
 def test_item_regions_pad_with_the_whole_image_and_find_the_item_in_a_bundle():
@@ -127,7 +147,9 @@ def test_item_regions_pad_with_the_whole_image_and_find_the_item_in_a_bundle():
         tiles = [gallery_images[target]] + [gallery_images[index].rotate(90) for index in others]
         rng.shuffle(tiles)
         queries.append((f"q{target}", {"item_id": gallery_items[target]}, _jpeg(_bundle(tiles))))
-    single = (("single", {"item_id": "item0"}, _jpeg(gallery_images[0])),)
+    filling = Image.new("RGB", (64, 64), (245, 245, 245))
+    ImageDraw.Draw(filling).ellipse((2, 2, 62, 62), fill=(200, 30, 30))  # one item filling its frame
+    single = (("single", {"item_id": "item0"}, _jpeg(filling)),)
     regions = embed_regions(model, [*queries, *single], batch_size=64, mode="items")
     assert regions.shape == (len(queries) + 1, 1 + MAX_ITEMS, gallery.shape[1])
     torch.testing.assert_close(regions[-1], regions[-1, :1].expand(1 + MAX_ITEMS, -1))  # one region, padded

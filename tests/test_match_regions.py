@@ -21,6 +21,7 @@ from PIL import Image
 
 from ecomaug.cli import main
 from ecomaug.evaluation.embeddings import Embeddings
+from ecomaug.evaluation.regions import lone_item_box
 from ecomaug.matching.normalise import background_levels, score_searches
 from ecomaug.matching.regions import ListingRegions, collapse, labelled_best, search_rows
 from ecomaug.matching.search import SearchResult
@@ -114,7 +115,8 @@ def test_items_pair_each_bundle_with_the_items_it_shows_and_name_the_region(case
         (f"item{i:03d}.jpg", name, "whole") for name, i in SINGLES.items()}
     summary = json.loads((tmp_path / "items" / "summary.json").read_text())
     assert summary["options"]["query_regions"] == "items"
-    assert summary["regions"]["listings_with_regions"] == len(BUNDLES)  # single photos get none
+    lone = sum(lone_item_box(Image.open(case["root"] / "b" / name).convert("RGB")) is not None for name in SINGLES)
+    assert summary["regions"]["listings_with_regions"] == len(BUNDLES) + lone  # a single photo: its small item only
     assert summary["regions"]["pairs_through_regions"] >= len(shown) - 1
     gaps = {row["b_key"] for row in csv.DictReader(open(tmp_path / "items" / "gaps.csv", newline=""))}
     assert not gaps & set(BUNDLES)  # a bundle matched through its regions is no gap

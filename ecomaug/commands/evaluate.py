@@ -69,9 +69,9 @@ def _baseline_plan(specs: list, *, input_size: int | None, named_pretrained: tup
               help="torch: exact top-k in chunks on the device; faiss: IndexFlatIP (if installed).")
 @click.option("--query-regions", type=click.Choice(["items", "none", "grid"]), default="items", show_default=True,
               help="items: also embed each query's item regions (the blobs standing out from its "
-                   "backdrop, when it shows two or more) and score it by its best region, which finds "
-                   "an item in a multi-item image; none: whole images only; grid: the cells of 2-6 "
-                   "item layouts (measured worse).")
+                   "backdrop when it shows two or more, else a lone small item's tight box) and "
+                   "score it by its best region, which finds an item in a multi-item image or far off; "
+                   "none: whole images only; grid: the cells of 2-6 item layouts (measured worse).")
 @click.option("--pixel-baseline/--no-pixel-baseline", default=False, show_default=True,
               help="Add the 16x16-pixel thumbnail baseline a trained model must beat.")
 @click.option("--baselines/--no-baselines", default=True, show_default=True,

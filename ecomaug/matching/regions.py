@@ -1,11 +1,12 @@
 """B's listings by their item regions (``ecomaug match --query-regions``): a bundle photo is searched
 as its whole image and as each item it shows, so an A item can pair with one region of it.
 
-Each listing of B whose image shows several items (:func:`ecomaug.evaluation.regions.image_regions`:
-the blobs that stand out from its backdrop with ``"items"``, layout cells with ``"grid"``) gets a
-vector per region, which remembers its listing and its box. A is searched against B's listings
-followed by their regions (:class:`SearchRows`), and every A listing's neighbours are collapsed
-back to listings, each by its best row (:func:`collapse`): a bundle appears once among an A item's
+Each listing of B whose image shows several items, or one item small in its frame
+(:func:`ecomaug.evaluation.regions.image_regions`: the blobs that stand out from its backdrop, or
+the lone item's tight box, with ``"items"``; layout cells with ``"grid"``) gets a vector per
+region, which remembers its listing and its box. A is searched against B's listings followed by
+their regions (:class:`SearchRows`), and every A listing's neighbours are collapsed back to
+listings, each by its best row (:func:`collapse`): a bundle appears once among an A item's
 neighbours, through the region that shows it, and once per region across A's items. Region rows
 get background levels in A as listings do, so the normalised score holds for them too.
 """
@@ -20,8 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ecomaug.evaluation.regions import (FRAMED_SHARE, ITEM_MARGIN, ITEM_TOLERANCES, MAX_ITEMS, crop_boxes,
-                                       crop_regions, image_regions)
+from ecomaug.evaluation.regions import (FRAMED_SHARE, ITEM_MARGIN, ITEM_TOLERANCES, LISTING_BACKDROP_SHARE,
+                                       LONE_ITEM_AREA, MAX_ITEMS, crop_boxes, crop_regions, image_regions)
 from ecomaug.matching.search import SearchResult, fingerprint
 
 if TYPE_CHECKING:
@@ -174,7 +175,8 @@ def _cache_info(model: "EmbeddingModel", data: str, mode: str, keys: list[str], 
     info = {**model.info(), "data": data, "mode": mode, "margin": ITEM_MARGIN if mode == "items" else 0.0,
             "listings": fingerprint(keys, vectors)}
     if mode == "items":  # a cache from other proposals is embedded again
-        info["proposals"] = {"tolerances": list(ITEM_TOLERANCES), "max_items": MAX_ITEMS, "framed": FRAMED_SHARE}
+        info["proposals"] = {"tolerances": list(ITEM_TOLERANCES), "max_items": MAX_ITEMS, "framed": FRAMED_SHARE,
+                             "lone_item_area": LONE_ITEM_AREA, "listing_backdrop": LISTING_BACKDROP_SHARE}
     return info
 
 
