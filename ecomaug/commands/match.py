@@ -56,8 +56,9 @@ from ecomaug.limits import (EXACT_LIMIT, MAX_BATCH_SIZE, MAX_INPUT_SIZE, MAX_SEE
                    "(centroids, PQ tables); for a catalogue whose index outgrows RAM.")
 @click.option("--query-regions", type=click.Choice(["none", "items", "grid"]), default="none", show_default=True,
               help="items: also search B's listings by their item regions (the blobs standing out from a "
-                   "bundle photo's backdrop, or a lone small item's tight box), so a bundle "
-                   "pairs with each A item it shows and pairs.csv's b_region names the box; grid: layout cells instead. Needs B's images, not embeddings.")
+                   "bundle photo's backdrop, or a lone small item's tight box), so a bundle pairs with "
+                   "each A item it shows and pairs.csv's b_region names the box; grid: layout cells "
+                   "instead. Needs B's images, not embeddings.")
 @click.option("--shop-column", type=str, default=None,
               help="B's column counted per gap cluster (default: shop, when present).")
 @click.option("--input-size", type=click.IntRange(MIN_INPUT_SIZE, MAX_INPUT_SIZE), default=None,

@@ -64,9 +64,9 @@ ITEM_MARGIN = 0.2
 FRAMED_SHARE = 0.9
 # A lone item whose tight box covers less than this share of its image gets that box as a region.
 # On the benchmark's perspective queries (bench.robustness, 640, 224 + 128 px) it lifts R@1 from
-# 0.566 to 0.758 for the frozen ImageNet Lite0 and from 0.820 to 0.864 for its `ecom` fine-tune,
-# watermark and colour within 0.005 either way; any share from 0.3 to 0.9 does as well for the
-# fine-tune, and above 0.5 the frozen weights lose 0.005 on colour.
+# 0.566 to 0.759 for the frozen ImageNet Lite0 and from 0.820 to 0.866 for its `ecom` fine-tune,
+# watermark and colour within 0.003 either way (docs/finetune.md#lone-items); any share from 0.3
+# to 0.9 does as well for the fine-tune, and at 0.9 the frozen weights lose 0.005 on colour.
 LONE_ITEM_AREA = 0.5
 # Content of which one colour (in steps of 16 per channel) makes up this share is a listing's own
 # backdrop: the lone item is what stands out from that colour too.
@@ -117,14 +117,14 @@ def lone_item_box(image: Image.Image, *, tolerance: int = max(ITEM_TOLERANCES), 
     less than ``max_area`` of the image.
     """
     pixels = np.asarray(image.convert("RGB")).astype(np.int16)
-    stands_out = np.abs(pixels - np.array(_border_colour(pixels))).max(axis=-1) > tolerance
+    stands_out = _backdrop_distance(image) > tolerance
     content = pixels[stands_out]
     if len(content):
         steps = content // 16
         codes = steps[:, 0] * 256 + steps[:, 1] * 16 + steps[:, 2]
-        values, counts = np.unique(codes, return_counts=True)
+        counts = np.bincount(codes, minlength=16 ** 3)
         if counts.max() >= LISTING_BACKDROP_SHARE * len(content):
-            backdrop = np.median(content[codes == values[counts.argmax()]], axis=0)
+            backdrop = np.median(content[codes == counts.argmax()], axis=0)
             stands_out &= np.abs(pixels - backdrop).max(axis=-1) > tolerance
     mask = cv2.morphologyEx(stands_out.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
     rows, columns = np.nonzero(mask)
