@@ -171,7 +171,8 @@ def run_benchmark(*, cache: Path, out: Path, recipes: Sequence[str], settings: C
     # The recipe changes no model or size: every run's config names the same ones. The baselines embed as the
     # exports do (the export's side and its extra sides: like with like).
     first = configs[recipes[0]]
-    (size, extra), model_name = export_sides(first.crop_size, first.export_size, first.export_multiscale), first.model
+    model_name = first.model
+    size, extra = export_sides(first.crop_size, first.export_size, first.export_multiscale)
     specs = [ModelSpec(f"trained, {recipe}", (lambda path=path: load_model(path, device=target)), kind=f"moco/{recipe}")
              for recipe, path in exports.items()]
     if configs[recipes[0]].pretrained:  # what fine-tuning starts from, and must beat, frozen

@@ -44,6 +44,9 @@ class EmbeddingModel:
     source: str = ""
     extra_sizes: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        self.extra_sizes = check_extra_sizes(tuple(self.extra_sizes), name="extra sizes")
+
     @property
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
@@ -182,7 +185,7 @@ def random_init_model(model_name: str, *, device: torch.device, input_size: int 
         backbone = _create(model_name, _input_side(input_size))
     return EmbeddingModel(backbone=backbone.to(device).eval(), model_name=model_name,
                           input_size=_input_side(input_size), source=f"random-init:{model_name}",
-                          extra_sizes=check_extra_sizes(tuple(extra_sizes), name="extra sizes"))
+                          extra_sizes=tuple(extra_sizes))
 
 
 def pretrained_model(model_name: str, *, device: torch.device, input_size: int = 224,
@@ -202,8 +205,7 @@ def pretrained_model(model_name: str, *, device: torch.device, input_size: int =
     backbone.load_state_dict(weights)
     return EmbeddingModel(backbone=backbone.to(device).eval(), model_name=model_name,
                           input_size=_input_side(input_size), **model_preprocessing(model_name),
-                          source=f"pretrained:{model_name} ({where})",
-                          extra_sizes=check_extra_sizes(tuple(extra_sizes), name="extra sizes"))
+                          source=f"pretrained:{model_name} ({where})", extra_sizes=tuple(extra_sizes))
 
 
 def load_model(source: str | os.PathLike, *, device: torch.device,

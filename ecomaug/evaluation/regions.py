@@ -116,8 +116,8 @@ def lone_item_box(image: Image.Image, *, tolerance: int = max(ITEM_TOLERANCES), 
     pixels (a multi-part item stays whole) is returned if it covers at least ``min_area`` and
     less than ``max_area`` of the image.
     """
-    pixels = np.asarray(image.convert("RGB")).astype(np.int16)
-    stands_out = _backdrop_distance(image) > tolerance
+    pixels = _signed_pixels(image)
+    stands_out = _distance(pixels, _border_colour(pixels)) > tolerance
     content = pixels[stands_out]
     if len(content):
         steps = content // 16
@@ -125,7 +125,7 @@ def lone_item_box(image: Image.Image, *, tolerance: int = max(ITEM_TOLERANCES), 
         counts = np.bincount(codes, minlength=16 ** 3)
         if counts.max() >= LISTING_BACKDROP_SHARE * len(content):
             backdrop = np.median(content[codes == counts.argmax()], axis=0)
-            stands_out &= np.abs(pixels - backdrop).max(axis=-1) > tolerance
+            stands_out &= _distance(pixels, backdrop) > tolerance
     mask = cv2.morphologyEx(stands_out.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
     rows, columns = np.nonzero(mask)
     if not len(rows):
@@ -137,8 +137,18 @@ def lone_item_box(image: Image.Image, *, tolerance: int = max(ITEM_TOLERANCES), 
 
 def _backdrop_distance(image: Image.Image) -> np.ndarray:
     """Each pixel's largest channel difference from the border's median colour (H x W)."""
-    pixels = np.asarray(image.convert("RGB")).astype(np.int16)
-    return np.abs(pixels - np.array(_border_colour(pixels))).max(axis=-1)
+    pixels = _signed_pixels(image)
+    return _distance(pixels, _border_colour(pixels))
+
+
+def _signed_pixels(image: Image.Image) -> np.ndarray:
+    """The image's RGB pixels as int16 (H x W x 3), so differences do not wrap."""
+    return np.asarray(image.convert("RGB")).astype(np.int16)
+
+
+def _distance(pixels: np.ndarray, colour: Sequence[float]) -> np.ndarray:
+    """Each pixel's largest channel difference from ``colour`` (H x W)."""
+    return np.abs(pixels - np.asarray(colour)).max(axis=-1)
 
 
 def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
