@@ -14,8 +14,10 @@ from PIL import Image, ImageDraw
 from ecomaug.augmentation.mocov2 import SeededGaussianBlur
 from ecomaug.augmentation.sampling import RandomSource
 from ecomaug.evaluation.baselines import tiny_image_model
-from ecomaug.evaluation.regions import (GRIDS, MAX_ITEMS, embed_regions, grow_items, image_regions, item_boxes,
-                                        lone_item_box, region_boxes, region_crops, retrieve_regions)
+import ecomaug.evaluation.regions as regions_module
+from ecomaug.evaluation.regions import (GRIDS, MAX_ITEMS, PROPOSAL_SIDE, crop_boxes, embed_regions, grow_items,
+                                        image_regions, item_boxes, lone_item_box, region_boxes, region_crops,
+                                        retrieve_regions)
 from ecomaug.evaluation.retrieval import retrieve
 
 
@@ -294,6 +296,23 @@ def test_bare_items_grow_up_to_their_neighbours_and_pasted_photos_keep_their_own
     assert first[2] <= boxes[1][0]  # but not into the item beside it
     assert photo == boxes[2]  # the photo carries its margin already
     assert grow_items(canvas, boxes, margin=0.0)[:2] == boxes[:2]
+
+
+def test_a_large_photo_gets_the_regions_of_its_reduced_copy_found_on_that_copy(monkeypatch):
+    tiles = [_item(colour, "box") for colour in ((200, 30, 30), (30, 160, 40), (40, 60, 200))]
+    small = _bundle(tiles, size=(PROPOSAL_SIDE, PROPOSAL_SIDE // 2))
+    large = small.resize((4 * small.width, 4 * small.height), Image.NEAREST)  # 1536 x 768: every pixel 4 x 4
+    seen = []
+    find = regions_module.item_boxes
+    monkeypatch.setattr(regions_module, "item_boxes", lambda image, **kw: seen.append(image.size) or find(image, **kw))
+    found = image_regions(large, mode="items")
+    assert seen == [small.size]  # the proposals ran on the copy, not on the 1.2 MP photo
+    expected = image_regions(small, mode="items")
+    assert len(found) == len(expected) == 4
+    assert found == [tuple(4 * v for v in box) for box in expected]
+    grown = crop_boxes(large, found[1:], "items")
+    assert grown == [tuple(4 * v for v in box) for box in crop_boxes(small, expected[1:], "items")]
+    assert all(0 <= l < r <= large.width and 0 <= t < b <= large.height for l, t, r, b in grown)
 
 
 def test_region_scores_are_normalised_so_a_companion_close_to_everything_does_not_win():

@@ -1,8 +1,7 @@
 """Query-time item regions: match a multi-item image by its best-matching region.
 
-A bundle photo or a shop banner shows the wanted item among others; its whole-image embedding
-averages all of them and matches none. Embedding the image's item regions as well and keeping,
-for every gallery entry, the best score over the regions finds the item wherever it sits.
+A bundle photo shows the wanted item among others; its whole-image embedding averages them all and
+matches none. Keeping, for every gallery entry, the best score over the image's regions finds it.
 
 Two ways to find the regions (``query_regions``):
 
@@ -13,14 +12,13 @@ Two ways to find the regions (``query_regions``):
   such blobs shows one item: when that item fills less than :data:`LONE_ITEM_AREA` of the frame
   (a listing photographed at an angle, or from afar) its tight box is the one extra region
   (:func:`lone_item_box`), which brings it to the scale the gallery shows it at; otherwise the
-  whole image is its only region. Each box is grown by :data:`ITEM_MARGIN` before it is cropped.
-* ``"grid"``: every cell of the layouts multi-item listings use (2 and 3 side by side or
-  stacked, 2 x 2, 3 x 2 and 2 x 3). Measured worse: half-items and empty cells match wrong
-  gallery items more strongly than the whole image matches the right one.
+  whole image is its only region. Each box, found on a copy at most :data:`PROPOSAL_SIDE` pixels
+  long whatever the photo's size, is grown by :data:`ITEM_MARGIN` before it is cropped.
+* ``"grid"``: every cell of the layouts multi-item listings use (2 and 3 side by side or stacked,
+  2 x 2, 3 x 2, 2 x 3). Measured worse: half-items and empty cells match wrong items too well.
 
 The whole image is always a region. Each region is padded to a square with the image's border
-colour (so an item keeps its aspect ratio, as in the gallery) before it is resized to the
-model's input.
+colour (an item keeps its aspect ratio, as in the gallery), then resized to the model's input.
 
 A query is ranked by its best region, each region's cosines normalised against its own
 background level in the gallery (:mod:`ecomaug.evaluation.background`, as ``match`` normalises its
@@ -48,29 +46,28 @@ if TYPE_CHECKING:
 GRIDS: tuple[tuple[int, int], ...] = ((1, 1), (2, 1), (1, 2), (3, 1), (1, 3), (2, 2), (3, 2), (2, 3))
 QUERY_REGIONS = ("none", "items", "grid")
 MAX_ITEMS = 12  # proposals kept per image, the largest first
-# Colour tolerances the blobs are found at (see item_boxes). On the benchmark's bundles
-# (bench.robustness, 640 queries) a box overlaps the wanted item's tile by IoU >= 0.5 for 74 % of
-# them at 30 alone and 91 % with 10 added; single-item queries get regions no more often (20-30 %).
+# Colour tolerances of item_boxes. On the benchmark's 640 bundles a box overlaps the wanted tile by IoU >= 0.5
+# for 74 % at 30 alone, 91 % with 10 added; single-item queries get regions no more often (20-30 %).
 ITEM_TOLERANCES = (30, 10)
 # Boxes overlapping a larger one by this IoU or more are the same blob found twice.
 SAME_BOX_IOU = 0.8
-# An item box is grown by this share of its width and height on each side before it is cropped:
-# a blob's box cuts the item edge to edge, where product photos leave a margin around it. On
-# bundles of the bundled sample's items (docs/matching.md) it lifts the median cosine of a bundle's
-# item to its own photo from 0.87 to 0.91 and the 10th percentile from 0.70 to 0.82.
+# An item box is grown by this share of its width and height on each side (a blob's box cuts the item edge
+# to edge; product photos leave a margin). On bundles of the sample's items (docs/matching.md) the median
+# cosine of an item to its own photo goes 0.87 -> 0.91, the 10th percentile 0.70 -> 0.82.
 ITEM_MARGIN = 0.2
 # A box whose outline stands out from the backdrop over this share of its length is a whole photo
 # pasted in (a collage tile), which carries its own margin: it is not grown.
 FRAMED_SHARE = 0.9
-# A lone item whose tight box covers less than this share of its image gets that box as a region.
-# On the benchmark's perspective queries (bench.robustness, 640, 224 + 128 px) it lifts R@1 from
-# 0.566 to 0.759 for the frozen ImageNet Lite0 and from 0.820 to 0.866 for its `ecom` fine-tune,
-# watermark and colour within 0.003 either way (docs/finetune.md#lone-items); any share from 0.3
-# to 0.9 does as well for the fine-tune, and at 0.9 the frozen weights lose 0.005 on colour.
+# A lone item whose tight box covers less than this share of its image gets that box as a region. On the
+# benchmark's perspective queries (640, 224 + 128 px) R@1 0.566 -> 0.759 for frozen Lite0, 0.820 -> 0.866 for
+# its `ecom` fine-tune, others within 0.003 (docs/finetune.md#lone-items); shares 0.3-0.9 do as well.
 LONE_ITEM_AREA = 0.5
-# Content of which one colour (in steps of 16 per channel) makes up this share is a listing's own
-# backdrop: the lone item is what stands out from that colour too.
+# One colour (steps of 16 a channel) this share of the content is a listing's own backdrop: the lone item
+# stands out from it too.
 LISTING_BACKDROP_SHARE = 0.3
+# Items are found and grown on a copy at most this long (`ecomaug shard --max-size`'s default, where every
+# figure above was measured), boxes mapped back: an 18 MP photo's regions take 0.16 s, not 3.9 s.
+PROPOSAL_SIDE = 384
 
 
 def item_boxes(image: Image.Image, *, tolerances: Sequence[int] = ITEM_TOLERANCES, min_area: float = 0.02,
@@ -235,15 +232,16 @@ def image_regions(image: Image.Image, grids: Sequence[tuple[int, int]] = GRIDS, 
     """The ``(left, top, right, bottom)`` boxes :func:`region_crops` embeds, the whole image first.
 
     With ``mode="items"``: the whole image and its :func:`item_boxes` when it shows two or more,
-    else its :func:`lone_item_box` if it has one; with ``mode="grid"``: every cell of every
-    layout of ``grids``.
+    else its :func:`lone_item_box` if it has one, both found on a copy at most
+    :data:`PROPOSAL_SIDE` pixels long; with ``mode="grid"``: every cell of every layout of ``grids``.
     """
     if mode == "items":
-        items = item_boxes(image)
+        copy = _proposal_copy(image)
+        items = item_boxes(copy)
         if len(items) < 2:
-            lone = lone_item_box(image)
+            lone = lone_item_box(copy)
             items = [lone] if lone is not None else []
-        return [(0, 0, *image.size)] + items
+        return [(0, 0, *image.size)] + [_map_box(box, copy.size, image.size) for box in items]
     if mode == "grid":
         return region_boxes(*image.size, grids)
     raise ValueError(f"query regions must be 'items' or 'grid'; got {mode!r}")
@@ -251,9 +249,30 @@ def image_regions(image: Image.Image, grids: Sequence[tuple[int, int]] = GRIDS, 
 
 def crop_boxes(image: Image.Image, boxes: Sequence[tuple[int, int, int, int]], mode: str
                ) -> list[tuple[int, int, int, int]]:
-    """What to crop for the regions ``boxes`` found with ``mode``: item boxes through
-    :func:`grow_items`, layout cells as they are (a cell grown would show its neighbours)."""
-    return grow_items(image, boxes) if mode == "items" else list(boxes)
+    """What to crop for the regions ``boxes`` found with ``mode``: item boxes grown (:func:`grow_items`,
+    on :func:`image_regions`' copy), layout cells as they are (a cell grown would show its neighbours)."""
+    if mode != "items":
+        return list(boxes)
+    copy = _proposal_copy(image)
+    grown = grow_items(copy, [_map_box(box, image.size, copy.size) for box in boxes])
+    return [_map_box(box, copy.size, image.size) for box in grown]
+
+
+def _proposal_copy(image: Image.Image) -> Image.Image:
+    """``image`` as RGB, reduced (antialiased) to a longer side of at most :data:`PROPOSAL_SIDE`."""
+    image = image.convert("RGB")
+    scale = min(1.0, PROPOSAL_SIDE / max(image.size))
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image if size == image.size else image.resize(size, Image.BOX)
+
+
+def _map_box(box: tuple[int, int, int, int], source: tuple[int, int], target: tuple[int, int]) -> tuple[int, ...]:
+    """``box`` on an image of size ``source`` as a box on one of size ``target`` (rounded: it maps back)."""
+    if source == target:
+        return box
+    x, y = target[0] / source[0], target[1] / source[1]
+    left, top, right, bottom = box
+    return (round(left * x), round(top * y), min(target[0], round(right * x)), min(target[1], round(bottom * y)))
 
 
 def crop_regions(image: Image.Image, boxes: Sequence[tuple[int, int, int, int]], size: int) -> torch.Tensor:

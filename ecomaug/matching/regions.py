@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from ecomaug.evaluation.regions import (FRAMED_SHARE, ITEM_MARGIN, ITEM_TOLERANCES, LISTING_BACKDROP_SHARE,
-                                       LONE_ITEM_AREA, MAX_ITEMS, crop_boxes, crop_regions, image_regions)
+                                       LONE_ITEM_AREA, MAX_ITEMS, PROPOSAL_SIDE, crop_boxes, crop_regions,
+                                       image_regions)
 from ecomaug.matching.search import SearchResult, fingerprint
 
 if TYPE_CHECKING:
@@ -176,7 +177,8 @@ def _cache_info(model: "EmbeddingModel", data: str, mode: str, keys: list[str], 
             "listings": fingerprint(keys, vectors)}
     if mode == "items":  # a cache from other proposals is embedded again
         info["proposals"] = {"tolerances": list(ITEM_TOLERANCES), "max_items": MAX_ITEMS, "framed": FRAMED_SHARE,
-                             "lone_item_area": LONE_ITEM_AREA, "listing_backdrop": LISTING_BACKDROP_SHARE}
+                             "lone_item_area": LONE_ITEM_AREA, "listing_backdrop": LISTING_BACKDROP_SHARE,
+                             "proposal_side": PROPOSAL_SIDE}
     return info
 
 
