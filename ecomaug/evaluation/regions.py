@@ -62,8 +62,8 @@ FRAMED_SHARE = 0.9
 # benchmark's perspective queries (640, 224 + 128 px) R@1 0.566 -> 0.759 for frozen Lite0, 0.820 -> 0.866 for
 # its `ecom` fine-tune, others within 0.003 (docs/finetune.md#lone-items); shares 0.3-0.9 do as well.
 LONE_ITEM_AREA = 0.5
-# One colour (steps of 16 a channel) this share of the content is a listing's own backdrop: the lone item
-# stands out from it too.
+# A colour (in steps of 16 a channel) making up this share of the content is the listing's own backdrop:
+# the lone item is what stands out from it too.
 LISTING_BACKDROP_SHARE = 0.3
 # Items are found and grown on a copy at most this long (`ecomaug shard --max-size`'s default, where every
 # figure above was measured), boxes mapped back: an 18 MP photo's regions take 0.16 s, not 3.9 s.
