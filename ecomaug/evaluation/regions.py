@@ -66,7 +66,7 @@ LONE_ITEM_AREA = 0.5
 # the lone item is what stands out from it too.
 LISTING_BACKDROP_SHARE = 0.3
 # Items are found and grown on a copy at most this long (`ecomaug shard --max-size`'s default, where every
-# figure above was measured), boxes mapped back: an 18 MP photo's regions take 0.16 s, not 3.9 s.
+# figure above was measured), boxes mapped back: an 18 MP photo's regions take 0.12 s, not 3.9 s.
 PROPOSAL_SIDE = 384
 
 
@@ -260,10 +260,9 @@ def crop_boxes(image: Image.Image, boxes: Sequence[tuple[int, int, int, int]], m
 
 def _proposal_copy(image: Image.Image) -> Image.Image:
     """``image`` as RGB, reduced (antialiased) to a longer side of at most :data:`PROPOSAL_SIDE`."""
-    image = image.convert("RGB")
-    scale = min(1.0, PROPOSAL_SIDE / max(image.size))
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image if size == image.size else image.resize(size, Image.BOX)
+    copy = image.convert("RGB")  # a new image: Pillow's thumbnail reduces in place, never enlarges
+    copy.thumbnail((PROPOSAL_SIDE, PROPOSAL_SIDE), Image.BOX)
+    return copy
 
 
 def _map_box(box: tuple[int, int, int, int], source: tuple[int, int], target: tuple[int, int]) -> tuple[int, ...]:
