@@ -14,9 +14,10 @@ from PIL import Image, ImageDraw
 from ecomaug.augmentation.mocov2 import SeededGaussianBlur
 from ecomaug.augmentation.sampling import RandomSource
 from ecomaug.evaluation.baselines import tiny_image_model
-import ecomaug.evaluation.regions as regions_module
-from ecomaug.evaluation.regions import (GRIDS, MAX_ITEMS, PROPOSAL_SIDE, crop_boxes, embed_regions, grow_items,
-                                        image_regions, item_boxes, lone_item_box, region_boxes, region_crops,
+import ecomaug.evaluation.proposals as proposals_module
+from ecomaug.evaluation.proposals import (MAX_ITEMS, PROPOSAL_SIDE, find_items, grow_items, item_boxes,
+                                          lone_item_box)
+from ecomaug.evaluation.regions import (GRIDS, embed_regions, image_regions, region_boxes, region_crops,
                                         retrieve_regions)
 from ecomaug.evaluation.retrieval import retrieve
 
@@ -303,16 +304,17 @@ def test_a_large_photo_gets_the_regions_of_its_reduced_copy_found_on_that_copy(m
     small = _bundle(tiles, size=(PROPOSAL_SIDE, PROPOSAL_SIDE // 2))
     large = small.resize((4 * small.width, 4 * small.height), Image.NEAREST)  # 1536 x 768: every pixel 4 x 4
     seen = []
-    find = regions_module.item_boxes
-    monkeypatch.setattr(regions_module, "item_boxes", lambda image, **kw: seen.append(image.size) or find(image, **kw))
-    found = image_regions(large, mode="items")
+    find = proposals_module.item_boxes
+    monkeypatch.setattr(proposals_module, "item_boxes",
+                        lambda image, **kw: seen.append(image.size) or find(image, **kw))
+    found, grown = find_items(large)
     assert seen == [small.size]  # the proposals ran on the copy, not on the 1.2 MP photo
-    expected = image_regions(small, mode="items")
-    assert len(found) == len(expected) == 4
+    expected, expected_grown = find_items(small)
+    assert len(found) == len(expected) == 3
     assert found == [tuple(4 * v for v in box) for box in expected]
-    grown = crop_boxes(large, found[1:], "items")
-    assert grown == [tuple(4 * v for v in box) for box in crop_boxes(small, expected[1:], "items")]
+    assert grown == [tuple(4 * v for v in box) for box in expected_grown]  # grown (pasted photos: kept) on the copy
     assert all(0 <= l < r <= large.width and 0 <= t < b <= large.height for l, t, r, b in grown)
+    assert image_regions(large, mode="items") == [(0, 0, *large.size)] + found
 
 
 def test_region_scores_are_normalised_so_a_companion_close_to_everything_does_not_win():

@@ -21,7 +21,7 @@ from PIL import Image
 
 from ecomaug.cli import main
 from ecomaug.evaluation.embeddings import Embeddings
-from ecomaug.evaluation.regions import lone_item_box
+from ecomaug.evaluation.proposals import lone_item_box
 from ecomaug.matching.normalise import background_levels, score_searches
 from ecomaug.matching.regions import ListingRegions, collapse, labelled_best, search_rows
 from ecomaug.matching.search import SearchResult

@@ -2,7 +2,7 @@
 as its whole image and as each item it shows, so an A item can pair with one region of it.
 
 Each listing of B whose image shows several items, or one item small in its frame
-(:func:`ecomaug.evaluation.regions.image_regions`: the blobs that stand out from its backdrop, or
+(:func:`ecomaug.evaluation.proposals.find_items`: the blobs that stand out from its backdrop, or
 the lone item's tight box, with ``"items"``; layout cells with ``"grid"``) gets a vector per
 region, which remembers its listing and its box. A is searched against B's listings followed by
 their regions (:class:`SearchRows`), and every A listing's neighbours are collapsed back to
@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ecomaug.evaluation.regions import (FRAMED_SHARE, ITEM_MARGIN, ITEM_TOLERANCES, LISTING_BACKDROP_SHARE,
-                                       LONE_ITEM_AREA, MAX_ITEMS, PROPOSAL_SIDE, crop_boxes, crop_regions,
-                                       image_regions)
+from ecomaug.evaluation.proposals import (FRAMED_SHARE, ITEM_MARGIN, ITEM_TOLERANCES, LISTING_BACKDROP_SHARE,
+                                         LONE_ITEM_AREA, MAX_ITEMS, PROPOSAL_SIDE)
+from ecomaug.evaluation.regions import crop_regions, region_parts
 from ecomaug.matching.search import SearchResult, fingerprint
 
 if TYPE_CHECKING:
@@ -149,10 +149,10 @@ def embed_listing_regions(model: "EmbeddingModel", data: str | None, keys: list[
             image = read_image(bytes(encoded))  # as the whole image was read
         except DECODE_ERRORS:
             continue
-        found = image_regions(image, mode=mode)[1:]  # the whole image is the listing's own row
+        found, cropped = region_parts(image, mode=mode)  # the whole image is the listing's own row
         if not found:
             continue
-        crops.append(crop_regions(image, crop_boxes(image, found, mode), model.input_size))
+        crops.append(crop_regions(image, cropped, model.input_size))
         rows += [row] * len(found)
         boxes += found
         if sum(len(c) for c in crops) >= batch_size:
