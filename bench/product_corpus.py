@@ -4,7 +4,9 @@ Every item is one picture of ``openclipart-png`` (cut out along its alpha channe
 as a listing would be: composited at a random size, position and small tilt on a white, tinted,
 gradient or photo background (crops of the wallpaper packages :data:`bench.corpus.WALLPAPER_PACKAGES`;
 plain and gradient only when none is installed). The clip-art files are split by a hash of their
-path into training items and evaluation items, so no evaluation item is ever trained on:
+path into training items and evaluation items, so no evaluation item is ever trained on, and a
+drawing that is a twin of one already taken (:data:`TWIN_COSINE`; evaluation items are taken first)
+is skipped, so no two items look the same:
 
 * ``train/``: ``train_images`` images, one listing photo per training item (unlabeled), or with
   ``train_photos_per_item`` > 1 that many photos of each item, each shot anew (other size, position,
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from bench.corpus import WALLPAPER_PACKAGES
 
@@ -44,7 +46,14 @@ _LOG = logging.getLogger(__name__)
 CLIPART_ROOT = Path("/usr/share/openclipart/png")
 PHOTO_ROOTS = (Path("/usr/share/backgrounds"), Path("/usr/share/wallpapers"))
 DEBIAN_PACKAGES = ("openclipart-png",)
-CORPUS_VERSION = 6
+CORPUS_VERSION = 7
+# Two cut-outs whose 16 x 16 colour thumbnails (one of them mirrored or not) have this cosine or more are one
+# drawing twice (openclipart holds dozens of near-identical spirograph rings, an arrow and its mirror image,
+# one box in two files): the first is kept, the others skipped, so that no evaluation item has a twin in the
+# gallery, among the multi-item companions or in training. Version 6 had them: 58 of the fine-tune's 186
+# multi-item misses retrieved a gallery twin of a companion on the canvas (docs/finetune.md#twin-items).
+TWIN_COSINE = 0.9
+SIGNATURE_SIDE = 16
 # How an item's listing photos differ from the gallery's studio shot. "stock": other shops
 # reuse the maker's photo, cropped a little and re-encoded, so that the disturbances are what
 # the benchmark measures; "shops": every shop shoots its own: other size, position and tilt on
@@ -134,6 +143,43 @@ def load_item(path: Path, max_side: int) -> Image.Image | None:
         return None
     image.thumbnail((max_side, max_side), Image.LANCZOS)
     return image
+
+
+def thumbnail_signature(item: Image.Image, side: int = SIGNATURE_SIDE) -> np.ndarray:
+    """The cut-out on white, padded square, as a ``side`` x ``side`` colour thumbnail, centred and of unit
+    length: as it is and mirrored (2 x ``3 * side * side``)."""
+    canvas = Image.new("RGBA", (max(item.size),) * 2, (255, 255, 255, 255))
+    canvas.alpha_composite(item, ((canvas.width - item.width) // 2, (canvas.height - item.height) // 2))
+    thumbnail = canvas.convert("RGB").resize((side, side), Image.BOX)
+    rows = []
+    for image in (thumbnail, ImageOps.mirror(thumbnail)):
+        values = np.asarray(image, dtype=np.float32).ravel()
+        values = values - values.mean()
+        rows.append(values / max(float(np.linalg.norm(values)), 1e-6))
+    return np.stack(rows)
+
+
+class DistinctItems:
+    """The cut-outs kept so far: :meth:`admit` skips one that is a twin of any of them (:data:`TWIN_COSINE`)."""
+
+    def __init__(self) -> None:
+        self.kept = np.zeros((0, 3 * SIGNATURE_SIDE ** 2), dtype=np.float32)
+        self.count = 0
+        self.twins = 0
+
+    def admit(self, item: Image.Image) -> bool:
+        """Keep ``item`` unless it is a twin of a kept one (then count it in :attr:`twins`)."""
+        signature = thumbnail_signature(item)
+        if self.count and float((self.kept[:self.count] @ signature.T).max()) >= TWIN_COSINE:
+            self.twins += 1
+            return False
+        if self.count == len(self.kept):  # grow by doubling
+            grown = np.zeros((max(64, 2 * self.count), signature.shape[1]), dtype=np.float32)
+            grown[:self.count] = self.kept[:self.count]
+            self.kept = grown
+        self.kept[self.count] = signature[0]
+        self.count += 1
+        return True
 
 
 class Backgrounds:
@@ -243,8 +289,9 @@ def build_corpus(out_dir: str | Path, settings: CorpusSettings = CorpusSettings(
         (out / name).mkdir(parents=True, exist_ok=True)
     with tqdm(total=settings.train_images + settings.eval_items, desc="product corpus",
               disable=not progress, unit="item") as bar:
-        train_rows = photographer.train_photos(train_files, bar)
+        # evaluation items first: a training item that is a twin of one is skipped, not trained on
         eval_rows, items = photographer.eval_photos(eval_files, bar)
+        train_rows = photographer.train_photos(train_files, bar)
     if len(train_rows) < settings.train_images or items < settings.eval_items:
         raise ValueError(f"only {len(train_rows)} training images and {items} evaluation items could be "
                          f"made from {len(files)} clip-art files; lower --train-images/--eval-items")
@@ -256,7 +303,8 @@ def build_corpus(out_dir: str | Path, settings: CorpusSettings = CorpusSettings(
     for csv_path, shards in ((out / "train.csv", paths["train"]), (paths["eval_csv"], paths["eval"])):
         convert_to_shards(csv_path, shards, shard_size=512, max_size=settings.size, workers=1,
                           progress=progress)
-    stamp.write_text(json.dumps({"settings": asdict(settings), "made_from": made_from}, indent=2))
+    stamp.write_text(json.dumps({"settings": asdict(settings), "made_from": made_from,
+                                 "twins_skipped": photographer.distinct.twins}, indent=2))
     return paths
 
 
@@ -267,6 +315,7 @@ class Photographer:
                  clipart_root: Path) -> None:
         self.out, self.settings, self.backgrounds, self.rng = out, settings, backgrounds, rng
         self.clipart_root = clipart_root
+        self.distinct = DistinctItems()
 
     def train_photos(self, files: Sequence[Path], bar: Any) -> list[dict[str, str]]:
         """``train_photos_per_item`` listing photos per usable training item (an item's rows adjacent),
@@ -279,7 +328,7 @@ class Photographer:
             if len(rows) >= self.settings.train_images:
                 break
             item = load_item(path, self.settings.size)
-            if item is None:
+            if item is None or not self.distinct.admit(item):  # unusable, or a twin of an item kept
                 continue
             for _ in range(min(per_item, self.settings.train_images - len(rows))):
                 name = f"train/{len(rows):05d}.jpg"
@@ -301,7 +350,7 @@ class Photographer:
             if items >= settings.eval_items:
                 break
             item = load_item(path, settings.size)
-            if item is None:
+            if item is None or not self.distinct.admit(item):  # unusable, or a twin of an item kept
                 continue
             studio = compose(item, self.backgrounds.draw(rng, (1.0, 0.0, 0.0, 0.0)), rng, scale=(0.7, 0.9), tilt=5.0)
             for view in range(settings.images_per_item):

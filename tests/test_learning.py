@@ -234,6 +234,25 @@ def test_robustness_benchmark_runs_end_to_end(tmp_path):
     assert not sources("train.csv") & sources("eval.csv")
 
 
+def test_the_corpus_skips_a_drawing_that_twins_one_it_kept():
+    from bench.product_corpus import DistinctItems
+
+    arrow = Image.new("RGBA", (96, 64), (0, 0, 0, 0))
+    ImageDraw.Draw(arrow).polygon([(4, 24), (60, 24), (60, 6), (92, 32), (60, 58), (60, 40), (4, 40)],
+                                  fill=(40, 40, 40, 255))
+    lighter = Image.fromarray(np.asarray(arrow) + np.array([30, 30, 30, 0], dtype=np.uint8))  # re-saved greyer
+    ring = Image.new("RGBA", (96, 96), (0, 0, 0, 0))
+    ImageDraw.Draw(ring).ellipse((8, 8, 88, 88), outline=(200, 30, 30, 255), width=10)
+    distinct = DistinctItems()
+    assert distinct.admit(arrow) and distinct.admit(ring)
+    assert not distinct.admit(arrow.transpose(Image.Transpose.FLIP_LEFT_RIGHT))  # its mirror image
+    assert not distinct.admit(lighter.resize((144, 96)))  # larger and lighter: the same drawing
+    assert distinct.twins == 2 and distinct.count == 2
+    square = Image.new("RGBA", (96, 96), (0, 0, 0, 0))
+    ImageDraw.Draw(square).rectangle((20, 20, 76, 76), fill=(30, 60, 200, 255))
+    assert distinct.admit(square)  # another item
+
+
 def test_eval_command_takes_query_regions_and_the_pixel_baseline(tmp_path):
     from click.testing import CliRunner
 
