@@ -24,8 +24,9 @@ from PIL import Image
 from ecomaug.dewatermark.detections import box_iou
 
 MAX_ITEMS = 12  # proposals kept per image, the largest first
-# Colour tolerances of item_boxes. On the benchmark's 640 bundles a box overlaps the wanted tile by IoU >= 0.5
-# for 74 % at 30 alone, 91 % with 10 added; single-item queries get regions no more often (20-30 %).
+# Colour tolerances of item_boxes. On the benchmark's 640 bundles (corpus version 6) a box overlaps the wanted
+# tile by IoU >= 0.5 for 74 % at 30 alone, 91 % with 10 added; single-item queries get regions no more often
+# (20-30 %).
 ITEM_TOLERANCES = (30, 10)
 # Boxes overlapping a larger one by this IoU or more are the same blob found twice.
 SAME_BOX_IOU = 0.8
@@ -37,8 +38,9 @@ ITEM_MARGIN = 0.2
 # pasted in (a collage tile), which carries its own margin: it is not grown.
 FRAMED_SHARE = 0.9
 # A lone item whose tight box covers less than this share of its image gets that box as a region. On the
-# benchmark's perspective queries (640, 224 + 128 px) R@1 0.566 -> 0.759 for frozen Lite0, 0.820 -> 0.866 for
-# its `ecom` fine-tune, others within 0.003 (docs/finetune.md#lone-items); shares 0.3-0.9 do as well.
+# benchmark's perspective queries (640, corpus version 6, 224 + 128 px) R@1 0.566 -> 0.759 for frozen Lite0,
+# 0.820 -> 0.866 for its `ecom` fine-tune, others within 0.003 (docs/finetune.md#lone-items); shares 0.3-0.9 do
+# as well.
 LONE_ITEM_AREA = 0.5
 # A colour (in steps of 16 a channel) making up this share of the content is the listing's own backdrop:
 # the lone item is what stands out from it too.
